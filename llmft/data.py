@@ -1,0 +1,329 @@
+"""The one dataset schema training reads, and how it becomes token ids with a loss mask.
+
+A dataset has either a `messages` column (a list of {role, content}, roles system/user/assistant/tool) or
+`prompt`/`completion` columns (both strings, or both lists of messages). Loss falls on assistant tokens only,
+for any chat template: each assistant message's characters are found by rendering the conversation turn by turn
+(checked against the full rendering), and tokens whose characters start inside them carry labels. That covers
+the content and the end-of-turn token, and nothing the template adds between turns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+IGNORE = -100
+MAX_LISTED = 20  # problems listed in one error; the rest are counted
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad training data: names the file, the rows and fields, and what to do."""
+
+
+@dataclass
+class PrepReport:
+    """What tokenisation did to a split: rows in and out, and why any were dropped or cut."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    trainable_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "truncated": self.truncated,
+            "dropped": dict(self.dropped),
+            "tokens": self.tokens,
+            "trainable_tokens": self.trainable_tokens,
+        }
+
+    def summary(self, name: str) -> str:
+        parts = [f"{name}: {self.rows_out}/{self.rows_in} examples kept, {self.tokens} tokens "
+                 f"({self.trainable_tokens} carry loss)"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        parts += [f"{n} dropped: {why}" for why, n in sorted(self.dropped.items())]
+        return "; ".join(parts)
+
+
+# Loading -------------------------------------------------------------------------------------------------------
+
+
+def load_rows(source: str) -> datasets.Dataset:
+    """Rows from a `save_to_disk` directory, a .jsonl/.json/.parquet file, or a folder of such files."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file or directory. Give a .jsonl/.json/.parquet file or a dataset dir.")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"{source}: a DatasetDict without a 'train' split (has {list(loaded)}).")
+            loaded = loaded["train"]
+        return loaded
+    files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES) if path.is_dir() else [path]
+    kinds = {FILE_TYPES.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) != 1:
+        raise DataError(f"{source}: expected .jsonl, .json or .parquet files of one kind, found {[p.name for p in files]}.")
+    for p in files:
+        if p.suffix == ".jsonl":
+            _read_jsonl(p)
+    try:
+        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+    except Exception as err:  # pyarrow and datasets raise many types for bad files; all mean the same here
+        for p in files:  # arrow refuses mixed types (an int content among strings): find the rows in Python
+            if p.suffix == ".jsonl":
+                rows = _read_jsonl(p)
+                _raise_problems(str(p), _problems(rows, schema_of_columns(set().union(*rows), str(p))))
+        raise DataError(f"{source}: cannot be read as a dataset: {err}") from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Every row, naming the first malformed line: pyarrow's own error names neither the file nor the line."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: each line must be a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def schema_of(ds: datasets.Dataset, source: str) -> str:
+    """'messages' or 'prompt_completion'."""
+    return schema_of_columns(set(ds.column_names), source)
+
+
+def schema_of_columns(columns: set[str], source: str) -> str:
+    if "messages" in columns:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    raise DataError(
+        f"{source}: no 'messages' column and no 'prompt'/'completion' columns (found {sorted(columns)}). "
+        "Convert the data first (data_prep/), or rename its columns."
+    )
+
+
+# Validation ----------------------------------------------------------------------------------------------------
+
+
+def validate_rows(ds: datasets.Dataset, source: str) -> str:
+    """Check every row; raise one DataError that lists the problems (row numbers 1-based). Returns the schema."""
+    schema = schema_of(ds, source)
+    columns = ["messages"] if schema == "messages" else ["prompt", "completion"]
+    _raise_problems(source, _problems(ds.select_columns(columns), schema))
+    return schema
+
+
+def _problems(rows, schema: str) -> list[str]:
+    problems = []
+    for index, row in enumerate(rows):
+        missing = [c for c in (["messages"] if schema == "messages" else ["prompt", "completion"]) if c not in row]
+        found = [f"field '{c}' is missing." for c in missing] or _row_problems(row, schema)
+        problems += [f"row {index + 1}: {problem}" for problem in found]
+    return problems
+
+
+def _raise_problems(source: str, problems: list[str]) -> None:
+    if problems:
+        listed = problems[:MAX_LISTED]
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(
+            f"{source}: {len(problems)} invalid row(s) (rows are 1-based):\n  " + "\n  ".join(listed) + more
+            + "\nFix these rows or remove them, then run again."
+        )
+
+
+def _row_problems(row: dict[str, Any], schema: str) -> list[str]:
+    if schema == "prompt_completion":
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return [] if completion.strip() else ["field 'completion' is empty."]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            problems = _messages_problems(prompt + completion, "prompt+completion")
+            if not any(m.get("role") == "assistant" for m in completion if isinstance(m, dict)):
+                problems.append("field 'completion' has no assistant message.")
+            return problems
+        return ["fields 'prompt' and 'completion' must both be strings or both be lists of messages."]
+    return _messages_problems(row["messages"], "messages")
+
+
+def _messages_problems(messages: Any, name: str) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return [f"field '{name}' must be a non-empty list of {{role, content}} objects."]
+    problems = []
+    for i, message in enumerate(messages):
+        where = f"field '{name}[{i}]'"
+        if not isinstance(message, dict):
+            problems.append(f"{where} is not an object with 'role' and 'content'.")
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            problems.append(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}.")
+        if not isinstance(content, str):
+            problems.append(f"{where}.content must be a string, got {type(content).__name__}.")
+        elif not content.strip() and role == "assistant":
+            problems.append(f"{where}.content is empty: an empty answer teaches the model to say nothing.")
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if "assistant" not in roles:
+        problems.append(f"field '{name}' has no assistant message, so nothing would be trained.")
+    else:
+        first = next(r for r in roles if r != "system")
+        if first != "user":
+            problems.append(f"field '{name}': the first non-system message is '{first}'; conversations start with user.")
+    return problems
+
+
+# Tokenisation with loss masks ----------------------------------------------------------------------------------
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], first_trainable: int = 0):
+    """The rendered conversation and the character spans of the assistant messages from `first_trainable` on.
+
+    A span runs from the end of the generation prompt before the message to the end of the message's rendering,
+    less trailing whitespace, so it holds the content and the end-of-turn token but not the newline after it.
+    """
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < first_trainable:
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError(
+                "this chat template renders earlier turns differently once later turns follow, so the assistant "
+                "tokens cannot be located; train with a template that renders conversations incrementally."
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
+def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], first_trainable: int = 0):
+    """input_ids and labels (IGNORE outside assistant spans) for one conversation."""
+    text, spans = assistant_spans(tokenizer, messages, first_trainable)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORE
+        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return encoded["input_ids"], labels
+
+
+def tokenize_text_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str):
+    """Plain prompt/completion text (no chat template): loss on the completion and the EOS after it."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids
+
+
+def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, schema: str):
+    if schema == "messages":
+        return tokenize_messages(tokenizer, row["messages"])
+    if isinstance(row["prompt"], str):
+        return tokenize_text_pair(tokenizer, row["prompt"], row["completion"])
+    return tokenize_messages(tokenizer, row["prompt"] + row["completion"], first_trainable=len(row["prompt"]))
+
+
+def _prepare(row, tokenizer, schema, max_length, overlong):
+    input_ids, labels = tokenize_row(row, tokenizer, schema)
+    status = "ok"
+    if max_length is not None and len(input_ids) > max_length:
+        if overlong == "drop":
+            status = "longer than max_length (data.overlong: drop)"
+        else:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            status = "truncated"
+    if status != "longer than max_length (data.overlong: drop)" and all(t == IGNORE for t in labels):
+        status = "no trainable token left after truncation" if status == "truncated" else "no trainable token"
+    return {"input_ids": input_ids, "labels": labels, "status": status}
+
+
+def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
+                    overlong: str, source: str, num_proc: int | None = None):
+    """Validate, tokenize and filter one split. Returns (dataset with input_ids/labels, PrepReport)."""
+    schema = validate_rows(ds, source)
+    try:
+        mapped = ds.map(
+            _prepare,
+            fn_kwargs={"tokenizer": tokenizer, "schema": schema, "max_length": max_length, "overlong": overlong},
+            remove_columns=ds.column_names,
+            num_proc=num_proc,
+            desc=f"Tokenizing {Path(source).name}",
+        )
+    except DataError as err:
+        raise DataError(f"{source}: {err}") from err
+    report = PrepReport(rows_in=len(ds))
+    statuses = Counter(mapped["status"])
+    report.truncated = statuses.pop("truncated", 0)
+    statuses.pop("ok", None)
+    report.dropped = statuses
+    kept = mapped.filter(lambda s: s in ("ok", "truncated"), input_columns="status").remove_columns("status")
+    report.rows_out = len(kept)
+    report.tokens = sum(len(ids) for ids in kept["input_ids"])
+    report.trainable_tokens = sum(sum(t != IGNORE for t in labels) for labels in kept["labels"])
+    if report.rows_out == 0:
+        raise DataError(f"{source}: no example left to train on ({report.summary('all')}). "
+                        "Raise training.max_length or set data.overlong: truncate.")
+    return kept, report
+
+
+# Fingerprints --------------------------------------------------------------------------------------------------
+
+
+def file_fingerprint(source: str) -> dict[str, Any]:
+    """sha256 over the bytes of a data file or of every file under a directory (sorted), with its size."""
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest, size = hashlib.sha256(), 0
+    for p in files:
+        digest.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": size, "files": len(files)}
+
+
+def load_splits(train_source: str, eval_source: str | None, eval_fraction: float, seed: int,
+                max_train: int | None = None, max_eval: int | None = None):
+    """Raw train and eval rows (eval None when there is none): eval_source, else a seeded share of train."""
+    train = load_rows(train_source)
+    evaluation = load_rows(eval_source) if eval_source else None
+    if evaluation is None and eval_fraction > 0:
+        if len(train) < 2:
+            raise DataError(f"{train_source}: {len(train)} row(s) cannot be split for evaluation; set data.eval_fraction: 0.")
+        parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    if max_train is not None:
+        train = train.select(range(min(max_train, len(train))))
+    if evaluation is not None and max_eval is not None:
+        evaluation = evaluation.select(range(min(max_eval, len(evaluation))))
+    return train, evaluation

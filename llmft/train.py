@@ -1,0 +1,204 @@
+"""`llmft train RECIPE`: supervised fine-tuning (full or LoRA) from a recipe to a run directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from llmft import run_dir
+from llmft.config import Recipe
+from llmft.data import file_fingerprint, load_splits, prepare_dataset
+from llmft.evaluate import generation_eval, prompt_text, prompts_and_references
+from llmft.model import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def train(recipe: Recipe) -> Path:
+    """Run one recipe end to end; returns the run directory."""
+    from trl import SFTTrainer  # ~6 s to import: keep it out of `llmft --help`
+
+    args, started = recipe.training, time.time()
+    check_launch(args.world_size)
+    out = Path(args.output_dir)
+    run_dir.check_writable(out, args.overwrite_output_dir)
+    set_seed(args.seed)
+
+    # Load the tokenizer and the data ---------------------------------------------------------------------------
+    tokenizer = load_tokenizer(recipe.model, args.trust_remote_code)
+    data = recipe.data
+    train_rows, eval_rows = load_splits(data.train_data, data.eval_data, data.eval_fraction, args.seed,
+                                        data.max_train_examples, data.max_eval_examples)
+    with args.main_process_first(desc="tokenizing"):
+        train_ds, train_report = prepare_dataset(train_rows, tokenizer, args.max_length, data.overlong,
+                                                 data.train_data, args.dataset_num_proc)
+        eval_ds, eval_report = (None, None) if eval_rows is None else prepare_dataset(
+            eval_rows, tokenizer, args.max_length, data.overlong, data.eval_data or data.train_data,
+            args.dataset_num_proc)
+    log.info(train_report.summary("train"))
+    if eval_report:
+        log.info(eval_report.summary("eval"))
+
+    # Load the model ---------------------------------------------------------------------------------------------
+    model = load_model(recipe.model, recipe.peft, args.trust_remote_code)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("Method %s: %s of %s parameters trainable (%.2f%%); weights %s, bf16 compute %s",
+             recipe.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             next(model.parameters()).dtype, args.bf16)
+
+    # Initialise the SFT trainer: our dataset already holds input_ids and labels, so TRL keeps our loss mask --------
+    weight_check = WeightChangeCheck()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[weight_check])
+    items = prompts_and_references(eval_rows, recipe.eval.num_generate) if eval_rows and recipe.eval.num_generate else []
+
+    # Evaluate before training -----------------------------------------------------------------------------------
+    metrics: dict[str, Any] = {}
+    if eval_ds is not None and recipe.eval.baseline:
+        metrics["before"] = trainer.evaluate()
+    before_gen = _generation_eval(trainer, tokenizer, items, recipe, "before") if recipe.eval.baseline else None
+
+    # Train ------------------------------------------------------------------------------------------------------
+    result = trainer.train()
+    metrics["train"] = result.metrics
+
+    # Evaluate after training ------------------------------------------------------------------------------------
+    if eval_ds is not None:
+        metrics["after"] = trainer.evaluate()
+    after_gen = _generation_eval(trainer, tokenizer, items, recipe, "after")
+
+    # Save the model, tokenizer and everything later stages need --------------------------------------------------
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        samples = _samples(items, before_gen, after_gen)
+        for when, gen in (("before", before_gen), ("after", after_gen)):
+            if gen:
+                metrics.setdefault(when, {})["exact_match"] = gen["exact_match"]
+        run_info = {
+            "data": {"train": {**file_fingerprint(data.train_data), "prep": train_report.to_dict()},
+                     "eval": None if eval_report is None else {
+                         **file_fingerprint(data.eval_data or data.train_data), "prep": eval_report.to_dict(),
+                         "split": "eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}"}},
+            "world_size": args.world_size,
+            "trainable_tensors": weight_check.report,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "seconds": round(time.time() - started, 1),
+        }
+        run_dir.write_metadata(out, recipe, run_info, metrics)
+        if samples:
+            run_dir.write_samples(out, samples)
+        print(_summary(out, metrics, samples, recipe.eval.show_samples))
+    return out
+
+
+class LaunchError(RuntimeError):
+    """A launch that would not run what the user asked for."""
+
+
+def check_launch(world_size: int) -> None:
+    """Refuse the one silent trap of multi-process CPU launches.
+
+    `accelerate launch --cpu --num_processes N` starts ONE process whatever N is (accelerate's simple launcher),
+    so the user would get a single-process run while believing in N. The launcher's own command line is the only
+    place N survives, so read it from the parent process.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or world_size > 1:
+        return
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux: nothing to read, nothing to check
+        return
+    requested = 1
+    for i, arg in enumerate(parent):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (parent[i + 1] if i + 1 < len(parent) else "1")
+            requested = int(value) if value.isdigit() else 1
+    if requested > 1:
+        raise LaunchError(
+            f"accelerate launch --cpu --num_processes {requested} started a single process (accelerate runs CPU "
+            "jobs through its one-process launcher). For real multi-process training on CPUs use:\n"
+            "  accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m llmft train RECIPE\n"
+            f"  or: torchrun --nproc_per_node {requested} -m llmft train RECIPE"
+        )
+
+
+class WeightChangeCheck(TrainerCallback):
+    """Fingerprints every trainable tensor at the start and end of training and reports those that never changed.
+
+    A run can finish with adapters that got no gradient at all (e.g. a 4-bit model that ran an eval forward
+    first), which only shows as a warning deep in the logs. Two float64 numbers per tensor cost nothing.
+    """
+
+    def __init__(self):
+        self.start: dict[str, tuple[float, float]] = {}
+        self.report: dict[str, Any] = {}
+
+    @staticmethod
+    def _fingerprints(model) -> dict[str, tuple[float, float]]:
+        with torch.no_grad():
+            return {n: (p.double().sum().item(), p.double().norm().item())
+                    for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.start = self._fingerprints(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        end = self._fingerprints(model)
+        unchanged = sorted(n for n, fp in end.items() if self.start.get(n) == fp)
+        self.report = {"total": len(end), "changed": len(end) - len(unchanged), "unchanged": unchanged[:20]}
+        if unchanged and state.global_step > 0:
+            log.warning("%d of %d trainable tensors did not change in training (first: %s): they got no gradient.",
+                        len(unchanged), len(end), unchanged[0])
+
+
+def _generation_eval(trainer, tokenizer, items, recipe: Recipe, when: str) -> dict[str, Any] | None:
+    """Exact match on held-out prompts, on the main process only (the others go on to their next step)."""
+    if not items or not trainer.is_world_process_zero():
+        return None
+    cfg = recipe.eval
+    return generation_eval(trainer.model, tokenizer, items, cfg.max_new_tokens, cfg.generation_batch_size,
+                           desc=f"Generating ({when} training)")
+
+
+def _samples(items, before, after) -> list[dict[str, Any]]:
+    if not after:
+        return []
+    return [
+        {"prompt": prompt_text(it["prompt"]), "reference": it["reference"],
+         "before": before["answers"][i] if before else None, "after": after["answers"][i],
+         "correct_before": before["correct"][i] if before else None, "correct_after": after["correct"][i]}
+        for i, it in enumerate(items)
+    ]
+
+
+def _summary(out: Path, metrics: dict[str, Any], samples: list[dict[str, Any]], show: int) -> str:
+    lines = ["", "=" * 72, "llmft: run finished", ""]
+    rows = [("eval loss", "eval_loss", "{:.4f}"), ("exact match", "exact_match", "{:.1%}")]
+    lines.append(f"{'':14}{'before':>12}{'after':>12}")
+    for label, key, fmt in rows:
+        values = [metrics.get(when, {}).get(key) for when in ("before", "after")]
+        if any(v is not None for v in values):
+            cells = "".join(f"{fmt.format(v) if v is not None else '-':>12}" for v in values)
+            lines.append(f"{label:14}{cells}")
+    for sample in samples[:show]:
+        lines += ["", f"Q: {_one_line(sample['prompt'])}", f"   reference: {_one_line(sample['reference'])}"]
+        if sample["before"] is not None:
+            lines.append(f"   before:    {_one_line(sample['before'])}")
+        lines.append(f"   after:     {_one_line(sample['after'])}")
+    lines += ["", f"Run directory: {out}", "=" * 72]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = text.replace("\n", " ⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"

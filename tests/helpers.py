@@ -1,0 +1,132 @@
+"""Tiny models and tokenizers built in-process, and chat templates written out here, for fast tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Chat templates in the shapes of real model families (simplified to messages without tools).
+TEMPLATES = {
+    # SmolLM2 / ChatML: a default system prompt is injected when none is given.
+    "chatml": {
+        "template": (
+            "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+            "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        ),
+        "eos": "<|im_end|>", "bos": None, "end_of_turn": "<|im_end|>",
+    },
+    # Llama 3: header tokens around the role, <|eot_id|> ends each turn, BOS in the template.
+    "llama3": {
+        "template": (
+            "{{ bos_token }}{% for message in messages %}"
+            "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+        ),
+        "eos": "<|eot_id|>", "bos": "<|begin_of_text|>", "end_of_turn": "<|eot_id|>",
+    },
+    # Mistral v0.1: [INST] ... [/INST] in plain text, the answer closed by </s>; no system role, no generation prompt.
+    "mistral": {
+        "template": (
+            "{{ bos_token }}{% for message in messages %}"
+            "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+            "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}{% endif %}{% endfor %}"
+        ),
+        "eos": "</s>", "bos": "<s>", "end_of_turn": "</s>",
+    },
+    # Qwen 2.5: ChatML with its own default system prompt and whitespace control.
+    "qwen": {
+        "template": (
+            "{%- if messages[0]['role'] == 'system' %}"
+            "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+            "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+            "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+            "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+        ),
+        "eos": "<|im_end|>", "bos": None, "end_of_turn": "<|im_end|>",
+    },
+}
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is the capital.",
+    "Write this date in ISO 8601 format: March 5, 2021. 2021-03-05 user assistant system tool",
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face. You are Qwen, created by Alibaba Cloud.",
+    "[INST] hello [/INST] Hi there! How can I help you today? 0123456789 abcdefghijklmnopqrstuvwxyz",
+]
+
+
+def make_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, with `style`'s chat template and special tokens."""
+    spec = TEMPLATES[style]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=spec["eos"], bos_token=spec["bos"],
+                                        unk_token="<|endoftext|>")
+    tokenizer.chat_template = spec["template"]
+    return tokenizer
+
+
+def make_tiny_model_dir(path: Path, style: str = "chatml") -> Path:
+    """A 2-layer random Llama and its tokenizer saved as a normal model directory."""
+    tokenizer = make_tokenizer(style)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_rows(n: int) -> list[dict]:
+    """Small two-turn conversations with short, regular answers a tiny model can start to learn."""
+    rows = []
+    for i in range(n):
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {i} plus 1?"},
+            {"role": "assistant", "content": f"{i + 1}"},
+            {"role": "user", "content": "And the capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+        ]})
+    return rows
+
+
+def write_recipe(path: Path, model_dir: Path | str, train: Path, out: Path, **sections) -> Path:
+    """A small recipe for tests: a few steps, tiny batches, no checkpoints."""
+    import yaml
+
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train_data": str(train), "eval_fraction": 0.2},
+        "peft": {"method": "lora", "r": 4, "lora_alpha": 8},
+        "training": {"output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 2,
+                     "per_device_eval_batch_size": 2, "max_length": 128, "logging_steps": 1,
+                     "learning_rate": 1e-2, "dataloader_num_workers": 0},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -1,0 +1,104 @@
+"""Training end to end on a tiny random model: weights change, the run directory holds what a user needs."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmft.config import load_recipe
+from llmft.run_dir import missing_files, read_run
+from llmft.train import train
+from tests.conftest import LLMFT
+from tests.helpers import chat_rows, write_jsonl, write_recipe
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows(10))
+
+
+def _assert_complete(out):
+    assert missing_files(out) == []
+    run = read_run(out)
+    versions = run["run"]["versions"]
+    assert versions["torch"] and versions["transformers"] and versions["trl"]
+    assert "git_sha" in run["run"] and run["run"]["data"]["train"]["sha256"]
+    assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    # The resolved recipe is itself a valid recipe.
+    assert load_recipe(out / "recipe.yaml").peft.method == run["recipe"]["peft"]["method"]
+    return run
+
+
+def test_lora_trains_every_adapter_tensor_and_writes_the_run_dir(tmp_path, tiny_model_dir, train_file):
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out))
+    train(recipe)
+    run = _assert_complete(out)
+    checks = run["run"]["trainable_tensors"]
+    assert checks["total"] > 0 and checks["changed"] == checks["total"], checks
+    # Independently of our callback: peft starts every lora_B at zero, so a trained adapter has none left at zero.
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    metrics = run["metrics"]
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
+    assert run["run"]["data"]["train"]["prep"]["rows_in"] == 8  # 10 rows less the 20% eval split
+
+
+def test_loss_regression_on_the_tiny_model(tmp_path, tiny_model_dir, train_file):
+    """Pinned losses: a change in masking, data order, optimiser or defaults shows up here first."""
+    out = tmp_path / "run"
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out), ["--max_steps", "4"]))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [round(h["loss"], 3) for h in history if "loss" in h]
+    assert losses == pytest.approx(EXPECTED_LOSSES, abs=2e-3)
+
+
+EXPECTED_LOSSES = [5.969, 5.902, 5.847, 5.782]  # seed 42, lr 1e-2, batch 2, 4 steps
+
+
+def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_dir, train_file):
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                                      peft={"method": "full"}), ["--learning_rate", "1e-3"])
+    train(recipe)
+    run = _assert_complete(out)
+    assert run["run"]["trainable_tensors"]["changed"] == run["run"]["trainable_tensors"]["total"]
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"weights not trained: {unchanged}"
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, train_file):
+    out = tmp_path / "run"
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, training={"max_steps": 1})
+    train(load_recipe(recipe_path))
+    result = subprocess.run([LLMFT, "train", str(recipe_path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "already holds a finished run" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_commands_and_options():
+    top = subprocess.run([LLMFT, "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and "train RECIPE" in top.stdout
+    sub = subprocess.run([LLMFT, "train", "--help"], capture_output=True, text=True)
+    assert sub.returncode == 0
+    for option in ("--name_or_path", "--train_data", "--method", "--learning_rate", "--num_generate", "--repo_id"):
+        assert option in sub.stdout
+
+
+def test_bad_recipe_and_bad_data_give_clear_errors_without_traceback(tmp_path, tiny_model_dir):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, bad, tmp_path / "run")
+    result = subprocess.run([LLMFT, "train", str(recipe_path), "--lerning_rate", "1"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Did you mean 'learning_rate'?" in result.stderr
+    result = subprocess.run([LLMFT, "train", str(recipe_path), "--eval_fraction", "0"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "bad.jsonl" in result.stderr and "row 1: field 'messages' has no assistant message" in result.stderr
+    assert "Traceback" not in result.stderr
