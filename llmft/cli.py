@@ -29,6 +29,8 @@ def _setup_logging() -> None:
     # bitsandbytes announces a missing optional kernel package on import; it changes nothing here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    # TRL 1.16 still calls transformers' old checkpointing name internally; users cannot act on it.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 def _train(argv: list[str]) -> int:

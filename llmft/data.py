@@ -228,6 +228,9 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], fi
 
 def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], first_trainable: int = 0):
     """input_ids and labels (IGNORE outside assistant spans) for one conversation."""
+    if not tokenizer.is_fast:
+        raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; the loss mask "
+                        "needs a fast (tokenizers-backed) one. Convert it or load it with use_fast=True.")
     text, spans = assistant_spans(tokenizer, messages, first_trainable)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [

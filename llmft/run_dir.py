@@ -13,6 +13,7 @@ run_dir/
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -60,11 +61,23 @@ def git_sha(cwd: Path | None = None) -> str | None:
 
 
 def hardware() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()}
+    """The machine, and this process's peak memory so far."""
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
+        info["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return info
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    return round(kilobytes / 1024)
 
 
 def check_writable(out: Path, overwrite: bool) -> None:

