@@ -16,6 +16,11 @@ commands:
                                    any recipe key can be overridden: --learning_rate 1e-4 or --training.max_steps 50
                                    multi-process: accelerate launch --config_file accelerate_configs/X.yaml -m llmft train RECIPE
 
+  data convert SRC... --out DIR   convert Alpaca/ShareGPT/OpenAI/OASST/prompt-completion/column data into one chat
+                                   dataset: validate, normalise, dedupe, decontaminate, split; manifest + data card
+  data build BUILD.yaml            the same from a YAML file (several sources, weighted mixes)
+  data report DATASET --recipe R   pre-flight report: lengths, truncation, loss share, a rendered loss mask
+
 `llmft COMMAND --help` lists a command's options.
 """
 
@@ -57,7 +62,123 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train}
+def _data_parser():
+    import argparse
+
+    from llmft.formats import FORMATS
+
+    parser = argparse.ArgumentParser(prog="llmft data", description="Build and inspect training datasets.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    convert = sub.add_parser("convert", help="convert and clean data files or Hub datasets into one chat dataset")
+    convert.add_argument("sources", nargs="+", help="files, folders or Hub dataset ids (org/name)")
+    convert.add_argument("--out", required=True, help="output directory")
+    convert.add_argument("--format", choices=FORMATS, help="input format (default: detected from the first row)")
+    convert.add_argument("--split", default="train", help="split of a Hub dataset")
+    convert.add_argument("--prompt-field", default="question", help="--format columns: the prompt column")
+    convert.add_argument("--completion-field", default="answer", help="--format columns: the answer column")
+    convert.add_argument("--system-field", help="--format columns: a system prompt column")
+    convert.add_argument("--oasst-best-only", action="store_true", help="OASST: best-ranked path only")
+    convert.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                         help="bad rows: stop and list them (fail), or write them to rejects.jsonl and go on (skip)")
+    convert.add_argument("--system-prompt", help="add this system message where a conversation has none")
+    convert.add_argument("--no-normalise", dest="normalise", action="store_false",
+                         help="keep text as is (default: NFC, no zero-width chars, trimmed lines)")
+    convert.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep exact duplicates")
+    convert.add_argument("--near-dedupe", default="0.85",
+                         help="MinHash Jaccard threshold for near duplicates, or 'off' (default 0.85)")
+    convert.add_argument("--decontaminate", nargs="*", default=[], metavar="EVAL",
+                         help="eval sets (files or Hub ids) whose n-grams training rows must not share")
+    convert.add_argument("--ngram", type=int, default=13, help="n-gram size for decontamination (words)")
+    convert.add_argument("--test-fraction", type=float, default=0.0, help="share of rows held out as test/")
+    convert.add_argument("--seed", type=int, default=0)
+    build = sub.add_parser("build", help="build a dataset from a YAML file of sources and settings")
+    build.add_argument("config", help="build YAML (see data_prep/builds/)")
+    build.add_argument("--out", help="output directory (overrides the file's)")
+    rep = sub.add_parser("report", help="what training will see: lengths, truncation, loss share, masks")
+    rep.add_argument("dataset", help="a dataset directory (e.g. a build's train/) or a .jsonl/.parquet file")
+    rep.add_argument("--recipe", help="the recipe training will use (its model, max_length and overlong policy)")
+    rep.add_argument("--model", help="or a model (Hub id, path or smollm2-135m-instruct) with --max-length")
+    rep.add_argument("--max-length", type=int, default=None)
+    rep.add_argument("--out", help="where report.json and length_histogram.png go (default: DATASET_report/)")
+    return parser
+
+
+def _data(argv: list[str]) -> int:
+    from llmft.config import ConfigError
+    from llmft.data import DataError
+    from llmft.model import ModelError
+    from llmft.prep import BuildError
+
+    args = _data_parser().parse_args(argv)
+    try:
+        if args.action == "report":
+            return _data_report(args)
+        manifest = _data_build(args, argv)
+    except (BuildError, DataError, ModelError, ConfigError) as err:
+        print(f"llmft data {args.action}: {err}", file=sys.stderr)
+        return 1
+    for name, output in manifest["output"].items():
+        print(f"{name}: {output['rows']} rows -> {output['path']}")
+    return 0
+
+
+def _data_build(args, argv: list[str]) -> dict:
+    import yaml
+
+    from llmft.prep import BuildConfig, BuildError, Source, build
+
+    command = "llmft data " + " ".join(argv)
+    if args.action == "build":
+        try:
+            raw = yaml.safe_load(open(args.config))
+        except (OSError, yaml.YAMLError) as err:
+            raise BuildError(f"cannot read {args.config}: {err}") from err
+        if args.out:
+            raw["out"] = args.out
+        try:
+            return build(BuildConfig(**raw), command)
+        except TypeError as err:  # an unknown key
+            raise BuildError(f"{args.config}: {err}. Valid keys: see llmft/prep.py BuildConfig and Source.") from err
+    near = None if args.near_dedupe == "off" else float(args.near_dedupe)
+    sources = [Source(path, format=args.format, split=args.split, prompt_field=args.prompt_field,
+                      completion_field=args.completion_field, system_field=args.system_field,
+                      oasst_best_only=args.oasst_best_only) for path in args.sources]
+    config = BuildConfig(sources=sources, out=args.out, on_error=args.on_error, normalise=args.normalise,
+                         system_prompt=args.system_prompt, dedupe=args.dedupe, near_dedupe_threshold=near,
+                         decontaminate=args.decontaminate, ngram=args.ngram, test_fraction=args.test_fraction,
+                         seed=args.seed)
+    return build(config, command)
+
+
+def _data_report(args) -> int:
+    from pathlib import Path
+
+    from llmft import data_report
+    from llmft.config import ModelConfig, load_recipe
+    from llmft.data import load_rows
+    from llmft.model import load_tokenizer
+
+    if bool(args.recipe) == bool(args.model):
+        print("llmft data report: give --recipe RECIPE or --model MODEL (one of them).", file=sys.stderr)
+        return 2
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        tokenizer = load_tokenizer(recipe.model, recipe.training.trust_remote_code)
+        max_length, overlong = args.max_length or recipe.training.max_length, recipe.data.overlong
+    else:
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=args.model))
+        max_length, overlong = args.max_length, "drop"
+    dataset = Path(args.dataset)
+    source = dataset / "train" if (dataset / "train" / "state.json").exists() else dataset
+    result = data_report.report(load_rows(str(source)), tokenizer, max_length, overlong, str(source))
+    print(data_report.format_table(result))
+    out = Path(args.out) if args.out else source.parent / f"{source.name.split('.')[0]}_report"
+    paths = data_report.write(result, out)
+    print(f"\nSaved {paths['json']} and {paths['histogram']}")
+    return 0
+
+
+COMMANDS = {"train": _train, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,7 +157,8 @@ class WeightChangeCheck(TrainerCallback):
         unchanged = sorted(n for n, fp in end.items() if self.start.get(n) == fp)
         self.report = {"total": len(end), "changed": len(end) - len(unchanged), "unchanged": unchanged[:20]}
         if unchanged and state.global_step > 0:
-            log.warning("%d of %d trainable tensors did not change in training (first: %s): they got no gradient.",
+            log.warning("%d of %d trainable tensors did not change in training (first: %s): no gradient reached "
+                        "them, or the run was too short (LoRA A matrices first move on the step after B does).",
                         len(unchanged), len(end), unchanged[0])
 
 

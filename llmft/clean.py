@@ -1,0 +1,145 @@
+"""Cleaning converted conversations: normalisation, shape checks, duplicates, and decontamination.
+
+Each check returns what it found instead of dropping rows itself, so the caller counts every drop and its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmft.formats import Messages
+
+ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+# Normalisation -------------------------------------------------------------------------------------------------
+
+
+def normalise_text(text: str) -> str:
+    """NFC Unicode, no zero-width characters, \\n line endings, no trailing spaces on lines, no outer blank space.
+
+    Indentation inside the text is kept: answers hold code.
+    """
+    text = unicodedata.normalize("NFC", text).translate(ZERO_WIDTH).replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
+
+
+def normalise_messages(messages: Messages, system_prompt: str | None = None) -> Messages:
+    """Messages with normalised content, and `system_prompt` first where the conversation has no system message."""
+    out = [{**m, "content": normalise_text(m["content"])} if isinstance(m.get("content"), str) else dict(m)
+           for m in messages]
+    if system_prompt and not (out and out[0].get("role") == "system"):
+        out.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+# Shape checks --------------------------------------------------------------------------------------------------
+
+
+def conversation_problems(messages: Messages) -> list[str]:
+    """What makes a conversation unfit to train on: empty turns, bad roles, not alternating, not ending on assistant.
+
+    System messages may only come first. A tool result may sit between an assistant turn that called the tool and
+    the assistant turn that uses it.
+    """
+    problems = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
+            problems.append(f"messages[{i}].role: unknown role {role!r}")
+        elif role == "system" and i != 0:
+            problems.append(f"messages[{i}].role: a system message may only come first")
+        if not isinstance(content, str):
+            problems.append(f"messages[{i}].content: must be a string, got {type(content).__name__}")
+        elif not content.strip() and not message.get("tool_calls"):
+            problems.append(f"messages[{i}].content: empty")
+    turns = [(i, m.get("role")) for i, m in enumerate(messages) if m.get("role") != "system"]
+    if not turns:
+        return problems + ["messages: no user or assistant message"]
+    if turns[0][1] != "user":
+        problems.append(f"messages[{turns[0][0]}]: the conversation starts with '{turns[0][1]}', not 'user'")
+    for (_, prev), (i, role) in zip(turns, turns[1:]):
+        if role == prev and role in ("user", "assistant"):
+            problems.append(f"messages[{i}]: two '{role}' messages in a row (turns must alternate)")
+        if role == "tool" and prev not in ("assistant", "tool"):
+            problems.append(f"messages[{i}]: a tool result must follow an assistant tool call")
+    if turns[-1][1] != "assistant":
+        problems.append(f"messages[{turns[-1][0]}]: the conversation ends on '{turns[-1][1]}', not 'assistant'")
+    return problems
+
+
+# Duplicates ----------------------------------------------------------------------------------------------------
+
+
+def conversation_text(messages: Messages) -> str:
+    return "\n".join(m["content"] for m in messages if m.get("role") != "system" and isinstance(m.get("content"), str))
+
+
+def exact_key(messages: Messages) -> str:
+    """Equal for conversations that differ only in case and spacing (system prompts ignored)."""
+    canon = [(m.get("role"), " ".join(m.get("content", "").lower().split())) for m in messages
+             if m.get("role") != "system"]
+    return hashlib.sha1(json.dumps(canon).encode()).hexdigest()
+
+
+def shingles(text: str, n: int) -> set[str]:
+    words = WORD.findall(text.lower())
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
+
+
+@dataclass
+class NearDuplicateFinder:
+    """MinHash LSH over word shingles (datasketch): `seen` returns the id of an earlier near-duplicate, or None."""
+
+    threshold: float = 0.85
+    num_perm: int = 128
+    shingle_size: int = 5
+    _lsh: Any = field(init=False, repr=False)
+
+    def __post_init__(self):
+        from datasketch import MinHashLSH
+
+        self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+
+    def seen(self, key: str, text: str) -> str | None:
+        from datasketch import MinHash
+
+        signature = MinHash(num_perm=self.num_perm, seed=1)
+        for shingle in shingles(text, self.shingle_size):
+            signature.update(shingle.encode())
+        matches = self._lsh.query(signature)
+        if matches:
+            return sorted(matches)[0]
+        self._lsh.insert(key, signature)
+        return None
+
+
+# Decontamination -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalIndex:
+    """Word n-grams of evaluation rows, to find training rows that share any (13 words, as GPT-3's filter did)."""
+
+    n: int = 13
+    owners: dict[str, str] = field(default_factory=dict)  # n-gram -> the first eval row that has it
+
+    def add(self, eval_id: str, text: str) -> None:
+        for gram in shingles(text, self.n):
+            if len(gram.split()) == self.n:  # texts shorter than n words give no n-gram, so cannot match
+                self.owners.setdefault(gram, eval_id)
+
+    def add_all(self, rows: Iterable[tuple[str, str]]) -> None:
+        for eval_id, text in rows:
+            self.add(eval_id, text)
+
+    def hits(self, text: str) -> set[str]:
+        """The eval rows this text shares an n-gram with."""
+        return {self.owners[g] for g in shingles(text, self.n) if g in self.owners}

@@ -1,0 +1,133 @@
+"""`llmft data report`: what training will see, before any GPU hour is spent.
+
+Uses the tokenizer, chat template, max_length and overlong policy training will use (from a recipe, or a model
+name), and the same tokenization and loss masks (`llmft.data`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from llmft.data import IGNORE, tokenize_row, validate_rows
+
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the tokens that carry loss in the rendered example
+
+
+def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, overlong: str,
+           source: str) -> dict[str, Any]:
+    """Length distribution, what max_length would drop or cut, loss share, per-role tokens, a rendered example."""
+    schema = validate_rows(rows, source)
+    lengths, trainable, role_tokens = [], [], Counter()
+    over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
+    example = None
+    for row in tqdm(rows, desc="Tokenizing", unit="row"):
+        ids, labels = tokenize_row(row, tokenizer, schema)
+        n_train = sum(label != IGNORE for label in labels)
+        lengths.append(len(ids))
+        trainable.append(n_train)
+        zero_trainable += n_train == 0
+        for message in _messages(row, schema):
+            role_tokens[message["role"]] += len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
+        if max_length is not None and len(ids) > max_length:
+            over += 1
+            cut_tokens += len(ids) - max_length
+            kept_train = sum(label != IGNORE for label in labels[:max_length])
+            cut_trainable += n_train - kept_train
+            left_empty += kept_train == 0
+        if example is None and n_train:
+            example = render_mask(tokenizer, ids, labels)
+    total, total_train = sum(lengths), sum(trainable)
+    arr = np.array(lengths)
+    return {
+        "source": source, "schema": schema, "rows": len(lengths), "tokens": total,
+        "trainable_tokens": total_train, "loss_share": total_train / total if total else 0.0,
+        "length": {"min": int(arr.min()), "mean": float(arr.mean()), "p50": int(np.percentile(arr, 50)),
+                   "p90": int(np.percentile(arr, 90)), "p99": int(np.percentile(arr, 99)), "max": int(arr.max())},
+        "max_length": max_length, "overlong_policy": overlong,
+        "over_max_length": {"rows": over, "tokens_cut_if_truncated": cut_tokens,
+                            "trainable_tokens_cut_if_truncated": cut_trainable,
+                            "rows_left_without_loss_if_truncated": left_empty},
+        "zero_trainable_rows": zero_trainable,
+        "role_content_tokens": dict(role_tokens),
+        "template_tokens": total - sum(role_tokens.values()),
+        "example": example,
+        "lengths": lengths,
+    }
+
+
+def _messages(row, schema):
+    if schema == "messages":
+        return row["messages"]
+    if isinstance(row["prompt"], str):
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    return row["prompt"] + row["completion"]
+
+
+def render_mask(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """The decoded example with every run of loss-carrying tokens between ⟦ and ⟧."""
+    out, inside = [], False
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE
+        if trained != inside:
+            out.append(MARK_OPEN if trained else MARK_CLOSE)
+            inside = trained
+        out.append(tokenizer.decode([token]))
+    return "".join(out) + (MARK_CLOSE if inside else "")
+
+
+def format_table(r: dict[str, Any]) -> str:
+    over = r["over_max_length"]
+    rows = [
+        ("rows", f"{r['rows']:,}"),
+        ("tokens", f"{r['tokens']:,}"),
+        ("tokens carrying loss", f"{r['trainable_tokens']:,} ({r['loss_share']:.1%})"),
+        ("length min / p50 / p90 / p99 / max",
+         " / ".join(str(r["length"][k]) for k in ("min", "p50", "p90", "p99", "max"))),
+        ("length mean", f"{r['length']['mean']:.1f}"),
+        (f"rows over max_length ({r['max_length']})", f"{over['rows']:,} -> {r['overlong_policy']}"),
+        ("  tokens truncation would cut", f"{over['tokens_cut_if_truncated']:,} "
+                                          f"({over['trainable_tokens_cut_if_truncated']:,} carrying loss)"),
+        ("  rows truncation would leave without loss", f"{over['rows_left_without_loss_if_truncated']:,}"),
+        ("rows with no trainable token", f"{r['zero_trainable_rows']:,}"),
+    ]
+    rows += [(f"content tokens: {role}", f"{n:,}") for role, n in sorted(r["role_content_tokens"].items())]
+    rows.append(("chat-template tokens", f"{r['template_tokens']:,}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"Pre-flight report: {r['source']} ({r['schema']})", ""]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    if r["example"]:
+        lines += ["", f"First example, rendered; loss on the tokens between {MARK_OPEN} and {MARK_CLOSE}:", "",
+                  r["example"]]
+    return "\n".join(lines)
+
+
+def write(r: dict[str, Any], out: Path) -> dict[str, Path]:
+    """report.json and length_histogram.png under `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "histogram": out / "length_histogram.png"}
+    paths["json"].write_text(json.dumps({k: v for k, v in r.items() if k != "lengths"}, indent=2))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(r["lengths"], bins=50, color="#4477aa")
+    if r["max_length"]:
+        ax.axvline(r["max_length"], color="#cc3311", linestyle="--", label=f"max_length {r['max_length']}")
+        ax.legend()
+    ax.set_xlabel("tokens per example (chat template applied)")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{Path(r['source']).name}: {r['rows']:,} examples")
+    fig.tight_layout()
+    fig.savefig(paths["histogram"], dpi=100)
+    plt.close(fig)
+    return paths

