@@ -123,22 +123,11 @@ def _data(argv: list[str]) -> int:
 
 
 def _data_build(args, argv: list[str]) -> dict:
-    import yaml
-
-    from llmft.prep import BuildConfig, BuildError, Source, build
+    from llmft.prep import BuildConfig, Source, build, load_build_config
 
     command = "llmft data " + " ".join(argv)
     if args.action == "build":
-        try:
-            raw = yaml.safe_load(open(args.config))
-        except (OSError, yaml.YAMLError) as err:
-            raise BuildError(f"cannot read {args.config}: {err}") from err
-        if args.out:
-            raw["out"] = args.out
-        try:
-            return build(BuildConfig(**raw), command)
-        except TypeError as err:  # an unknown key
-            raise BuildError(f"{args.config}: {err}. Valid keys: see llmft/prep.py BuildConfig and Source.") from err
+        return build(load_build_config(args.config, args.out), command)
     near = None if args.near_dedupe == "off" else float(args.near_dedupe)
     sources = [Source(path, format=args.format, split=args.split, prompt_field=args.prompt_field,
                       completion_field=args.completion_field, system_field=args.system_field,

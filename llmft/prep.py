@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,42 @@ class BuildConfig:
             raise BuildError(f"on_error: '{self.on_error}' is not fail or skip.")
         if not 0 <= self.test_fraction < 1:
             raise BuildError(f"test_fraction: {self.test_fraction} must be in [0, 1).")
+
+
+def load_build_config(path: str, out: str | None = None) -> BuildConfig:
+    """A build YAML as a BuildConfig; unknown keys (top level or in a source) name the closest valid key."""
+    import difflib
+
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise BuildError(f"cannot read {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise BuildError(f"{path}: a build file is a mapping with 'sources' and 'out'.")
+    problems = []
+
+    def check(keys, cls, where):
+        valid = {f.name for f in fields(cls)}
+        for key in keys:
+            if key not in valid:
+                close = difflib.get_close_matches(key, sorted(valid), n=1)
+                problems.append(f"{path}: unknown key '{where}{key}'." + (f" Did you mean '{close[0]}'?" if close else ""))
+
+    check(raw, BuildConfig, "")
+    for i, source in enumerate(raw.get("sources") or []):
+        if isinstance(source, dict):
+            check(source, Source, f"sources[{i}].")
+        else:
+            problems.append(f"{path}: sources[{i}] must be a mapping with at least 'path'.")
+    if out:
+        raw["out"] = out
+    if "out" not in raw:
+        problems.append(f"{path}: 'out' is missing: the folder the dataset is written to.")
+    if problems:
+        raise BuildError("\n".join(problems))
+    return BuildConfig(**raw)
 
 
 # Conversion ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import subprocess
 import datasets
 import pytest
 
-from llmft.prep import BuildConfig, BuildError, Source, build
+from llmft.prep import BuildConfig, BuildError, Source, build, load_build_config
 from tests.conftest import LLMFT
 from tests.helpers import REPO, SHARED_DATA, make_tokenizer, write_jsonl
 
@@ -142,9 +142,39 @@ def test_build_yaml_through_the_cli(tmp_path):
     result = subprocess.run([LLMFT, "data", "build", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train: 3 rows" in result.stdout
-    config.write_text(f"sources:\n  - path: {src}\nout: {tmp_path / 'out'}\nsede: 1\n")
+    config.write_text(f"sources:\n  - path: {src}\n    fraktion: 0.5\nout: {tmp_path / 'out'}\nsede: 1\n")
     result = subprocess.run([LLMFT, "data", "build", str(config)], capture_output=True, text=True)
-    assert result.returncode == 1 and "sede" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unknown key 'sede'. Did you mean 'seed'?" in result.stderr
+    assert "unknown key 'sources[0].fraktion'. Did you mean 'fraction'?" in result.stderr
+
+
+BUILDS = sorted((REPO / "data_prep" / "builds").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BUILDS, ids=lambda p: p.name)
+def test_every_shipped_build_file_is_valid_and_headed_by_its_command(path):
+    load_build_config(str(path))
+    assert path.read_text().splitlines()[0] == f"# llmft data build data_prep/builds/{path.name}"
+
+
+@pytest.mark.slow
+@needs_shared
+def test_shared_mix_build_runs_for_real(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # its source paths are relative to the project root
+    manifest = build(load_build_config("data_prep/builds/shared_mix.yaml", out=str(tmp_path / "mix")))
+    mix = manifest["steps"]["mix"]
+    assert mix["train.jsonl"]["used"] == 200
+    assert mix["lima.json"]["used"] == round(mix["lima.json"]["available"] * 0.5)
+    assert manifest["output"]["test"]["rows"] > 0
+
+
+def test_hub_dataset_ids_go_to_the_hub_and_fail_clearly_offline(tmp_path, quiet_env):
+    # No network here: this checks the Hub path is taken and its failure is reported, not a download.
+    result = subprocess.run([LLMFT, "data", "convert", "no-such-org/no-such-dataset", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, env=quiet_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "no-such-org/no-such-dataset: cannot load this Hub dataset" in result.stderr
 
 
 def test_report_counts_lengths_truncation_and_masks(tmp_path):
