@@ -126,7 +126,7 @@ def write(r: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.legend()
     ax.set_xlabel("tokens per example (chat template applied)")
     ax.set_ylabel("examples")
-    ax.set_title(f"{Path(r['source']).name}: {r['rows']:,} examples")
+    ax.set_title(f"{'/'.join(Path(r['source']).parts[-2:])}: {r['rows']:,} examples")
     fig.tight_layout()
     fig.savefig(paths["histogram"], dpi=100)
     plt.close(fig)
