@@ -20,6 +20,8 @@ commands:
                                    dataset: validate, normalise, dedupe, decontaminate, split; manifest + data card
   data build BUILD.yaml            the same from a YAML file (several sources, weighted mixes)
   data report DATASET --recipe R   pre-flight report: lengths, truncation, loss share, a rendered loss mask
+  selfchat --seeds FILE --out DIR  Baize-style self-chat: one model writes both sides of dialogues about seed
+                                   questions (local model or OpenAI-compatible server); resumable
 
 `llmft COMMAND --help` lists a command's options.
 """
@@ -167,7 +169,117 @@ def _data_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "data": _data}
+def _selfchat_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="llmft selfchat", description="Generate multi-turn dialogues by self-chat.")
+    parser.add_argument("--config", help="YAML file whose keys are these options' names (flags override it)")
+    parser.add_argument("--seeds", help=".txt (one question a line), or a JSONL/JSON/CSV/Parquet file or Hub id")
+    parser.add_argument("--seed-column", help="column holding the questions (not for .txt)")
+    parser.add_argument("--seed-id-column", help="column of unique seed ids (default: file and line)")
+    parser.add_argument("--limit", type=int, help="only the first N seeds")
+    parser.add_argument("--out", help="output folder: dialogues.jsonl (resumable) and dataset/")
+    parser.add_argument("--mode", default="roleplay", choices=("transcript", "alternating", "roleplay"))
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="local model: Hub id, path or built-in name")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (instead of --model)")
+    parser.add_argument("--api-model", help="model name on that server")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--concurrency", type=int, default=8, help="HTTP requests at once")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+    parser.add_argument("--max-retries", type=int, default=5)
+    parser.add_argument("--turns-min", type=int, default=1)
+    parser.add_argument("--turns-max", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--batch-size", type=int, default=8, help="dialogues generated together")
+    parser.add_argument("--min-answer-chars", type=int, default=10)
+    parser.add_argument("--max-repetition", type=float, default=0.5)
+    parser.add_argument("--templates", help="YAML mapping of template names (transcript, alternating, "
+                                            "user_simulator) to text with a {seed} placeholder")
+    parser.add_argument("--test-fraction", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _selfchat(argv: list[str]) -> int:
+    import difflib
+
+    import yaml
+
+    from llmft.backends import BackendError
+    from llmft.model import ModelError
+    from llmft.prep import BuildError
+    from llmft.selfchat import SelfChatError
+
+    parser = _selfchat_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        options = {a.dest for a in parser._actions}
+        raw = yaml.safe_load(open(args.config)) or {}
+        unknown = [k for k in raw if k.replace("-", "_") not in options]
+        if unknown:
+            hints = [f"'{k}'" + "".join(f" (did you mean '{m}'?)" for m in difflib.get_close_matches(
+                k.replace("-", "_"), sorted(options), n=1)) for k in unknown]
+            print(f"llmft selfchat: unknown keys in {args.config}: {', '.join(hints)}", file=sys.stderr)
+            return 2
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in raw.items()})
+        args = parser.parse_args(argv)
+    missing = [flag for flag, value in (("--seeds", args.seeds), ("--out", args.out)) if not value]
+    if args.base_url and not args.api_model:
+        missing.append("--api-model (with --base-url)")
+    if missing:
+        print(f"llmft selfchat: missing {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        _run_selfchat(args, argv)
+    except (SelfChatError, BackendError, ModelError, BuildError) as err:
+        print(f"llmft selfchat: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_selfchat(args, argv: list[str]) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from llmft import selfchat
+    from llmft.backends import LocalBackend, OpenAIBackend, Sampling
+
+    templates = dict(selfchat.TEMPLATES)
+    if args.templates:
+        templates.update(yaml.safe_load(open(args.templates)))
+    cfg = selfchat.SelfChatConfig(
+        mode=args.mode, turns_min=args.turns_min, turns_max=args.turns_max,
+        sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p),
+        min_answer_chars=args.min_answer_chars, max_repetition=args.max_repetition, templates=templates,
+        batch_size=args.batch_size)
+    seeds = selfchat.read_seeds(args.seeds, args.seed_column, args.seed_id_column, args.limit)
+    if args.base_url:
+        backend = OpenAIBackend(args.base_url, args.api_model, args.api_key_env, args.concurrency, args.timeout,
+                                args.max_retries)
+    else:
+        from llmft.config import ModelConfig, PeftSettings
+        from llmft.model import load_model, load_tokenizer
+
+        model_cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
+        backend = LocalBackend(load_model(model_cfg, PeftSettings(method="full")), load_tokenizer(model_cfg),
+                               args.batch_size)
+        backend.name = args.model
+    out = Path(args.out)
+    speed = selfchat.generate(seeds, backend, cfg, out)
+    meta = {"command": "llmft selfchat " + " ".join(argv), "seeds": args.seeds, "model": backend.name,
+            "mode": cfg.mode, **selfchat.config_dict(cfg), **speed}
+    manifest = selfchat.finalize(out, meta, args.test_fraction, args.seed)
+    filters = manifest["self_chat"]["filters"]
+    print(f"dialogues: {manifest['self_chat']['dialogues']} ({', '.join(f'{n} {k}' for k, n in filters.items())})")
+    for name, output in manifest["output"].items():
+        print(f"{name}: {output['rows']} rows -> {output['path']}")
+
+
+COMMANDS = {"train": _train, "data": _data, "selfchat": _selfchat}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,11 +7,11 @@ import string
 from typing import Any
 
 import datasets
-import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmft.data import schema_of
+from llmft.model import generate_texts
 
 
 def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str, Any]]:
@@ -37,29 +37,18 @@ def normalise(text: str) -> str:
     return text.strip(string.punctuation + " ")
 
 
-@torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list, max_new_tokens: int,
              batch_size: int, desc: str = "Generating") -> list[str]:
-    """Greedy answers, batched with left padding; chat prompts go through the tokenizer's chat template."""
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
+    """Greedy answers, batched; chat prompts go through the tokenizer's chat template, text prompts as they are."""
     answers = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-            batch = prompts[start : start + batch_size]
-            texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in batch]
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(batch[0], str))
-            inputs = inputs.to(model.device)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return [a.strip() for a in answers]
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        batch = prompts[start : start + batch_size]
+        chat = not isinstance(batch[0], str)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p
+                 for p in batch]
+        answers += generate_texts(model, tokenizer, texts, max_new_tokens=max_new_tokens,
+                                  add_special_tokens=not chat)[0]
+    return answers
 
 
 def generation_eval(model, tokenizer, items: list[dict[str, Any]], max_new_tokens: int, batch_size: int,

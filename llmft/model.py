@@ -159,3 +159,40 @@ def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every trainable tensor, to compare before and after training."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   stop: list[str] | None = None, add_special_tokens: bool = False) -> tuple[list[str], int]:
+    """Continuations of `texts`, generated together (left padding, KV cache); greedy when temperature is 0.
+
+    Each continuation ends at EOS or at the first `stop` string (removed). Returns the texts and the number of
+    tokens generated (padding excluded).
+    """
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        inputs = inputs.to(model.device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, stop_strings=stop or None,
+                                tokenizer=tokenizer if stop else None, **sampling)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    new = output[:, inputs["input_ids"].shape[1] :]
+    generated = int((new != tokenizer.pad_token_id).sum())
+    answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [_cut_at_stop(a, stop).strip() for a in answers], generated
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> str:
+    for marker in stop or []:
+        index = text.find(marker)
+        if index >= 0:
+            text = text[:index]
+    return text

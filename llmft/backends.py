@@ -1,0 +1,129 @@
+"""Text generation backends for self-chat: a local transformers model, or any OpenAI-compatible HTTP server.
+
+Both answer the same two calls, each taking a whole batch so work can run together:
+  chat(conversations)  -> the assistant's next message for each conversation (the model's chat template applies)
+  complete(prompts)    -> raw text continuations, cut at the first stop string
+and count the tokens they generated (`generated_tokens`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+class BackendError(RuntimeError):
+    """A generation request that failed for good (after retries), with the server's answer."""
+
+
+class LocalBackend:
+    """A transformers model on this machine: one padded batch per call, KV cache on."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.generated_tokens = 0
+        self.name = str(getattr(model.config, "_name_or_path", "local model"))
+
+    def complete(self, prompts: list[str], sampling: Sampling, stop: list[str] | None = None) -> list[str]:
+        return self._generate(prompts, sampling, stop, add_special_tokens=True)
+
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, stop: list[str] | None = None) -> list[str]:
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        return self._generate(texts, sampling, stop, add_special_tokens=False)
+
+    def _generate(self, texts, sampling: Sampling, stop, add_special_tokens: bool) -> list[str]:
+        from llmft.model import generate_texts
+
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            answers, generated = generate_texts(
+                self.model, self.tokenizer, texts[start : start + self.batch_size],
+                max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                stop=stop, add_special_tokens=add_special_tokens)
+            out += answers
+            self.generated_tokens += generated
+        return out
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp, OpenAI): /v1/chat/completions and /v1/completions.
+
+    The API key is read from the environment variable `api_key_env` and sent only in the Authorization header:
+    it is never logged, stored, or put in an error message. Up to `concurrency` requests run at once; 429, 5xx,
+    timeouts and dropped connections are retried with exponential backoff (honouring Retry-After).
+    """
+
+    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+                 timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0):
+        self.base_url, self.model, self.name = base_url.rstrip("/"), model, model
+        self._api_key_env = api_key_env
+        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self.generated_tokens = 0
+        self.retries = 0
+
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, stop: list[str] | None = None) -> list[str]:
+        payloads = [{"messages": c, **self._sampling(sampling, stop)} for c in conversations]
+        return self._run("/chat/completions", payloads, lambda choice: choice["message"]["content"] or "")
+
+    def complete(self, prompts: list[str], sampling: Sampling, stop: list[str] | None = None) -> list[str]:
+        payloads = [{"prompt": p, **self._sampling(sampling, stop)} for p in prompts]
+        return self._run("/completions", payloads, lambda choice: choice["text"])
+
+    def _sampling(self, sampling: Sampling, stop) -> dict:
+        body = {"model": self.model, "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                "top_p": sampling.top_p}
+        if stop:
+            body["stop"] = stop
+        return body
+
+    def _run(self, path: str, payloads: list[dict], pick) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            results = list(pool.map(lambda body: self._post(path, body), payloads))
+        texts = []
+        for result in results:
+            self.generated_tokens += int((result.get("usage") or {}).get("completion_tokens", 0))
+            texts.append(pick(result["choices"][0]).strip())
+        return texts
+
+    def _post(self, path: str, body: dict) -> dict:
+        import requests
+
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self._api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        url = f"{self.base_url}{path}"
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff * 2**attempt * (0.5 + random.random() / 2)
+            try:
+                response = requests.post(url, json=body, headers=headers, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                problem = f"{type(err).__name__}"
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code not in self.RETRY_STATUS:
+                    raise BackendError(f"{url} answered {problem}")
+                wait = float(response.headers.get("Retry-After", wait))
+            if attempt < self.max_retries:
+                self.retries += 1
+                log.warning("%s: %s; retrying in %.1f s (%d/%d)", url, problem, wait, attempt + 1, self.max_retries)
+                time.sleep(wait)
+        raise BackendError(f"{url} failed after {self.max_retries} retries: {problem}")

