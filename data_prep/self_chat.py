@@ -2,7 +2,7 @@
 OpenAI-compatible server; resumable. The same as `llmft selfchat ...`; `--help` lists every option.
 
     python data_prep/self_chat.py --seeds data_prep/seeds/questions.txt --out data/selfchat --limit 8
-    python data_prep/self_chat.py --config data_prep/builds/selfchat_baize.yaml
+    python data_prep/self_chat.py --config data_prep/selfchat/baize.yaml
     python data_prep/self_chat.py --seeds seeds.jsonl --seed-column question --out data/sc \\
         --base-url http://localhost:8000/v1 --api-model Qwen/Qwen2.5-7B-Instruct   # key from $OPENAI_API_KEY
 """

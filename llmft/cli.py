@@ -193,7 +193,7 @@ def _selfchat_parser():
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--batch-size", type=int, default=8, help="dialogues generated together")
+    parser.add_argument("--batch-size", type=int, default=16, help="dialogues generated together (16: fastest measured here)")
     parser.add_argument("--min-answer-chars", type=int, default=10)
     parser.add_argument("--max-repetition", type=float, default=0.5)
     parser.add_argument("--templates", help="YAML mapping of template names (transcript, alternating, "

@@ -61,7 +61,7 @@ class SelfChatConfig:
     min_answer_chars: int = 10
     max_repetition: float = 0.5  # share of repeated word 3-grams in one answer above which it is degenerate
     templates: dict[str, str] = field(default_factory=lambda: dict(TEMPLATES))
-    batch_size: int = 8  # dialogues generated together
+    batch_size: int = 16  # dialogues generated together
 
     def __post_init__(self):
         problems = []

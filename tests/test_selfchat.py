@@ -251,3 +251,18 @@ def test_config_file_keys_are_checked(tmp_path):
     config.write_text("seeds: s.txt\nout: o\nturns_mx: 3\n")
     result = subprocess.run([LLMFT, "selfchat", "--config", str(config)], capture_output=True, text=True)
     assert result.returncode == 2 and "'turns_mx' (did you mean 'turns_max'?)" in result.stderr
+
+
+def test_every_shipped_self_chat_config_is_valid_and_headed_by_its_command():
+    from llmft.cli import _selfchat_parser
+    from tests.helpers import REPO
+    import yaml
+
+    configs = sorted((REPO / "data_prep" / "selfchat").glob("*.yaml"))
+    assert configs
+    options = {a.dest for a in _selfchat_parser()._actions}
+    for path in configs:
+        assert path.read_text().splitlines()[0] == f"# llmft selfchat --config data_prep/selfchat/{path.name}"
+        keys = set(yaml.safe_load(path.read_text()))
+        assert keys <= options, keys - options
+        assert (REPO / yaml.safe_load(path.read_text())["seeds"]).exists()
