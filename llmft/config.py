@@ -25,6 +25,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16")
 OVERLONG = ("drop", "truncate")
+EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 
 
 class ConfigError(ValueError):
@@ -140,27 +141,50 @@ class PeftSettings:
 
 @dataclass
 class EvalConfig:
-    """Generation-based evaluation on held-out prompts, before and after training."""
+    """Evaluation hooks: generation metrics at every Trainer evaluation (and before/after training)."""
 
     _argument_group_name = "eval"
 
     num_generate: int = field(
         default=0,
-        metadata={"help": "Held-out conversations to answer by greedy generation and score (0 = off)."},
+        metadata={"help": "Held-out conversations answered by greedy generation and scored at each evaluation (0 = off)."},
     )
+    metrics: list[str] = field(
+        default_factory=lambda: ["exact_match"],
+        metadata={"help": "Generation metrics: exact_match rouge_l bleu chrf (offline)."},
+    )
+    answer_extractor: str = field(
+        default="none", metadata={"help": "For exact match: none | gsm8k | last_number | regex:PATTERN."}
+    )
+    few_shot: int = field(default=0, metadata={"help": "Worked examples (from the training data) before each prompt."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated together."})
+    forgetting_check: bool = field(
+        default=False,
+        metadata={"help": "Perplexity on llmft's general-text set vs the model before training, as a ratio."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without improving training.metric_for_best_model."}
+    )
+    early_stopping_threshold: float = field(default=0.0, metadata={"help": "Smallest change that counts as better."})
     baseline: bool = field(default=True, metadata={"help": "Also evaluate the model before training."})
     show_samples: int = field(default=4, metadata={"help": "Side-by-side answers printed after training."})
 
     def __post_init__(self):
         problems = []
-        for name in ("num_generate", "show_samples"):
+        for name in ("num_generate", "show_samples", "few_shot"):
             if getattr(self, name) < 0:
                 problems.append(f"eval.{name} must be >= 0.")
         for name in ("max_new_tokens", "generation_batch_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"eval.{name} must be > 0.")
+        if isinstance(self.metrics, str):
+            self.metrics = [self.metrics]
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        if unknown:
+            problems.append(f"eval.metrics: unknown {unknown}; choose from {', '.join(EVAL_METRICS)}.")
+        if not (self.answer_extractor in ("none", "gsm8k", "last_number") or self.answer_extractor.startswith("regex:")):
+            problems.append(f"eval.answer_extractor: '{self.answer_extractor}' is not none, gsm8k, last_number or regex:PATTERN.")
         _raise_if(problems)
 
 
@@ -396,6 +420,20 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
         )
     if training.packing and training.max_length is None:
         problems.append("training.packing needs training.max_length (the packed row length).")
+    evaluation = sections["eval"]
+    if evaluation.early_stopping_patience is not None:
+        if training.eval_strategy == "no":
+            problems.append("eval.early_stopping_patience needs evaluations: set training.eval_strategy: steps (and eval_steps).")
+        if not training.metric_for_best_model:
+            problems.append("eval.early_stopping_patience needs training.metric_for_best_model, e.g. eval_loss or "
+                            "eval_exact_match (with greater_is_better: true).")
+        if not training.load_best_model_at_end:
+            problems.append("eval.early_stopping_patience: set training.load_best_model_at_end: true so the best "
+                            "checkpoint is the one kept.")
+    if (evaluation.num_generate or evaluation.forgetting_check) and training.eval_strategy == "no" \
+            and not evaluation.baseline:
+        problems.append("eval: generation/forgetting metrics run at evaluations; with eval_strategy: no and "
+                        "baseline: false they run only after training.")
     return problems
 
 

@@ -1,17 +1,35 @@
-"""Evaluation: greedy generation on held-out prompts, scored by exact match against the reference answer."""
+"""Evaluation: generation metrics on held-out prompts, during training (a Trainer callback) and after it.
+
+Metrics run offline through their own packages (`evaluate.load` fetches metric scripts from the Hub at run time):
+  exact_match  normalised string equality after an answer extractor (0-1)
+  rouge_l      ROUGE-L F1, rouge_score package (0-1)
+  bleu, chrf   corpus BLEU and chrF, sacrebleu package (0-100, as sacrebleu reports them)
+Answer extractors: none | gsm8k (the number after '####', else the last number) | last_number | regex:PATTERN.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import string
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from llmft.config import EVAL_METRICS as METRICS
 from llmft.data import schema_of
 from llmft.model import generate_texts
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+# Prompts and references ----------------------------------------------------------------------------------------
 
 
 def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str, Any]]:
@@ -31,10 +49,62 @@ def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str,
     return items
 
 
+def with_few_shot(items: list[dict[str, Any]], shots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat prompts preceded by worked examples as earlier user/assistant turns."""
+    turns = [m for shot in shots for m in (*shot["prompt"][-1:], {"role": "assistant", "content": shot["reference"]})]
+    return [{**it, "prompt": turns + list(it["prompt"])} for it in items]
+
+
+# Metrics -------------------------------------------------------------------------------------------------------
+
+
 def normalise(text: str) -> str:
     """Lower case, no surrounding punctuation, single spaces: formatting noise is not what exact match tests."""
     text = re.sub(r"\s+", " ", text.strip().lower())
     return text.strip(string.punctuation + " ")
+
+
+def extract(text: str, extractor: str) -> str:
+    if extractor == "none":
+        return text
+    if extractor == "gsm8k" and "####" in text:
+        return text.split("####")[-1].strip().replace(",", "")
+    if extractor in ("gsm8k", "last_number"):
+        numbers = NUMBER.findall(text)
+        return numbers[-1].replace(",", "").rstrip(".") if numbers else ""
+    if extractor.startswith("regex:"):
+        match = re.search(extractor[len("regex:"):], text)
+        return (match.group(1) if match and match.groups() else match.group(0) if match else "")
+    raise ValueError(f"unknown answer extractor '{extractor}': use none, gsm8k, last_number or regex:PATTERN")
+
+
+def matches(prediction: str, reference: str, extractor: str = "none") -> bool:
+    """Exact match after extraction; an answer the extractor finds nothing in never matches."""
+    answer, expected = normalise(extract(prediction, extractor)), normalise(extract(reference, extractor))
+    return bool(answer) and answer == expected
+
+
+def score(predictions: list[str], references: list[str], metrics: list[str], extractor: str = "none") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "exact_match" in metrics:
+        hits = [matches(p, r, extractor) for p, r in zip(predictions, references)]
+        out["exact_match"] = sum(hits) / len(hits)
+    if "rouge_l" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        out["rouge_l"] = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
+    if "bleu" in metrics or "chrf" in metrics:
+        import sacrebleu
+
+        if "bleu" in metrics:
+            out["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+        if "chrf" in metrics:
+            out["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
+    return out
+
+
+# Generation ----------------------------------------------------------------------------------------------------
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list, max_new_tokens: int,
@@ -52,11 +122,12 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def generation_eval(model, tokenizer, items: list[dict[str, Any]], max_new_tokens: int, batch_size: int,
-                    desc: str) -> dict[str, Any]:
-    """Exact match over `items`, with every answer kept for the side-by-side table."""
+                    desc: str, metrics: list[str] = ("exact_match",), extractor: str = "none") -> dict[str, Any]:
+    """Metrics over `items`, with every answer kept for the side-by-side table."""
     answers = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens, batch_size, desc)
-    hits = [normalise(a) == normalise(it["reference"]) for a, it in zip(answers, items)]
-    return {"exact_match": sum(hits) / len(hits), "answers": answers, "correct": hits}
+    references = [it["reference"] for it in items]
+    correct = [matches(a, r, extractor) for a, r in zip(answers, references)]
+    return {**score(answers, references, list(metrics), extractor), "answers": answers, "correct": correct}
 
 
 def prompt_text(prompt) -> str:
@@ -64,3 +135,97 @@ def prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+# Forgetting check ----------------------------------------------------------------------------------------------
+
+
+def general_texts() -> list[str]:
+    """Paragraphs of general English shipped with llmft (written for it), for the forgetting check."""
+    text = resources.files("llmft").joinpath("resources/general_text.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
+    """Token-weighted perplexity of plain texts (no chat template)."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                    ignore_index=-100, reduction="sum")
+            total_nll += nll.item()
+            total_tokens += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+# The in-training hook ------------------------------------------------------------------------------------------
+
+
+class GenerationEvalCallback(TrainerCallback):
+    """At every Trainer evaluation: generate on fixed held-out prompts, score, check forgetting, write samples.
+
+    The scores join the Trainer's eval metrics (eval_exact_match, eval_rouge_l, eval_bleu, eval_chrf,
+    eval_forgetting_ppl_ratio), so `metric_for_best_model`, early stopping and the trackers see them. Generation
+    runs on the main process; the scores are broadcast so every process takes the same early-stopping decision.
+    """
+
+    def __init__(self, tokenizer, items, cfg, out_dir: Path):
+        self.tokenizer, self.items, self.cfg, self.out_dir = tokenizer, items, cfg, out_dir
+        self.trainer = None  # set after the Trainer is built, to log through it
+        self.texts = general_texts() if cfg.forgetting_check else []
+        self.base_ppl: float | None = None
+        self.last: dict[str, Any] | None = None
+
+    def _forgetting(self, model) -> dict[str, float]:
+        if not self.texts:
+            return {}
+        ppl = perplexity(model, self.tokenizer, self.texts)
+        if self.base_ppl is None:  # the first measurement is the model before training
+            self.base_ppl = ppl
+        return {"eval_general_ppl": ppl, "eval_forgetting_ppl_ratio": ppl / self.base_ppl}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.texts and self.base_ppl is None and state.is_world_process_zero:
+            self._forgetting(model)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        new: dict[str, float] = {}
+        if state.is_world_process_zero:
+            if self.items:
+                result = generation_eval(model, self.tokenizer, self.items, self.cfg.max_new_tokens,
+                                         self.cfg.generation_batch_size, f"Generating (step {state.global_step})",
+                                         self.cfg.metrics, self.cfg.answer_extractor)
+                self.last = result
+                new.update({f"eval_{k}": v for k, v in result.items() if k in METRICS})
+                self._write_samples(state.global_step, result)
+            new.update(self._forgetting(model))
+        new = _broadcast(new)
+        metrics.update(new)
+        if new and self.trainer is not None:
+            self.trainer.log(new)
+
+    def _write_samples(self, step: int, result: dict[str, Any]) -> None:
+        folder = self.out_dir / "eval_samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"step-{step}.jsonl").open("w", encoding="utf-8") as f:
+            for it, answer, ok in zip(self.items, result["answers"], result["correct"]):
+                f.write(json.dumps({"prompt": prompt_text(it["prompt"]), "reference": it["reference"],
+                                    "generation": answer, "exact_match": ok}, ensure_ascii=False) + "\n")
+
+
+def _broadcast(values: dict[str, float]) -> dict[str, float]:
+    """Rank 0's values on every rank (a no-op in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    box = [values]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -14,7 +14,7 @@ from transformers import TrainerCallback, set_seed
 from llmft import run_dir
 from llmft.config import Recipe
 from llmft.data import file_fingerprint, load_splits, prepare_dataset
-from llmft.evaluate import generation_eval, prompt_text, prompts_and_references
+from llmft.evaluate import GenerationEvalCallback, prompt_text, prompts_and_references, with_few_shot
 from llmft.model import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,22 @@ def train(recipe: Recipe) -> Path:
 
     # Initialise the SFT trainer: our dataset already holds input_ids and labels, so TRL keeps our loss mask --------
     weight_check = WeightChangeCheck()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[weight_check])
-    items = prompts_and_references(eval_rows, recipe.eval.num_generate) if eval_rows and recipe.eval.num_generate else []
+    evaluation = GenerationEvalCallback(tokenizer, _eval_items(recipe, train_rows, eval_rows), recipe.eval, out)
+    callbacks = [weight_check, evaluation]
+    if recipe.eval.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
 
-    # Evaluate before training -----------------------------------------------------------------------------------
+        callbacks.append(EarlyStoppingCallback(recipe.eval.early_stopping_patience, recipe.eval.early_stopping_threshold))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=callbacks)
+    evaluation.trainer = trainer
+
+    # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
     metrics: dict[str, Any] = {}
+    before_gen = None
     if eval_ds is not None and recipe.eval.baseline:
         metrics["before"] = trainer.evaluate()
-    before_gen = _generation_eval(trainer, tokenizer, items, recipe, "before") if recipe.eval.baseline else None
+        before_gen = evaluation.last
 
     # Train ------------------------------------------------------------------------------------------------------
     result = trainer.train()
@@ -72,16 +79,13 @@ def train(recipe: Recipe) -> Path:
     # Evaluate after training ------------------------------------------------------------------------------------
     if eval_ds is not None:
         metrics["after"] = trainer.evaluate()
-    after_gen = _generation_eval(trainer, tokenizer, items, recipe, "after")
+    after_gen = evaluation.last
 
     # Save the model, tokenizer and everything later stages need --------------------------------------------------
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         trainer.save_state()
-        samples = _samples(items, before_gen, after_gen)
-        for when, gen in (("before", before_gen), ("after", after_gen)):
-            if gen:
-                metrics.setdefault(when, {})["exact_match"] = gen["exact_match"]
+        samples = _samples(evaluation.items, before_gen, after_gen)
         run_info = {
             "data": {"train": {**file_fingerprint(data.train_data), "prep": train_report.to_dict()},
                      "eval": None if eval_report is None else {
@@ -162,13 +166,15 @@ class WeightChangeCheck(TrainerCallback):
                         len(unchanged), len(end), unchanged[0])
 
 
-def _generation_eval(trainer, tokenizer, items, recipe: Recipe, when: str) -> dict[str, Any] | None:
-    """Exact match on held-out prompts, on the main process only (the others go on to their next step)."""
-    if not items or not trainer.is_world_process_zero():
-        return None
+def _eval_items(recipe: Recipe, train_rows, eval_rows) -> list[dict[str, Any]]:
+    """The fixed held-out prompts of the generation eval, with few-shot examples from the training rows if asked."""
     cfg = recipe.eval
-    return generation_eval(trainer.model, tokenizer, items, cfg.max_new_tokens, cfg.generation_batch_size,
-                           desc=f"Generating ({when} training)")
+    if eval_rows is None or not cfg.num_generate:
+        return []
+    items = prompts_and_references(eval_rows, cfg.num_generate)
+    if cfg.few_shot:
+        items = with_few_shot(items, prompts_and_references(train_rows, cfg.few_shot))
+    return items
 
 
 def _samples(items, before, after) -> list[dict[str, Any]]:
@@ -184,7 +190,9 @@ def _samples(items, before, after) -> list[dict[str, Any]]:
 
 def _summary(out: Path, metrics: dict[str, Any], samples: list[dict[str, Any]], show: int) -> str:
     lines = ["", "=" * 72, "llmft: run finished", ""]
-    rows = [("eval loss", "eval_loss", "{:.4f}"), ("exact match", "exact_match", "{:.1%}")]
+    rows = [("eval loss", "eval_loss", "{:.4f}"), ("exact match", "eval_exact_match", "{:.1%}"),
+            ("ROUGE-L", "eval_rouge_l", "{:.3f}"), ("BLEU", "eval_bleu", "{:.1f}"), ("chrF", "eval_chrf", "{:.1f}"),
+            ("forgetting", "eval_forgetting_ppl_ratio", "{:.3f}x")]
     lines.append(f"{'':14}{'before':>12}{'after':>12}")
     for label, key, fmt in rows:
         values = [metrics.get(when, {}).get(key) for when in ("before", "after")]

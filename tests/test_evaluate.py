@@ -1,0 +1,81 @@
+"""Evaluation: offline metrics, the in-training hook, the forgetting check, early stopping."""
+
+import json
+
+import pytest
+
+from llmft.config import load_recipe
+from llmft.evaluate import extract, score
+from llmft.train import train
+from tests.helpers import chat_rows, write_jsonl, write_recipe
+
+
+@pytest.mark.parametrize("text, extractor, expected", [
+    ("Natalia sold 48/2 = 24 clips.\n#### 72", "gsm8k", "72"),
+    ("So the answer is 1,234.", "gsm8k", "1234"),
+    ("She has 3 apples and 5 pears, 8 in all.", "last_number", "8"),
+    ("Answer: (B) because", "regex:\\(([A-D])\\)", "B"),
+    ("no number here", "gsm8k", ""),
+])
+def test_answer_extractors(text, extractor, expected):
+    assert extract(text, extractor) == expected
+
+
+def test_metrics_run_offline_with_known_values():
+    refs = ["the cat sat on the mat", "#### 72"]
+    same = score(refs, refs, ["exact_match", "rouge_l", "bleu", "chrf"])
+    assert same == pytest.approx({"exact_match": 1.0, "rouge_l": 1.0, "bleu": 100.0, "chrf": 100.0})
+    other = score(["a dog ran in the park", "The answer is 72."], refs, ["exact_match", "rouge_l", "chrf"], "gsm8k")
+    assert other["exact_match"] == 0.5  # '72' matches once the extractor has pulled the number out
+    assert 0 < other["rouge_l"] < 0.5 and 0 < other["chrf"] < 50
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows(12))
+
+
+def test_hook_scores_at_every_evaluation_and_writes_sample_tables(tmp_path, tiny_model_dir, train_file):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          training={"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2},
+                          eval={"num_generate": 2, "metrics": ["exact_match", "rouge_l", "chrf"], "max_new_tokens": 4,
+                                "forgetting_check": True})
+    train(load_recipe(recipe))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    scored = [h for h in history if "eval_rouge_l" in h]
+    assert [h["step"] for h in scored] == [2, 4, 4]  # two evaluations in training, then the final one
+    for step in (0, 2, 4):  # step 0: the evaluation before training
+        rows = [json.loads(line) for line in (out / "eval_samples" / f"step-{step}.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and set(rows[0]) == {"prompt", "reference", "generation", "exact_match"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for when in ("before", "after"):
+        assert {"eval_exact_match", "eval_rouge_l", "eval_chrf", "eval_forgetting_ppl_ratio"} <= set(metrics[when])
+    assert metrics["before"]["eval_forgetting_ppl_ratio"] == pytest.approx(1.0)
+    assert metrics["after"]["eval_forgetting_ppl_ratio"] != pytest.approx(1.0)  # lr 1e-2 moves the model
+
+
+def test_early_stopping_stops_on_a_generation_metric(tmp_path, tiny_model_dir, train_file):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          training={"max_steps": 30, "eval_strategy": "steps", "eval_steps": 1, "save_strategy": "steps",
+                                    "save_steps": 1, "metric_for_best_model": "eval_exact_match",
+                                    "greater_is_better": True, "load_best_model_at_end": True, "learning_rate": 1e-5},
+                          eval={"num_generate": 2, "max_new_tokens": 2, "early_stopping_patience": 2, "baseline": False})
+    train(load_recipe(recipe))
+    state = json.loads((out / "trainer_state.json").read_text())
+    # A random tiny model never answers right: exact match stays 0, so patience 2 ends training at step 3.
+    assert state["global_step"] == 3
+    assert state["best_metric"] == 0.0 and state["best_model_checkpoint"].endswith("checkpoint-1")
+
+
+def test_early_stopping_settings_are_checked_together(tmp_path, tiny_model_dir, train_file):
+    from llmft.config import ConfigError
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run",
+                          eval={"early_stopping_patience": 2, "metrics": ["bleu", "meteor"]})
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    text = str(err.value)
+    assert "unknown ['meteor']" in text
+    assert "needs evaluations" not in text or "metric_for_best_model" in text
