@@ -20,6 +20,8 @@ commands:
                                    dataset: validate, normalise, dedupe, decontaminate, split; manifest + data card
   data build BUILD.yaml            the same from a YAML file (several sources, weighted mixes)
   data report DATASET --recipe R   pre-flight report: lengths, truncation, loss share, a rendered loss mask
+  eval RUN_DIR|MODEL [--baseline B] held-out loss, generation metrics and general-text perplexity; with a baseline,
+                                   side by side with deltas; writes eval_results.json and eval_report.md
   selfchat --seeds FILE --out DIR  Baize-style self-chat: one model writes both sides of dialogues about seed
                                    questions (local model or OpenAI-compatible server); resumable
 
@@ -35,6 +37,7 @@ def _setup_logging() -> None:
     logging.getLogger("llmft").setLevel(level)
     # bitsandbytes announces a missing optional kernel package on import; it changes nothing here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer on every call
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
     # TRL 1.16 still calls transformers' old checkpointing name internally; users cannot act on it.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -279,7 +282,85 @@ def _run_selfchat(args, argv: list[str]) -> None:
         print(f"{name}: {output['rows']} rows -> {output['path']}")
 
 
-COMMANDS = {"train": _train, "data": _data, "selfchat": _selfchat}
+def _eval_parser():
+    import argparse
+
+    from llmft.config import EVAL_METRICS
+
+    parser = argparse.ArgumentParser(prog="llmft eval", description="Evaluate a run directory or a model.")
+    parser.add_argument("target", help="a run directory (adapter or full model) or a model id/path/built-in name")
+    parser.add_argument("--baseline", help="evaluate this model the same way, side by side ('base' = the run's base model)")
+    parser.add_argument("--data", help="held-out data (messages or prompt/completion); default: the run's eval data")
+    parser.add_argument("--num-generate", type=int, default=32, help="prompts answered by greedy generation")
+    parser.add_argument("--metrics", nargs="+", default=["exact_match", "rouge_l"], choices=EVAL_METRICS)
+    parser.add_argument("--answer-extractor", default="none", help="none | gsm8k | last_number | regex:PATTERN")
+    parser.add_argument("--few-shot", type=int, default=0, help="worked examples from --few-shot-data before each prompt")
+    parser.add_argument("--few-shot-data", help="where the few-shot examples come from (default: --data)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=1024, help="longest example for the loss (truncated)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="only the first N rows of the data for the loss")
+    parser.add_argument("--out", help="where results go (default: the run directory, or eval_<model>/)")
+    return parser
+
+
+def _eval(argv: list[str]) -> int:
+    from llmft.data import DataError
+    from llmft.model import ModelError
+    from llmft.run_dir import RunDirError
+
+    args = _eval_parser().parse_args(argv)
+    try:
+        _run_eval(args)
+    except (DataError, ModelError, RunDirError, ValueError) as err:
+        print(f"llmft eval: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from llmft import evaluate
+    from llmft.data import load_rows
+
+    model, tokenizer, run = evaluate.load_for_eval(args.target)
+    if args.data:
+        data, rows = args.data, load_rows(args.data)
+    elif run:
+        data, rows = evaluate.run_eval_rows(run)
+    else:
+        raise ValueError("no held-out data: pass --data FILE.")
+    if args.limit:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    items = evaluate.prompts_and_references(rows, args.num_generate)
+    if args.few_shot:
+        items = evaluate.with_few_shot(items, evaluate.prompts_and_references(load_rows(args.few_shot_data or data), args.few_shot))
+    tuned = evaluate.evaluate_model(model, tokenizer, rows, items, args)
+    baseline, baseline_name = None, None
+    if args.baseline:
+        baseline_name = run["recipe"]["model"]["name_or_path"] if args.baseline == "base" and run else args.baseline
+        base_model, base_tokenizer, _ = evaluate.load_for_eval(baseline_name)
+        baseline = evaluate.evaluate_model(base_model, base_tokenizer, rows, items, args)
+    name = Path(args.target).name
+    out = Path(args.out) if args.out else Path(args.target) if run else Path(f"eval_{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    strip = lambda r: {k: v for k, v in r.items() if k != "answers"}  # noqa: E731
+    results = {"target": args.target, "data": data, "settings": {k: v for k, v in vars(args).items() if k != "target"},
+               "results": strip(tuned), "baseline": strip(baseline) if baseline else None,
+               "baseline_model": baseline_name,
+               "deltas": {k: tuned[k] - baseline[k] for k in strip(tuned)} if baseline else None,
+               "samples": [{"prompt": evaluate.prompt_text(it["prompt"]), "reference": it["reference"],
+                            "answer": tuned["answers"][i], "baseline_answer": baseline["answers"][i] if baseline else None}
+                           for i, it in enumerate(items)] if items else []}
+    (out / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    report = evaluate.report_markdown(name, strip(tuned), strip(baseline) if baseline else None, baseline_name)
+    (out / "eval_report.md").write_text(report)
+    print(report + f"\nSaved {out / 'eval_results.json'} and {out / 'eval_report.md'}")
+
+
+COMMANDS = {"train": _train, "data": _data, "selfchat": _selfchat, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,3 +229,106 @@ def _broadcast(values: dict[str, float]) -> dict[str, float]:
     box = [values]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# `llmft eval` --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def assistant_loss(model, tokenizer, rows: datasets.Dataset, max_length: int | None, batch_size: int = 8) -> float:
+    """Mean loss over the tokens that carry loss in training (assistant tokens), token-weighted."""
+    from llmft.data import prepare_dataset
+
+    prepared, _ = prepare_dataset(rows, tokenizer, max_length, "truncate", "eval data")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(prepared), batch_size):
+            batch = prepared[start : start + batch_size]
+            width = max(len(ids) for ids in batch["input_ids"])
+            ids = torch.full((len(batch["input_ids"]), width), tokenizer.pad_token_id)
+            labels = torch.full_like(ids, -100)
+            mask = torch.zeros_like(ids)
+            for i, (row_ids, row_labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
+                ids[i, : len(row_ids)], labels[i, : len(row_ids)] = torch.tensor(row_ids), torch.tensor(row_labels)
+                mask[i, : len(row_ids)] = 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+            targets = labels[:, 1:].to(model.device)
+            total += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                                       targets.reshape(-1), ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def load_for_eval(target: str):
+    """(model, tokenizer, run info or None) for a run directory (adapter on its base, or full model) or a model."""
+    from llmft.config import ModelConfig, PeftSettings
+    from llmft.model import load_model, load_tokenizer
+
+    path = Path(target)
+    if (path / "run.json").exists():
+        from llmft.run_dir import read_run
+
+        run = read_run(path)
+        base = ModelConfig(**{k: run["recipe"]["model"][k] for k in ("name_or_path", "revision", "attn_implementation")},
+                           dtype="float32")
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))  # the run's own tokenizer and template
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_model(base, PeftSettings(method="full")), str(path))
+        else:
+            model = load_model(ModelConfig(name_or_path=str(path), dtype="float32"), PeftSettings(method="full"))
+        return model, tokenizer, run
+    cfg = ModelConfig(name_or_path=target, dtype="float32")
+    return load_model(cfg, PeftSettings(method="full")), load_tokenizer(cfg), None
+
+
+def run_eval_rows(run: dict[str, Any]):
+    """The held-out rows a run was evaluated on: its eval file, or the same seeded split of its training data.
+
+    Warns when the data file changed since training (its sha256 differs from the run's fingerprint).
+    """
+    import logging
+
+    from llmft.data import file_fingerprint, load_splits
+
+    data, seed = run["recipe"]["data"], run["recipe"]["training"]["seed"]
+    if data["eval_data"] is None and not data["eval_fraction"]:
+        raise ValueError("the run held out no data (eval_fraction 0, no eval_data): pass --data FILE.")
+    source = data["eval_data"] or data["train_data"]
+    recorded = (run["run"]["data"]["eval"] or {}).get("sha256")
+    if recorded and Path(source).exists() and file_fingerprint(source)["sha256"] != recorded:
+        logging.getLogger(__name__).warning("%s changed since training (sha256 differs from run.json)", source)
+    _, rows = load_splits(data["train_data"], data["eval_data"], data["eval_fraction"], seed,
+                          data["max_train_examples"], data["max_eval_examples"])
+    return (source if data["eval_data"] else f"{source} (eval_fraction {data['eval_fraction']}, seed {seed})"), rows
+
+
+def evaluate_model(model, tokenizer, rows, items, opts) -> dict[str, Any]:
+    """Loss, generation metrics and general-text perplexity of one model, with its answers."""
+    results: dict[str, Any] = {}
+    if rows is not None:
+        results["eval_loss"] = assistant_loss(model, tokenizer, rows, opts.max_length)
+    if items:
+        gen = generation_eval(model, tokenizer, items, opts.max_new_tokens, opts.batch_size, "Generating",
+                              opts.metrics, opts.answer_extractor)
+        results.update({k: v for k, v in gen.items() if k in METRICS})
+        results["answers"] = gen["answers"]
+    results["general_ppl"] = perplexity(model, tokenizer, general_texts())
+    return results
+
+
+def report_markdown(name: str, tuned: dict[str, Any], baseline: dict[str, Any] | None, baseline_name: str | None) -> str:
+    keys = [k for k in ("eval_loss", *METRICS, "general_ppl") if k in tuned]
+    lines = [f"# Evaluation of {name}", ""]
+    if baseline is None:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {tuned[k]:.4f} |" for k in keys]
+    else:
+        lines += [f"| metric | {baseline_name} (baseline) | {name} | delta |", "|---|---|---|---|"]
+        lines += [f"| {k} | {baseline[k]:.4f} | {tuned[k]:.4f} | {tuned[k] - baseline[k]:+.4f} |" for k in keys]
+    lines += ["", "Lower is better for eval_loss and general_ppl; higher for the others."]
+    return "\n".join(lines) + "\n"

@@ -79,3 +79,42 @@ def test_early_stopping_settings_are_checked_together(tmp_path, tiny_model_dir, 
     text = str(err.value)
     assert "unknown ['meteor']" in text
     assert "needs evaluations" not in text or "metric_for_best_model" in text
+
+
+def test_eval_command_on_a_run_dir_with_baseline_and_on_a_plain_model(tmp_path, tiny_model_dir, train_file):
+    import subprocess
+
+    from tests.conftest import LLMFT
+
+    out = tmp_path / "run"
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out)))
+    result = subprocess.run([LLMFT, "eval", str(out), "--baseline", "base", "--num-generate", "2",
+                             "--max-new-tokens", "4", "--metrics", "exact_match", "chrf"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["baseline_model"] == str(tiny_model_dir)
+    for key in ("eval_loss", "exact_match", "chrf", "general_ppl"):
+        assert results["deltas"][key] == pytest.approx(results["results"][key] - results["baseline"][key])
+    # The adapter was trained at lr 1e-2: its held-out loss differs from the base model's, and is lower.
+    assert results["results"]["eval_loss"] < results["baseline"]["eval_loss"]
+    # The run's own held-out split and masks are rebuilt from the run dir alone: the loss equals training's final one.
+    trained = json.loads((out / "metrics.json").read_text())["after"]["eval_loss"]
+    assert results["results"]["eval_loss"] == pytest.approx(trained, rel=1e-4)
+    assert "| eval_loss |" in (out / "eval_report.md").read_text() and len(results["samples"]) == 2
+    # The same command on a plain model directory, with data given explicitly.
+    result = subprocess.run([LLMFT, "eval", str(tiny_model_dir), "--data", str(train_file), "--num-generate", "1",
+                             "--max-new-tokens", "2", "--out", str(tmp_path / "base_eval")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "base_eval" / "eval_results.json").read_text())["baseline"] is None
+
+
+def test_eval_command_errors_are_clear(tmp_path):
+    import subprocess
+
+    from tests.conftest import LLMFT
+
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text("{}")
+    result = subprocess.run([LLMFT, "eval", str(tmp_path / "half")], capture_output=True, text=True)
+    assert result.returncode == 1 and "not a complete run directory; missing" in result.stderr
+    assert "Traceback" not in result.stderr
