@@ -300,6 +300,14 @@ def _eval_parser():
     parser.add_argument("--max-length", type=int, default=1024, help="longest example for the loss (truncated)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="only the first N rows of the data for the loss")
+    parser.add_argument("--lm-eval-tasks", nargs="+", default=[],
+                        help="lm-evaluation-harness tasks: standard ones (e.g. arc_easy, needs their data) or YAML "
+                             "tasks over local files; shipped offline: llmft_dates (generative, exact match), "
+                             "llmft_facts_mc (multiple choice)")
+    parser.add_argument("--lm-eval-include", nargs="+", help="folders of your own lm-eval task YAMLs")
+    parser.add_argument("--lm-eval-limit", type=int, help="only the first N examples of each task")
+    parser.add_argument("--lm-eval-no-chat-template", dest="lm_eval_chat_template", action="store_false",
+                        help="feed lm-eval prompts as plain text (default: through the model's chat template)")
     parser.add_argument("--out", help="where results go (default: the run directory, or eval_<model>/)")
     return parser
 

@@ -319,11 +319,63 @@ def evaluate_model(model, tokenizer, rows, items, opts) -> dict[str, Any]:
         results.update({k: v for k, v in gen.items() if k in METRICS})
         results["answers"] = gen["answers"]
     results["general_ppl"] = perplexity(model, tokenizer, general_texts())
+    if opts.lm_eval_tasks:  # last: merging an adapter changes the model object
+        results.update(lm_eval_results(model, tokenizer, opts.lm_eval_tasks, opts.lm_eval_include or [],
+                                       opts.lm_eval_limit, opts.batch_size, opts.lm_eval_chat_template))
     return results
 
 
+def lm_eval_results(model, tokenizer, tasks: list[str], include: list[str], limit: int | None, batch_size: int,
+                    chat_template: bool) -> dict[str, float]:
+    """lm-evaluation-harness on the loaded model: standard tasks, llmft's own, or YAML tasks over local files.
+
+    Task folders (llmft's shipped ones and `include`) are copied with their `data_files` made absolute, since
+    lm-eval resolves them against the working directory. Scores come back as {"lm_eval/TASK/METRIC": value}.
+    """
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if hasattr(model, "merge_and_unload"):  # lm-eval takes a plain transformers model: merge the adapter in memory
+        model = model.merge_and_unload()
+    shipped = str(resources.files("llmft").joinpath("resources/lm_eval_tasks"))
+    with tempfile.TemporaryDirectory(prefix="llmft-lm-eval-") as tmp:
+        folders = [_resolve_task_files(Path(folder), Path(tmp) / str(i)) for i, folder in enumerate([shipped, *include])]
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        output = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=folders), limit=limit,
+                                 apply_chat_template=chat_template, log_samples=False)
+    scores = {}
+    for task, values in output["results"].items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and "stderr" not in key and key not in ("alias", "sample_len"):
+                scores[f"lm_eval/{task}/{key.split(',')[0]}"] = float(value)
+    return scores
+
+
+def _resolve_task_files(folder: Path, target: Path) -> str:
+    """A copy of a task folder whose YAML files name their local data files by absolute path."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(folder, target)
+    for path in target.glob("*.yaml"):
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:  # lm-eval's own tags (!function ...): leave the file as it is
+            continue
+        files = ((spec or {}).get("dataset_kwargs") or {}).get("data_files")
+        if isinstance(files, dict):
+            spec["dataset_kwargs"]["data_files"] = {k: str((folder / v).resolve()) if not Path(v).is_absolute() else v
+                                                    for k, v in files.items()}
+            path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(target)
+
+
 def report_markdown(name: str, tuned: dict[str, Any], baseline: dict[str, Any] | None, baseline_name: str | None) -> str:
-    keys = [k for k in ("eval_loss", *METRICS, "general_ppl") if k in tuned]
+    keys = [k for k in ("eval_loss", *METRICS, "general_ppl") if k in tuned] + sorted(k for k in tuned if k.startswith("lm_eval/"))
     lines = [f"# Evaluation of {name}", ""]
     if baseline is None:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {tuned[k]:.4f} |" for k in keys]

@@ -118,3 +118,26 @@ def test_eval_command_errors_are_clear(tmp_path):
     result = subprocess.run([LLMFT, "eval", str(tmp_path / "half")], capture_output=True, text=True)
     assert result.returncode == 1 and "not a complete run directory; missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lm_eval_shipped_and_user_tasks_run_offline(tmp_path, tiny_model_dir, train_file, quiet_env):
+    import subprocess
+
+    from tests.conftest import LLMFT
+
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    write_jsonl(tasks / "yes_no.jsonl", [{"q": f"Is {i} even?", "a": "yes" if i % 2 == 0 else "no"} for i in range(4)])
+    (tasks / "my_yes_no.yaml").write_text(
+        "task: my_yes_no\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: yes_no.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: [\"yes\", \"no\"]\n"
+        "doc_to_target: \"{{0 if a == 'yes' else 1}}\"\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    result = subprocess.run(
+        [LLMFT, "eval", str(tiny_model_dir), "--data", str(train_file), "--num-generate", "1", "--max-new-tokens", "2",
+         "--lm-eval-tasks", "llmft_dates", "llmft_facts_mc", "my_yes_no", "--lm-eval-include", str(tasks),
+         "--lm-eval-limit", "4", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=quiet_env, cwd=tmp_path)  # another working directory on purpose
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((tmp_path / "out" / "eval_results.json").read_text())["results"]
+    for key in ("lm_eval/llmft_dates/exact_match", "lm_eval/llmft_facts_mc/acc", "lm_eval/my_yes_no/acc"):
+        assert 0.0 <= scores[key] <= 1.0, key
