@@ -141,3 +141,26 @@ def test_lm_eval_shipped_and_user_tasks_run_offline(tmp_path, tiny_model_dir, tr
     scores = json.loads((tmp_path / "out" / "eval_results.json").read_text())["results"]
     for key in ("lm_eval/llmft_dates/exact_match", "lm_eval/llmft_facts_mc/acc", "lm_eval/my_yes_no/acc"):
         assert 0.0 <= scores[key] <= 1.0, key
+
+
+def test_gsm8k_shaped_eval_with_extractor_and_few_shot(tmp_path, tiny_model_dir):
+    import subprocess
+
+    from tests.conftest import LLMFT
+    from tests.helpers import SHARED_DATA
+
+    gsm = SHARED_DATA / "gsm8k" / "train.jsonl"
+    if not gsm.exists():
+        pytest.skip(f"shared data folder absent: {SHARED_DATA}")
+    sample = tmp_path / "gsm.jsonl"
+    sample.write_text("".join(gsm.read_text().splitlines(keepends=True)[:6]))
+    subprocess.run([LLMFT, "data", "convert", str(sample), "--format", "columns", "--out", str(tmp_path / "gsm")],
+                   check=True, capture_output=True)
+    result = subprocess.run([LLMFT, "eval", str(tiny_model_dir), "--data", str(tmp_path / "gsm" / "train"),
+                             "--answer-extractor", "gsm8k", "--few-shot", "2", "--num-generate", "2",
+                             "--max-new-tokens", "4", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert results["settings"]["answer_extractor"] == "gsm8k" and results["results"]["exact_match"] == 0.0
+    answers = {json.loads(line)["answer"] for line in sample.read_text().splitlines()}
+    assert all(s["reference"] in answers and "####" in s["reference"] for s in results["samples"])
