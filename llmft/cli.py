@@ -22,6 +22,9 @@ commands:
   data report DATASET --recipe R   pre-flight report: lengths, truncation, loss share, a rendered loss mask
   eval RUN_DIR|MODEL [--baseline B] held-out loss, generation metrics and general-text perplexity; with a baseline,
                                    side by side with deltas; writes eval_results.json and eval_report.md
+  merge RUN_DIR --out DIR          fold a LoRA adapter into its base: a standalone model for plain transformers
+  check RUN_DIR [--merged DIR]     train/serve agreement: base model, chat template, answers stop at end of turn
+  push RUN_DIR --repo-id ORG/NAME  check, regression gate, model card, upload (adapter, or --merged DIR)
   selfchat --seeds FILE --out DIR  Baize-style self-chat: one model writes both sides of dialogues about seed
                                    questions (local model or OpenAI-compatible server); resumable
 
@@ -368,7 +371,65 @@ def _run_eval(args) -> None:
     print(report + f"\nSaved {out / 'eval_results.json'} and {out / 'eval_report.md'}")
 
 
-COMMANDS = {"train": _train, "data": _data, "selfchat": _selfchat, "eval": _eval}
+def _hub_parser(action: str):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"llmft {action}")
+    parser.add_argument("run", help="a run directory made by llmft train")
+    if action == "merge":
+        parser.add_argument("--out", required=True, help="folder for the merged model")
+        parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+        parser.add_argument("--max-shard-size", default="2GB")
+    else:
+        parser.add_argument("--merged", help="check/push this merged model folder instead of the adapter")
+    if action == "push":
+        parser.add_argument("--repo-id", help="ORG/NAME (default: the recipe's hub.repo_id)")
+        parser.add_argument("--public", dest="private", action="store_false", help="create the repository public")
+        parser.add_argument("--revision", help="branch to push to (created if missing)")
+        parser.add_argument("--gate", nargs="*", help="gating metrics (default: the recipe's hub.gate_metrics)")
+        parser.add_argument("--force", action="store_true", help="push even when the gate finds a regression")
+    return parser
+
+
+def _hub(action: str, argv: list[str]) -> int:
+    from pathlib import Path
+
+    from llmft import hub
+    from llmft.model import ModelError
+    from llmft.run_dir import RunDirError, read_run
+
+    args = _hub_parser(action).parse_args(argv)
+    run = Path(args.run)
+    try:
+        if action == "merge":
+            print(f"merged model: {hub.merge(run, Path(args.out), args.dtype, args.max_shard_size)}")
+        elif action == "check":
+            result = hub.check(run, Path(args.merged) if args.merged else None)
+            print(f"check passed: {result['stopped_at_end_of_turn']}/{result['prompts']} answers stopped at the "
+                  "end-of-turn token; chat template and base model match training.")
+        else:
+            recipe_hub = read_run(run)["recipe"]["hub"]
+            repo_id = args.repo_id or recipe_hub["repo_id"]
+            if not repo_id:
+                raise hub.HubError("no repository: pass --repo-id ORG/NAME or set hub.repo_id in the recipe.")
+            gates = recipe_hub["gate_metrics"] if args.gate is None else args.gate
+            url = hub.push(run, repo_id, args.private, args.revision, Path(args.merged) if args.merged else None,
+                           gates, args.force)
+            print(f"pushed to {repo_id}: {url}")
+    except (hub.HubError, RunDirError, ModelError) as err:
+        print(f"llmft {action}: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # the Hub client's errors (HTTP, auth, URI) have many types; report, do not trace
+        if type(err).__module__.startswith("huggingface_hub"):
+            print(f"llmft {action}: the Hub refused: {err}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+COMMANDS = {"train": _train, "data": _data, "selfchat": _selfchat, "eval": _eval,
+            "merge": lambda argv: _hub("merge", argv), "check": lambda argv: _hub("check", argv),
+            "push": lambda argv: _hub("push", argv)}
 
 
 def main(argv: list[str] | None = None) -> None:

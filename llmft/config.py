@@ -196,6 +196,11 @@ class HubConfig:
 
     repo_id: str | None = field(default=None, metadata={"help": "ORG/NAME of the Hub repository."})
     private: bool = field(default=True, metadata={"help": "Create the repository private."})
+    gate_metrics: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Metrics of eval_results.json on which `llmft push` refuses a model worse than its baseline "
+                          "(e.g. eval_loss exact_match)."},
+    )
     push: bool = field(default=False, metadata={"help": "Push at the end of training (not supported yet)."})
 
     def __post_init__(self):

@@ -80,6 +80,12 @@ def _peak_rss_mb() -> float | None:
     return round(kilobytes / 1024)
 
 
+def template_hash(template: str | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(template.encode()).hexdigest() if template else None
+
+
 def check_writable(out: Path, overwrite: bool) -> None:
     """Refuse to write over a finished run unless asked to: runs are evidence and should not vanish."""
     if (out / RUN_FILE).exists() and not overwrite:

@@ -15,7 +15,7 @@ from llmft import run_dir
 from llmft.config import Recipe
 from llmft.data import file_fingerprint, load_splits, prepare_dataset
 from llmft.evaluate import GenerationEvalCallback, prompt_text, prompts_and_references, with_few_shot
-from llmft.model import load_model, load_tokenizer
+from llmft.model import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ def train(recipe: Recipe) -> Path:
                      "eval": None if eval_report is None else {
                          **file_fingerprint(data.eval_data or data.train_data), "prep": eval_report.to_dict(),
                          "split": "eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}"}},
+            "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
+                           "resolved": resolve_model_path(recipe.model.name_or_path)},
+            "chat_template_sha256": run_dir.template_hash(tokenizer.chat_template),
+            "end_of_turn_token": tokenizer.eos_token,
             "world_size": args.world_size,
             "trainable_tensors": weight_check.report,
             "trainable_parameters": trainable,

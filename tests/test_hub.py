@@ -1,0 +1,147 @@
+"""Merge, the train/serve check, the model card, the regression gate, and push against a stand-in Hub."""
+
+import base64
+import http.server
+import json
+import shutil
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from llmft.config import load_recipe
+from llmft.hub import HubError, check, gate, merge, model_card
+from llmft.train import train
+from tests.conftest import LLMFT
+from tests.helpers import chat_rows, write_jsonl, write_recipe
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("hubrun")
+    train_file = write_jsonl(tmp / "train.jsonl", chat_rows(12))
+    out = tmp / "run"
+    # A high learning rate on short, regular answers: the tiny model learns to end its turn.
+    train(load_recipe(write_recipe(tmp / "r.yaml", tiny_model_dir, train_file, out,
+                                   training={"max_steps": 40, "learning_rate": 3e-2},
+                                   hub={"gate_metrics": ["eval_loss"]})))
+    return out
+
+
+def test_merged_model_gives_the_same_logits_as_adapter_on_base(run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = merge(run, tmp_path / "merged")
+    info = json.loads((run / "run.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(info["base_model"]["resolved"], dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(run)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()  # plain transformers
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3, 100, 64]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, plain(ids).logits, atol=1e-4)
+    assert (merged / "chat_template.jinja").exists()
+
+
+def test_check_passes_then_catches_a_broken_template(run, tmp_path):
+    assert check(run)["stopped_at_end_of_turn"] >= 1
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    template = broken / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_end|>", "<|endoftext|>"))
+    with pytest.raises(HubError, match="chat template differs from the one used in training"):
+        check(broken)
+
+
+def test_model_card_metadata_parses(run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(model_card(run, "org/tiny-lora"))
+    assert card.data.library_name == "peft" and "llmft" in card.data.tags
+    assert "## Training data" in card.text and "learning_rate" in card.text and "sha256" in card.text
+
+
+def test_gate_refuses_regressions_and_says_which(run, tmp_path):
+    gated = tmp_path / "gated"
+    shutil.copytree(run, gated)
+    assert gate(gated, ["eval_loss"]) == [f"no eval_results.json: run `llmft eval {gated} --baseline base` first"]
+    (gated / "eval_results.json").write_text(json.dumps({
+        "results": {"eval_loss": 2.0, "exact_match": 0.5}, "baseline": {"eval_loss": 1.5, "exact_match": 0.4}}))
+    assert gate(gated, ["eval_loss", "exact_match"]) == ["eval_loss: 2.0000 vs baseline 1.5000"]
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """Stands in for the Hugging Face Hub API on 127.0.0.1: create repo, preupload, commit (files inline)."""
+
+    requests: list = []
+    files: dict = {}
+    auth: set = set()
+
+    def _reply(self, code: int, payload: dict):
+        body = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        FakeHub.requests.append(("POST", self.path))
+        FakeHub.auth.add(self.headers.get("Authorization"))
+        if self.path == "/api/repos/create":
+            spec = json.loads(raw)
+            return self._reply(200, {"url": f"http://{self.headers['Host']}/{spec.get('organization')}/{spec['name']}"})
+        if "/preupload/" in self.path:
+            files = json.loads(raw)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        if "/commit/" in self.path:
+            for line in raw.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    FakeHub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/org/tiny/commit/abc123",
+                                     "commitOid": "abc123"})
+        if self.path == "/api/validate-yaml":
+            return self._reply(200, {})
+        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
+
+    def do_GET(self):
+        FakeHub.requests.append(("GET", self.path))
+        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    FakeHub.requests, FakeHub.files, FakeHub.auth = [], {}, set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_push_sends_adapter_tokenizer_and_card_and_never_the_token(run, tmp_path, fake_hub, quiet_env):
+    pushed = tmp_path / "pushed"
+    shutil.copytree(run, pushed)
+    env = {**quiet_env, "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_secret_token_123", "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([LLMFT, "push", str(pushed), "--repo-id", "org/tiny", "--gate"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:] + str(FakeHub.requests)
+    assert ("POST", "/api/repos/create") in FakeHub.requests
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "README.md", "recipe.yaml", "run.json"):
+        assert name in FakeHub.files, sorted(FakeHub.files)
+    assert FakeHub.files["adapter_model.safetensors"] == (pushed / "adapter_model.safetensors").read_bytes()
+    assert FakeHub.auth == {"Bearer hf_secret_token_123"}
+    assert all(b"hf_secret_token_123" not in content for content in FakeHub.files.values())
+    card = FakeHub.files["README.md"].decode()
+    assert card.startswith("---\n") and "library_name: peft" in card
+    # The gate from the recipe (eval_loss) refuses a push without a baseline evaluation.
+    result = subprocess.run([LLMFT, "push", str(pushed), "--repo-id", "org/tiny"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 1 and "regression gate" in result.stderr and "--force" in result.stderr
