@@ -58,13 +58,14 @@ def _train(argv: list[str]) -> int:
         print(f"llmft train: {err}", file=sys.stderr)
         return 2
     from llmft.data import DataError
+    from llmft.hub import HubError
     from llmft.model import ModelError
     from llmft.run_dir import RunDirError
     from llmft.train import LaunchError, train
 
     try:
         train(recipe)
-    except (DataError, ModelError, RunDirError, LaunchError) as err:
+    except (DataError, ModelError, RunDirError, LaunchError, HubError) as err:
         print(f"llmft train: {err}", file=sys.stderr)
         return 1
     return 0

@@ -201,11 +201,11 @@ class HubConfig:
         metadata={"help": "Metrics of eval_results.json on which `llmft push` refuses a model worse than its baseline "
                           "(e.g. eval_loss exact_match)."},
     )
-    push: bool = field(default=False, metadata={"help": "Push at the end of training (not supported yet)."})
+    push: bool = field(default=False, metadata={"help": "Push the run at the end of training (main process only)."})
 
     def __post_init__(self):
-        if self.push:
-            raise ConfigError(["hub.push: pushing from training is not supported yet; leave it false."])
+        if self.push and not self.repo_id:
+            raise ConfigError(["hub.push: true needs hub.repo_id (ORG/NAME)."])
 
 
 @dataclass

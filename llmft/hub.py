@@ -196,19 +196,28 @@ def loss_curve(run: Path) -> Path | None:
 
 
 def gate(run: Path, metrics: list[str]) -> list[str]:
-    """The gating metrics on which eval_results.json shows the tuned model worse than its baseline."""
-    path = run / "eval_results.json"
+    """The gating metrics on which the tuned model is worse than its baseline.
+
+    From eval_results.json (`llmft eval --baseline`), else from metrics.json's evaluations before and after
+    training (the model before training is the baseline there).
+    """
     if not metrics:
         return []
-    if not path.exists():
-        return [f"no eval_results.json: run `llmft eval {run} --baseline base` first"]
-    results = json.loads(path.read_text())
-    if not results.get("baseline"):
-        return ["eval_results.json has no baseline: run `llmft eval RUN_DIR --baseline base`"]
-    lower_better = ("eval_loss", "general_ppl")
+    path, saved = run / "eval_results.json", json.loads((run / "metrics.json").read_text())
+    if path.exists():
+        results = json.loads(path.read_text())
+        if not results.get("baseline"):
+            return ["eval_results.json has no baseline: run `llmft eval RUN_DIR --baseline base`"]
+        tuned_all, base_all = results["results"], results["baseline"]
+    elif saved.get("before") and saved.get("after"):
+        tuned_all = {k.removeprefix("eval_") if k != "eval_loss" else k: v for k, v in saved["after"].items()}
+        base_all = {k.removeprefix("eval_") if k != "eval_loss" else k: v for k, v in saved["before"].items()}
+    else:
+        return [f"no baseline to compare with: run `llmft eval {run} --baseline base` first"]
+    lower_better = ("eval_loss", "general_ppl", "forgetting_ppl_ratio")
     worse = []
     for name in metrics:
-        tuned, base = results["results"].get(name), results["baseline"].get(name)
+        tuned, base = tuned_all.get(name), base_all.get(name)
         if tuned is None:
             worse.append(f"{name}: not in eval_results.json")
         elif (tuned > base) if name in lower_better else (tuned < base):

@@ -105,6 +105,11 @@ def train(recipe: Recipe) -> Path:
         if samples:
             run_dir.write_samples(out, samples)
         print(_summary(out, metrics, samples, recipe.eval.show_samples))
+        if recipe.hub.push:  # the main process alone pushes
+            from llmft.hub import push
+
+            print(f"Pushed to {recipe.hub.repo_id}: "
+                  f"{push(out, recipe.hub.repo_id, recipe.hub.private, gate_metrics=recipe.hub.gate_metrics)}")
     return out
 
 

@@ -65,7 +65,8 @@ def test_model_card_metadata_parses(run):
 def test_gate_refuses_regressions_and_says_which(run, tmp_path):
     gated = tmp_path / "gated"
     shutil.copytree(run, gated)
-    assert gate(gated, ["eval_loss"]) == [f"no eval_results.json: run `llmft eval {gated} --baseline base` first"]
+    # Without eval_results.json the evaluations before and after training decide: the loss went down here.
+    assert gate(gated, ["eval_loss"]) == []
     (gated / "eval_results.json").write_text(json.dumps({
         "results": {"eval_loss": 2.0, "exact_match": 0.5}, "baseline": {"eval_loss": 1.5, "exact_match": 0.4}}))
     assert gate(gated, ["eval_loss", "exact_match"]) == ["eval_loss: 2.0000 vs baseline 1.5000"]
@@ -141,7 +142,21 @@ def test_push_sends_adapter_tokenizer_and_card_and_never_the_token(run, tmp_path
     assert all(b"hf_secret_token_123" not in content for content in FakeHub.files.values())
     card = FakeHub.files["README.md"].decode()
     assert card.startswith("---\n") and "library_name: peft" in card
-    # The gate from the recipe (eval_loss) refuses a push without a baseline evaluation.
+    # The recipe's gate (eval_loss) refuses a push that eval_results.json shows worse than the baseline.
+    (pushed / "eval_results.json").write_text(json.dumps({"results": {"eval_loss": 3.0}, "baseline": {"eval_loss": 2.0}}))
     result = subprocess.run([LLMFT, "push", str(pushed), "--repo-id", "org/tiny"], capture_output=True, text=True,
                             env=env)
-    assert result.returncode == 1 and "regression gate" in result.stderr and "--force" in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "regression gate" in result.stderr and "eval_loss: 3.0000 vs baseline 2.0000" in result.stderr
+
+
+def test_training_pushes_at_the_end_when_the_recipe_says_so(tmp_path, tiny_model_dir, fake_hub, quiet_env):
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(12))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run",
+                          training={"max_steps": 40, "learning_rate": 3e-2},
+                          hub={"push": True, "repo_id": "org/from-training", "gate_metrics": ["eval_loss"]})
+    env = {**quiet_env, "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([LLMFT, "train", str(recipe)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Pushed to org/from-training" in result.stdout
+    assert "adapter_model.safetensors" in FakeHub.files and "README.md" in FakeHub.files
