@@ -65,3 +65,19 @@ def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path
     ids = torch.tensor([[1, 4093, 28, 253, 1345, 314, 260, 2]])
     with torch.no_grad():
         assert torch.allclose(adapted(ids).logits, plain(ids).logits, atol=1e-3)
+
+    # `llmft eval` on this real run and on its base model, side by side.
+    import json
+    import subprocess
+
+    from tests.conftest import LLMFT
+
+    result = subprocess.run([LLMFT, "eval", str(out), "--baseline", "base", "--num-generate", "4", "--limit", "8",
+                             "--max-new-tokens", "12", "--metrics", "exact_match", "rouge_l"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["baseline_model"] == "smollm2-135m-instruct"
+    assert results["results"]["eval_loss"] < results["baseline"]["eval_loss"]
+    report = (out / "eval_report.md").read_text()
+    assert "smollm2-135m-instruct (baseline)" in report and "| eval_loss |" in report
