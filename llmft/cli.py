@@ -213,8 +213,6 @@ def _selfchat_parser():
 def _selfchat(argv: list[str]) -> int:
     import difflib
 
-    import yaml
-
     from llmft.backends import BackendError
     from llmft.model import ModelError
     from llmft.prep import BuildError
@@ -224,7 +222,11 @@ def _selfchat(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.config:
         options = {a.dest for a in parser._actions}
-        raw = yaml.safe_load(open(args.config)) or {}
+        try:
+            raw = _read_mapping(args.config)
+        except SelfChatError as err:
+            print(f"llmft selfchat: {err}", file=sys.stderr)
+            return 2
         unknown = [k for k in raw if k.replace("-", "_") not in options]
         if unknown:
             hints = [f"'{k}'" + "".join(f" (did you mean '{m}'?)" for m in difflib.get_close_matches(
@@ -247,17 +249,35 @@ def _selfchat(argv: list[str]) -> int:
     return 0
 
 
+def _read_mapping(path: str) -> dict:
+    """A YAML file that must hold a mapping; a SelfChatError naming the file otherwise."""
+    import yaml
+
+    from llmft.selfchat import SelfChatError
+
+    try:
+        raw = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SelfChatError(f"cannot read {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise SelfChatError(f"{path}: expected a mapping of name: value, got {type(raw).__name__}.")
+    return raw
+
+
 def _run_selfchat(args, argv: list[str]) -> None:
     from pathlib import Path
-
-    import yaml
 
     from llmft import selfchat
     from llmft.backends import LocalBackend, OpenAIBackend, Sampling
 
     templates = dict(selfchat.TEMPLATES)
     if args.templates:
-        templates.update(yaml.safe_load(open(args.templates)))
+        overrides = _read_mapping(args.templates)
+        unknown = sorted(set(overrides) - set(templates))
+        if unknown:
+            raise selfchat.SelfChatError(f"{args.templates}: unknown templates {unknown}; "
+                                         f"the templates are {', '.join(templates)}.")
+        templates.update(overrides)
     cfg = selfchat.SelfChatConfig(
         mode=args.mode, turns_min=args.turns_min, turns_max=args.turns_max,
         sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p),

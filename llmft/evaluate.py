@@ -266,23 +266,15 @@ def assistant_loss(model, tokenizer, rows: datasets.Dataset, max_length: int | N
 def load_for_eval(target: str):
     """(model, tokenizer, run info or None) for a run directory (adapter on its base, or full model) or a model."""
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.model import load_model, load_tokenizer
+    from llmft.model import load_model, load_run_model, load_tokenizer
 
     path = Path(target)
     if (path / "run.json").exists():
         from llmft.run_dir import read_run
 
         run = read_run(path)
-        base = ModelConfig(**{k: run["recipe"]["model"][k] for k in ("name_or_path", "revision", "attn_implementation")},
-                           dtype="float32")
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))  # the run's own tokenizer and template
-        if (path / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_model(base, PeftSettings(method="full")), str(path))
-        else:
-            model = load_model(ModelConfig(name_or_path=str(path), dtype="float32"), PeftSettings(method="full"))
-        return model, tokenizer, run
+        return load_run_model(path, run["run"]["base_model"]), tokenizer, run
     cfg = ModelConfig(name_or_path=target, dtype="float32")
     return load_model(cfg, PeftSettings(method="full")), load_tokenizer(cfg), None
 

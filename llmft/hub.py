@@ -34,19 +34,15 @@ def merge(run: Path, out: Path, dtype: str = "float32", max_shard_size: str = "2
     peft merges in place, so memory stays about one copy of the base model in `dtype`; weights are written in
     shards of `max_shard_size`.
     """
-    from peft import PeftModel
-
-    from llmft.config import ModelConfig, PeftSettings
-    from llmft.model import load_model, load_tokenizer
+    from llmft.config import ModelConfig
+    from llmft.model import load_run_model, load_tokenizer
 
     info = read_run(run)
     if not (run / "adapter_config.json").exists():
         raise HubError(f"{run} holds a full model, not an adapter: it loads as it is, there is nothing to merge.")
     if info["recipe"]["peft"]["method"] == "qlora":
         log.warning("The adapter was trained on a 4-bit base; merging into the %s base instead (dequantized).", dtype)
-    base = ModelConfig(name_or_path=info["run"]["base_model"]["name_or_path"],
-                       revision=info["run"]["base_model"]["revision"], dtype=dtype)
-    model = PeftModel.from_pretrained(load_model(base, PeftSettings(method="full")), str(run)).merge_and_unload()
+    model = load_run_model(run, info["run"]["base_model"], dtype).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     load_tokenizer(ModelConfig(name_or_path=str(run))).save_pretrained(out)
@@ -65,7 +61,7 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     """
     from llmft.config import ModelConfig, PeftSettings
     from llmft.evaluate import prompts_and_references, run_eval_rows
-    from llmft.model import generate_texts, load_model, load_tokenizer, resolve_model_path
+    from llmft.model import load_model, load_run_model, load_tokenizer
 
     info = read_run(run)
     meta, problems = info["run"], []
@@ -81,7 +77,7 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
         if adapter and adapter["base_model_name_or_path"] not in (expected, meta["base_model"]["name_or_path"]):
             problems.append(f"the adapter names base model {adapter['base_model_name_or_path']!r}, the run trained "
                             f"on {meta['base_model']['name_or_path']!r}.")
-        model = _load_run_model(run, info)
+        model = load_run_model(run, meta["base_model"])
     else:
         model = load_model(ModelConfig(name_or_path=str(artifact), dtype="float32"), PeftSettings(method="full"))
     _, rows = run_eval_rows(info) if info["recipe"]["data"]["eval_data"] or info["recipe"]["data"]["eval_fraction"] else (None, None)
@@ -94,19 +90,6 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     if problems:
         raise HubError("train/serve check failed:\n  - " + "\n  - ".join(problems))
     return {"prompts": len(texts), "stopped_at_end_of_turn": sum(ended)}
-
-
-def _load_run_model(run: Path, info: dict[str, Any]):
-    from peft import PeftModel
-
-    from llmft.config import ModelConfig, PeftSettings
-    from llmft.model import load_model
-
-    if not (run / "adapter_config.json").exists():
-        return load_model(ModelConfig(name_or_path=str(run), dtype="float32"), PeftSettings(method="full"))
-    base = ModelConfig(name_or_path=info["run"]["base_model"]["name_or_path"],
-                       revision=info["run"]["base_model"]["revision"], dtype="float32")
-    return PeftModel.from_pretrained(load_model(base, PeftSettings(method="full")), str(run))
 
 
 @torch.no_grad()
@@ -160,8 +143,8 @@ def model_card(run: Path, repo_id: str) -> str:
     lines += ["", "## Evaluation", ""] + _eval_lines(run, metrics)
     if (run / "loss_curve.png").exists():
         lines += ["", "![loss curve](loss_curve.png)"]
-    lines += ["", "## Reproduce", "", "```bash", f"llmft train recipe.yaml   # the resolved recipe in this repository",
-              f"llmft eval RUN_DIR --baseline base", "```", ""]
+    lines += ["", "## Reproduce", "", "```bash", "llmft train recipe.yaml   # the resolved recipe in this repository",
+              "llmft eval RUN_DIR --baseline base", "```", ""]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content
 
 

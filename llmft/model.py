@@ -139,6 +139,20 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
     return model
 
 
+def load_run_model(run: Path, base: dict, dtype: str = "float32") -> PreTrainedModel:
+    """A run directory's model as a user would load it: its adapter on the recorded base, or its full model.
+
+    `base` is run.json's base_model record (name_or_path, revision).
+    """
+    full = PeftSettings(method="full")
+    if not (run / "adapter_config.json").exists():
+        return load_model(ModelConfig(name_or_path=str(run), dtype=dtype), full)
+    from peft import PeftModel
+
+    base_cfg = ModelConfig(name_or_path=base["name_or_path"], revision=base["revision"], dtype=dtype)
+    return PeftModel.from_pretrained(load_model(base_cfg, full), str(run))
+
+
 def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
 

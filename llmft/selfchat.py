@@ -278,16 +278,23 @@ def generate(seeds: list[tuple[str, str]], backend, cfg: SelfChatConfig, out: Pa
 def read_seeds(path: str, column: str | None, id_column: str | None, limit: int | None) -> list[tuple[str, str]]:
     """(seed id, question) from a text file (one per line), or a column of a JSONL/JSON/CSV/Parquet file or Hub id."""
     from llmft.formats import RowError
-    from llmft.sources import read_source
+    from llmft.sources import SourceError, read_source
 
     if path.endswith(".txt"):
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        except OSError as err:
+            raise SelfChatError(f"cannot read the seeds file {path}: {err.strerror}.") from err
         seeds = [(f"line-{i + 1}", text) for i, text in enumerate(lines) if text]
     else:
         if not column:
             raise SelfChatError(f"{path}: say which column holds the seed questions (--seed-column).")
         seeds = []
-        for where, row in read_source(path):
+        try:
+            rows = list(read_source(path))
+        except SourceError as err:
+            raise SelfChatError(str(err)) from err
+        for where, row in rows:
             if isinstance(row, RowError) or not isinstance(row.get(column), str) or not row[column].strip():
                 raise SelfChatError(f"{where}: no text in column '{column}'.")
             seeds.append((str(row[id_column]) if id_column else where, row[column].strip()))

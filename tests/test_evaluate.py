@@ -73,12 +73,16 @@ def test_early_stopping_settings_are_checked_together(tmp_path, tiny_model_dir, 
     from llmft.config import ConfigError
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run",
-                          eval={"early_stopping_patience": 2, "metrics": ["bleu", "meteor"]})
+                          eval={"early_stopping_patience": 2})
     with pytest.raises(ConfigError) as err:
         load_recipe(recipe)
-    text = str(err.value)
-    assert "unknown ['meteor']" in text
-    assert "needs evaluations" not in text or "metric_for_best_model" in text
+    problems = err.value.problems
+    assert len(problems) == 3, problems
+    assert any("set training.eval_strategy: steps" in p for p in problems)
+    assert any("needs training.metric_for_best_model" in p for p in problems)
+    assert any("load_best_model_at_end: true" in p for p in problems)
+    with pytest.raises(ConfigError, match=r"eval.metrics: unknown \['meteor'\]"):
+        load_recipe(recipe, ["--metrics", "bleu", "meteor"])
 
 
 def test_eval_command_on_a_run_dir_with_baseline_and_on_a_plain_model(tmp_path, tiny_model_dir, train_file):
