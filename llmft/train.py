@@ -110,7 +110,16 @@ def train(recipe: Recipe) -> Path:
 
             print(f"Pushed to {recipe.hub.repo_id}: "
                   f"{push(out, recipe.hub.repo_id, recipe.hub.private, gate_metrics=recipe.hub.gate_metrics)}")
+    _end_process_group()
     return out
+
+
+def _end_process_group() -> None:
+    """Wait for rank 0's writing, then tear the process group down: left to interpreter exit, gloo's threads are
+    destroyed while running and a rank can abort ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class LaunchError(RuntimeError):
