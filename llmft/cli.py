@@ -42,6 +42,8 @@ def _setup_logging() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score announces its tokenizer on every call
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    # 8-bit bitsandbytes layers say this on every matmul; it is how LLM.int8 works, not a problem.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     # TRL 1.16 still calls transformers' old checkpointing name internally; users cannot act on it.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 

@@ -26,6 +26,8 @@ METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16")
 OVERLONG = ("drop", "truncate")
 EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
+QUANT_BITS = (4, 8)
+QUANT_TYPES = ("nf4", "fp4")
 
 
 class ConfigError(ValueError):
@@ -113,7 +115,10 @@ class PeftSettings:
 
     _argument_group_name = "peft"
 
-    method: str = field(default="lora", metadata={"help": "full | lora | qlora (qlora: not supported yet)."})
+    method: str = field(
+        default="lora",
+        metadata={"help": "full | lora | qlora (LoRA on a bitsandbytes-quantised frozen base, see quant_bits)."},
+    )
     r: int = field(default=16, metadata={"help": "LoRA rank; higher adapts more and costs more memory."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -123,13 +128,20 @@ class PeftSettings:
     )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling (alpha / sqrt(r))."})
+    quant_bits: int = field(default=4, metadata={"help": "qlora: 4 (NF4/FP4 weights) or 8 (LLM.int8)."})
+    quant_type: str = field(default="nf4", metadata={"help": "qlora 4-bit: nf4 (QLoRA paper) or fp4."})
+    double_quant: bool = field(
+        default=True, metadata={"help": "qlora 4-bit: quantise the quantisation constants too (~0.4 bit/param less)."}
+    )
 
     def __post_init__(self):
         problems = []
         if self.method not in METHODS:
             problems.append(f"peft.method: '{self.method}' is not one of {', '.join(METHODS)}.")
-        elif self.method == "qlora":
-            problems.append("peft.method: 'qlora' is not supported yet; use 'lora' (or 'full') for now.")
+        if self.quant_bits not in QUANT_BITS:
+            problems.append(f"peft.quant_bits: {self.quant_bits} is not 4 or 8.")
+        if self.quant_type not in QUANT_TYPES:
+            problems.append(f"peft.quant_type: '{self.quant_type}' is not one of {', '.join(QUANT_TYPES)}.")
         if self.r <= 0:
             problems.append(f"peft.r: {self.r} must be a positive integer (8-64 is usual).")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -418,6 +430,9 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
     """Problems that involve more than one section."""
     problems = []
     model, peft, training = sections["model"], sections["peft"], sections["training"]
+    if peft.method != "qlora" and (peft.quant_bits, peft.quant_type, peft.double_quant) != (4, "nf4", True):
+        problems.append(f"peft.quant_bits/quant_type/double_quant apply to method qlora only (method is "
+                        f"{peft.method}): remove them, or set peft.method: qlora.")
     if peft.method == "full" and model.dtype == "bfloat16":
         problems.append(
             "model.dtype: bfloat16 weights with peft.method: full lose small updates in AdamW; use dtype auto or "

@@ -111,7 +111,10 @@ def set_distinct_pad(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def weights_dtype(model_cfg: ModelConfig, peft_cfg: PeftSettings) -> torch.dtype:
-    """The dtype of the loaded weights. See `ModelConfig.dtype` for what auto picks and why."""
+    """The dtype of the loaded weights (for qlora: of the unquantised layers and the 4-bit compute).
+
+    See `ModelConfig.dtype` for what auto picks and why.
+    """
     if model_cfg.dtype == "bfloat16":
         return torch.bfloat16
     if model_cfg.dtype == "float32" or peft_cfg.method == "full":
@@ -120,23 +123,100 @@ def weights_dtype(model_cfg: ModelConfig, peft_cfg: PeftSettings) -> torch.dtype
     return torch.bfloat16 if fast_bf16_available() else torch.float32
 
 
-def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The base model, wrapped with a fresh LoRA adapter when the method is lora."""
+def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code: bool = False, *,
+               activation_checkpointing: bool = False) -> PreTrainedModel:
+    """The base model (quantised for qlora), wrapped with a fresh LoRA adapter when the method is lora or qlora."""
     path = resolve_model_path(model_cfg.name_or_path)
+    dtype = weights_dtype(model_cfg, peft_cfg)
+    quantised = {}
+    if peft_cfg.method == "qlora":
+        quantised = {"quantization_config": quantization_config(peft_cfg, dtype), "device_map": _kbit_device_map()}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model_cfg.revision,
-            dtype=weights_dtype(model_cfg, peft_cfg),
+            dtype=dtype,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if trust_remote_code else True,
+            **quantised,
         )
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model '{model_cfg.name_or_path}': {err}") from err
-    if peft_cfg.method == "lora":
+    if peft_cfg.method == "qlora":
+        model = prepare_kbit(model, activation_checkpointing)
+    if peft_cfg.method in ("lora", "qlora"):
         model = add_lora(model, peft_cfg)
     return model
+
+
+def quantization_config(cfg: PeftSettings, dtype: torch.dtype):
+    """bitsandbytes settings of a qlora base: 4-bit NF4/FP4 or 8-bit, computing in `dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quant_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Storing the packed 4-bit weights in the compute dtype (not uint8) gives every parameter one float dtype,
+    # which FSDP and ZeRO-3 need to flatten and shard them (mixed dtypes fail there: trl #1723, axolotl #1494).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=dtype)
+
+
+def _kbit_device_map() -> dict[str, int | str] | None:
+    """Quantised weights are made on the device they load to: this process's GPU, or the CPU.
+
+    Under FSDP/ZeRO-3 the wrapper places the shards, so no map.
+    """
+    if sharded_training():
+        return None
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def sharded_training() -> bool:
+    """True when FSDP or DeepSpeed ZeRO-3 will shard the parameters (from accelerate's launch or the Trainer's args)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or is_deepspeed_zero3_enabled()
+
+
+def prepare_kbit(model: PreTrainedModel, activation_checkpointing: bool) -> PreTrainedModel:
+    """peft's k-bit preparation, and a guard for bitsandbytes' CPU inference packing."""
+    from peft import prepare_model_for_kbit_training
+
+    if sharded_training():
+        # Upcasting the norms to fp32 (peft's default) would mix dtypes, which FSDP/ZeRO-3 cannot shard.
+        if activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    else:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    # On CPUs with avx512_bf16, bitsandbytes repacks a 4-bit layer's weights for its inference kernel on the first
+    # no-grad forward in eval mode (a baseline eval, generate()). That kernel has no autograd, so training after it
+    # silently gives every LoRA tensor grad=None (shared/MACHINE.md). Training never uses that layout: turn it off.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def restore_adapter_dtype(model: PreTrainedModel, peft_cfg: PeftSettings, compute: torch.dtype) -> None:
+    """Undo TRL's cast of QLoRA adapters to bf16: keep them float32, like our LoRA adapters.
+
+    bf16 adapters lose AdamW's small updates, and on CPUs without native bf16 every adapter matmul becomes ~100x
+    slower. Only under FSDP/ZeRO-3 do they take the base's storage dtype, since those shard one dtype at a time.
+    """
+    if peft_cfg.method != "qlora":
+        return
+    target = compute if sharded_training() else torch.float32
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != target:
+            param.data = param.data.to(target)
 
 
 def load_run_model(run: Path, base: dict, dtype: str = "float32") -> PreTrainedModel:

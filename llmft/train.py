@@ -15,7 +15,7 @@ from llmft import run_dir
 from llmft.config import Recipe
 from llmft.data import file_fingerprint, load_splits, prepare_dataset
 from llmft.evaluate import GenerationEvalCallback, prompt_text, prompts_and_references, with_few_shot
-from llmft.model import load_model, load_tokenizer, resolve_model_path
+from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ def train(recipe: Recipe) -> Path:
         log.info(eval_report.summary("eval"))
 
     # Load the model ---------------------------------------------------------------------------------------------
-    model = load_model(recipe.model, recipe.peft, args.trust_remote_code)
+    model = load_model(recipe.model, recipe.peft, args.trust_remote_code,
+                       activation_checkpointing=bool(args.activation_checkpointing))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("Method %s: %s of %s parameters trainable (%.2f%%); weights %s, bf16 compute %s",
-             recipe.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-             next(model.parameters()).dtype, args.bf16)
+    quant = f" ({recipe.peft.quant_bits}-bit base)" if recipe.peft.method == "qlora" else ""
+    log.info("Method %s%s: %s of %s parameters trainable (%.2f%%); weights %s, bf16 compute %s",
+             recipe.peft.method, quant, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             weights_dtype(recipe.model, recipe.peft), args.bf16)
 
     # Initialise the SFT trainer: our dataset already holds input_ids and labels, so TRL keeps our loss mask --------
     weight_check = WeightChangeCheck()
@@ -64,6 +66,7 @@ def train(recipe: Recipe) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks)
     evaluation.trainer = trainer
+    restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
 
     # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
     metrics: dict[str, Any] = {}

@@ -74,11 +74,11 @@ def test_unknown_keys_everywhere_are_reported_together_with_suggestions(tmp_path
 
 
 def test_bad_values_in_several_sections_are_reported_together(tmp_path):
-    path = _recipe(tmp_path, BASE + "peft:\n  method: qlora\nmodel:\n  dtype: float16\ndata:\n  overlong: cut\n")
+    path = _recipe(tmp_path, BASE + "peft:\n  method: qlora\n  quant_bits: 3\nmodel:\n  dtype: float16\ndata:\n  overlong: cut\n")
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
     text = str(err.value)
-    assert "'qlora' is not supported yet" in text
+    assert "peft.quant_bits: 3 is not 4 or 8" in text
     assert "model.dtype: 'float16' is not one of auto, float32, bfloat16" in text
     # the data section replaced BASE's, so train_data is missing too
     assert "data.overlong: 'cut'" in text and "data.train_data is missing" in text
