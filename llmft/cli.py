@@ -59,6 +59,7 @@ def _train(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"llmft train: {err}", file=sys.stderr)
         return 2
+    from llmft.checkpoint import NonFiniteError, Preempted, ResumeError
     from llmft.data import DataError
     from llmft.hub import HubError
     from llmft.model import ModelError
@@ -67,7 +68,11 @@ def _train(argv: list[str]) -> int:
 
     try:
         train(recipe)
-    except (DataError, ModelError, RunDirError, LaunchError, HubError) as err:
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step; one message is enough
+            print(f"llmft train: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's code for a signal: schedulers and retry loops see "not finished"
+    except (DataError, ModelError, RunDirError, LaunchError, HubError, ResumeError, NonFiniteError) as err:
         print(f"llmft train: {err}", file=sys.stderr)
         return 1
     return 0

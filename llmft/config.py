@@ -28,6 +28,7 @@ OVERLONG = ("drop", "truncate")
 EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -241,9 +242,35 @@ class TrainingConfig(SFTConfig):
         default=True, metadata={"help": "Recompute activations in the backward pass: less memory, ~same speed."}
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Examples per optimizer step over all processes, kept whatever the process count: "
+                          "gradient_accumulation_steps = global / (per_device_train_batch_size x processes)."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default="auto",
+        metadata={"help": "auto: continue from the latest complete checkpoint in output_dir, if any; a checkpoint "
+                          "path; or no."},
+    )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={"help": "NaN/Inf loss or gradients: stop (error naming the step and examples; the last checkpoint "
+                          "stays good) or skip (drop that step's update, count it)."},
+    )
 
     def __post_init__(self):
         problems = []
+        if self.on_nonfinite not in ON_NONFINITE:
+            problems.append(f"training.on_nonfinite: '{self.on_nonfinite}' is not one of {', '.join(ON_NONFINITE)}.")
+        if self.global_batch_size is not None:
+            if self.global_batch_size <= 0:
+                problems.append(f"training.global_batch_size: {self.global_batch_size} must be positive.")
+            if self.gradient_accumulation_steps != 1:
+                problems.append("training.global_batch_size and training.gradient_accumulation_steps: set one of them; "
+                                "with global_batch_size the accumulation is derived from the process count.")
+        if self.save_total_limit == 1:
+            problems.append("training.save_total_limit: 1 deletes the previous checkpoint before the new one is "
+                            "marked complete, so a kill while saving leaves none to resume from; use 2 or more.")
         if self.push_to_hub:
             problems.append("training.push_to_hub: push with the hub: section (hub.repo_id), not the Trainer's push.")
         if self.fp16:

@@ -20,6 +20,8 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+ROW = "_row"  # column holding a row's 1-based number in its source file
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -134,7 +136,8 @@ def validate_rows(ds: datasets.Dataset, source: str) -> str:
     """Check every row; raise one DataError that lists the problems (row numbers 1-based). Returns the schema."""
     schema = schema_of(ds, source)
     columns = ["messages"] if schema == "messages" else ["prompt", "completion"]
-    _raise_problems(source, _problems(ds.select_columns(columns), schema))
+    numbered = columns + ([ROW] if ROW in ds.column_names else [])
+    _raise_problems(source, _problems(ds.select_columns(numbered), schema))
     return schema
 
 
@@ -143,8 +146,18 @@ def _problems(rows, schema: str) -> list[str]:
     for index, row in enumerate(rows):
         missing = [c for c in (["messages"] if schema == "messages" else ["prompt", "completion"]) if c not in row]
         found = [f"field '{c}' is missing." for c in missing] or _row_problems(row, schema)
-        problems += [f"row {index + 1}: {problem}" for problem in found]
+        problems += [f"row {_row_number(row, index)}: {problem}" for problem in found]
     return problems
+
+
+def _row_number(row: dict[str, Any], index: int) -> int:
+    """The row's 1-based number in its source file (kept through splits), else its position here."""
+    return row[ROW] if ROW in row else index + 1
+
+
+def number_rows(ds: datasets.Dataset) -> datasets.Dataset:
+    """Remember each row's 1-based number in its source, so messages name the right row after a shuffled split."""
+    return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(1, len(ds) + 1)))
 
 
 def _raise_problems(source: str, problems: list[str]) -> None:
@@ -255,7 +268,7 @@ def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, schema
     return tokenize_messages(tokenizer, row["prompt"] + row["completion"], first_trainable=len(row["prompt"]))
 
 
-def _prepare(row, tokenizer, schema, max_length, overlong):
+def _prepare(row, index, tokenizer, schema, max_length, overlong):
     input_ids, labels = tokenize_row(row, tokenizer, schema)
     status = "ok"
     if max_length is not None and len(input_ids) > max_length:
@@ -266,7 +279,14 @@ def _prepare(row, tokenizer, schema, max_length, overlong):
             status = "truncated"
     if status != "longer than max_length (data.overlong: drop)" and all(t == IGNORE for t in labels):
         status = "no trainable token left after truncation" if status == "truncated" else "no trainable token"
-    return {"input_ids": input_ids, "labels": labels, "status": status}
+    return {"input_ids": input_ids, "labels": labels, "status": status,
+            "example_id": _example_id(row, index)}
+
+
+def _example_id(row: dict[str, Any], index: int) -> str:
+    """How logs name an example: its source row number, and its own `id` field when it has one."""
+    number = f"row {_row_number(row, index)}"
+    return f"{number} (id {row['id']})" if row.get("id") is not None else number
 
 
 def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
@@ -276,6 +296,7 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
     try:
         mapped = ds.map(
             _prepare,
+            with_indices=True,
             fn_kwargs={"tokenizer": tokenizer, "schema": schema, "max_length": max_length, "overlong": overlong},
             remove_columns=ds.column_names,
             num_proc=num_proc,
@@ -318,8 +339,8 @@ def file_fingerprint(source: str) -> dict[str, Any]:
 def load_splits(train_source: str, eval_source: str | None, eval_fraction: float, seed: int,
                 max_train: int | None = None, max_eval: int | None = None):
     """Raw train and eval rows (eval None when there is none): eval_source, else a seeded share of train."""
-    train = load_rows(train_source)
-    evaluation = load_rows(eval_source) if eval_source else None
+    train = number_rows(load_rows(train_source))
+    evaluation = number_rows(load_rows(eval_source)) if eval_source else None
     if evaluation is None and eval_fraction > 0:
         if len(train) < 2:
             raise DataError(f"{train_source}: {len(train)} row(s) cannot be split for evaluation; set data.eval_fraction: 0.")

@@ -142,7 +142,11 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
             **quantised,
         )
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model '{model_cfg.name_or_path}': {err}") from err
+        hint = ""
+        if not trust_remote_code and "safetensors" in str(err):
+            hint = (" llmft loads safetensors weights only (pickled .bin files can run code when loaded): convert the "
+                    "model, or pick a revision that has safetensors.")
+        raise ModelError(f"cannot load model '{model_cfg.name_or_path}': {err}{hint}") from err
     if peft_cfg.method == "qlora":
         model = prepare_kbit(model, activation_checkpointing)
     if peft_cfg.method in ("lora", "qlora"):

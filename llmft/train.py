@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -12,6 +13,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from llmft import run_dir
+from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preempted, Preemption, resume_point
 from llmft.config import Recipe
 from llmft.data import file_fingerprint, load_splits, prepare_dataset
 from llmft.evaluate import GenerationEvalCallback, prompt_text, prompts_and_references, with_few_shot
@@ -20,14 +22,17 @@ from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_
 log = logging.getLogger(__name__)
 
 
-def train(recipe: Recipe) -> Path:
-    """Run one recipe end to end; returns the run directory."""
+def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Run one recipe end to end; returns the run directory. `callbacks` are added to the Trainer's own."""
     from trl import SFTTrainer  # ~6 s to import: keep it out of `llmft --help`
 
     args, started = recipe.training, time.time()
     check_launch(args.world_size)
+    set_accumulation(args)
     out = Path(args.output_dir)
     run_dir.check_writable(out, args.overwrite_output_dir)
+    with args.main_process_first(desc="finding a checkpoint"):  # rank 0 may remove an overwritten run's ones
+        resume = resume_point(out, args.resume_from_checkpoint, args.overwrite_output_dir)
     set_seed(args.seed)
 
     # Load the tokenizer and the data ---------------------------------------------------------------------------
@@ -48,17 +53,18 @@ def train(recipe: Recipe) -> Path:
     # Load the model ---------------------------------------------------------------------------------------------
     model = load_model(recipe.model, recipe.peft, args.trust_remote_code,
                        activation_checkpointing=bool(args.activation_checkpointing))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     quant = f" ({recipe.peft.quant_bits}-bit base)" if recipe.peft.method == "qlora" else ""
     log.info("Method %s%s: %s of %s parameters trainable (%.2f%%); weights %s, bf16 compute %s",
              recipe.peft.method, quant, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              weights_dtype(recipe.model, recipe.peft), args.bf16)
 
     # Initialise the SFT trainer: our dataset already holds input_ids and labels, so TRL keeps our loss mask --------
-    weight_check = WeightChangeCheck()
+    weight_check, preemption = WeightChangeCheck(), Preemption()
+    guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     evaluation = GenerationEvalCallback(tokenizer, _eval_items(recipe, train_rows, eval_rows), recipe.eval, out)
-    callbacks = [weight_check, evaluation]
+    callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
@@ -66,18 +72,23 @@ def train(recipe: Recipe) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks)
     evaluation.trainer = trainer
+    guard.attach(trainer)
+    check_sharding(trainer)
     restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
 
     # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
     metrics: dict[str, Any] = {}
     before_gen = None
-    if eval_ds is not None and recipe.eval.baseline:
+    if eval_ds is not None and recipe.eval.baseline and _can_evaluate_before_training(trainer):
         metrics["before"] = trainer.evaluate()
         before_gen = evaluation.last
 
-    # Train ------------------------------------------------------------------------------------------------------
-    result = trainer.train()
+    # Train (from the latest complete checkpoint, when resuming) ----------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics["train"] = result.metrics
+    if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        _end_process_group()
+        raise Preempted(preemption.message(out, recipe.source), preemption.received)
 
     # Evaluate after training ------------------------------------------------------------------------------------
     if eval_ds is not None:
@@ -99,6 +110,8 @@ def train(recipe: Recipe) -> Path:
             "chat_template_sha256": run_dir.template_hash(tokenizer.chat_template),
             "end_of_turn_token": tokenizer.eos_token,
             "world_size": args.world_size,
+            "resumed_from": resume,
+            "skipped_nonfinite_steps": guard.skipped,
             "trainable_tensors": weight_check.report,
             "trainable_parameters": trainable,
             "total_parameters": total,
@@ -115,6 +128,17 @@ def train(recipe: Recipe) -> Path:
                   f"{push(out, recipe.hub.repo_id, recipe.hub.private, gate_metrics=recipe.hub.gate_metrics)}")
     _end_process_group()
     return out
+
+
+def _can_evaluate_before_training(trainer) -> bool:
+    """No evaluation before training under DeepSpeed (see the log line); `llmft eval` gives the baseline after."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return True
+    log.info("Skipping the evaluation before training under DeepSpeed: transformers refuses it with ZeRO-1/2, and "
+             "with ZeRO-3 it leaves the engine unprepared for training. Compare afterwards with: "
+             "llmft eval RUN_DIR --baseline BASE_MODEL")
+    return False
 
 
 def _end_process_group() -> None:
@@ -157,6 +181,37 @@ def check_launch(world_size: int) -> None:
         )
 
 
+def check_sharding(trainer) -> None:
+    """Refuse an FSDP launch that accelerate quietly turned into plain DDP (it does so on CPUs)."""
+    from accelerate import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if asked and trainer.accelerator.distributed_type != DistributedType.FSDP:
+        raise LaunchError(
+            f"An FSDP config was launched, but accelerate set up {trainer.accelerator.distributed_type.value} instead "
+            "(FSDP needs CUDA GPUs; on CPUs accelerate falls back to unsharded DDP without a word). On CPUs use "
+            "accelerate_configs/cpu_ddp.yaml, or deepspeed_zero3.yaml to shard."
+        )
+
+
+def set_accumulation(args) -> None:
+    """Derive gradient accumulation from training.global_batch_size and the process count; log the arithmetic."""
+    per_step = args.per_device_train_batch_size * args.world_size
+    if args.global_batch_size is not None:
+        if args.global_batch_size % per_step:
+            fits = [b for b in range(1, args.global_batch_size + 1) if args.global_batch_size % (b * args.world_size) == 0]
+            raise LaunchError(
+                f"training.global_batch_size {args.global_batch_size} is not a multiple of per_device_train_batch_size "
+                f"{args.per_device_train_batch_size} x {args.world_size} process(es). Per-device sizes that fit: "
+                f"{', '.join(map(str, fits)) or 'none: change global_batch_size'}."
+            )
+        args.gradient_accumulation_steps = args.global_batch_size // per_step
+    hint = "" if args.global_batch_size else " (set training.global_batch_size to keep it across process counts)"
+    log.info("Global batch %d = %d per device x %d process(es) x %d accumulation step(s)%s",
+             per_step * args.gradient_accumulation_steps, args.per_device_train_batch_size, args.world_size,
+             args.gradient_accumulation_steps, hint)
+
+
 class WeightChangeCheck(TrainerCallback):
     """Fingerprints every trainable tensor at the start and end of training and reports those that never changed.
 
@@ -170,9 +225,12 @@ class WeightChangeCheck(TrainerCallback):
 
     @staticmethod
     def _fingerprints(model) -> dict[str, tuple[float, float]]:
-        with torch.no_grad():
-            return {n: (p.double().sum().item(), p.double().norm().item())
-                    for n, p in model.named_parameters() if p.requires_grad}
+        prints = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                with torch.no_grad(), _whole(param) as whole:
+                    prints[name] = (whole.double().sum().item(), whole.double().norm().item())
+        return prints
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start = self._fingerprints(model)
@@ -185,6 +243,23 @@ class WeightChangeCheck(TrainerCallback):
             log.warning("%d of %d trainable tensors did not change in training (first: %s): no gradient reached "
                         "them, or the run was too short (LoRA A matrices first move on the step after B does).",
                         len(unchanged), len(end), unchanged[0])
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away from this process (numel() is 0 then)."""
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+@contextlib.contextmanager
+def _whole(param: torch.Tensor):
+    """The whole tensor of a parameter sharded by ZeRO-3 (gathered one at a time) or FSDP2 (a DTensor)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield param.data
+    else:
+        yield param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 def _eval_items(recipe: Recipe, train_rows, eval_rows) -> list[dict[str, Any]]:

@@ -43,3 +43,84 @@ def test_accelerate_cpu_flag_with_two_processes_is_refused_not_run_as_one(tmp_pa
     assert result.returncode != 0
     assert "started a single process" in result.stderr and "accelerate_configs/cpu_ddp.yaml" in result.stderr
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def _launch(config, recipe, env, *extra):
+    return subprocess.run(
+        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / config), "-m", "llmft", "train",
+         str(recipe), *extra],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+
+
+@pytest.mark.parametrize("config,method", [("deepspeed_zero2.yaml", "lora"), ("deepspeed_zero3.yaml", "lora"),
+                                           ("deepspeed_zero3.yaml", "full")])
+def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_model_dir, quiet_env, config, method):
+    """ZeRO over gloo on this CPU. Under ZeRO-3 each process holds a slice of every weight; what is saved must be
+    the whole tensors (ZeRO-3 + LoRA saving empty adapters: trl #4416, peft #2892)."""
+    from safetensors.torch import load_file
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, peft={"method": method},
+                          training={"learning_rate": 1e-2 if method == "lora" else 1e-3, "global_batch_size": 8})
+    result = _launch(config, recipe, quiet_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 2 per device x 2 processes, so 2 accumulation steps keep the recipe's global batch of 8.
+    assert "Global batch 8 = 2 per device x 2 process(es) x 2 accumulation step(s)" in result.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2
+    assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"] > 0
+    saved = load_file(out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors"))
+    reference = load_file(tiny_model_dir / "model.safetensors")
+    if method == "full":
+        assert saved.keys() == reference.keys()
+        assert all(saved[k].shape == reference[k].shape for k in saved)
+    assert saved and all(t.numel() > 0 for t in saved.values())
+    # What was saved loads as a user would load it, without DeepSpeed, and gives finite logits.
+    from llmft.model import load_run_model
+
+    model = load_run_model(out, run["base_model"])
+    ids = __import__("torch").tensor([[5, 6, 7, 8]])
+    assert model(input_ids=ids).logits.isfinite().all()
+
+
+def test_fsdp_on_cpus_is_refused_instead_of_running_as_plain_ddp(tmp_path, tiny_model_dir, quiet_env):
+    """accelerate turns an FSDP config into unsharded DDP on CPUs without a word (shared/MACHINE.md)."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run")
+    result = _launch("fsdp2_qlora.yaml", recipe, quiet_env)
+    assert result.returncode != 0
+    assert "FSDP needs CUDA GPUs" in result.stderr and "deepspeed_zero3.yaml" in result.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_with_one_checkpoint(tmp_path, tiny_model_dir, quiet_env):
+    """Slurm and Kubernetes signal the launcher; torchrun passes SIGTERM to each rank. The ranks must agree on the
+    step to stop at, or the checkpoint would mix steps (or hang, under ZeRO/FSDP)."""
+    import signal
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, data={"eval_fraction": 0},
+                          training={"max_steps": 3000})
+    command = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"), "-m", "llmft",
+               "train", str(recipe)]
+    env = {**quiet_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if "'loss'" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "llmft_checkpoint.json").exists(), stderr[-3000:]
+    assert (saved[0] / "rng_state_0.pth").exists() and (saved[0] / "rng_state_1.pth").exists()
+    assert stderr.count("SIGTERM: stopped at step") == 1  # rank 0 speaks for both
+    step = int(saved[0].name.split("-")[1])
+
+    result = _launch("cpu_ddp.yaml", recipe, quiet_env, "--max_steps", str(step + 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumed_from"] == str(saved[0]) and run["world_size"] == 2
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 2

@@ -41,3 +41,23 @@ def test_dora_and_rslora_switches_reach_the_adapter(tmp_path, tiny_model_dir):
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     report = json.loads((out / "run.json").read_text())["trainable_tensors"]
     assert report["changed"] == report["total"] == 2 * 2 * 3  # 2 layers x 2 modules x (A, B, DoRA magnitude)
+
+
+def test_pickled_weights_are_refused_by_default(tmp_path, tiny_model_dir):
+    """Only safetensors load unless the recipe trusts remote code: a .bin file is a pickle that can run code."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmft.config import ModelConfig, PeftSettings, TrainingConfig
+    from llmft.model import load_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    for tokenizer_file in tiny_model_dir.glob("tok*"):
+        shutil.copy(tokenizer_file, tmp_path)
+    with pytest.raises(ModelError, match="safetensors weights only"):
+        load_model(ModelConfig(name_or_path=str(tmp_path)), PeftSettings(method="lora"))
+    assert TrainingConfig(output_dir=str(tmp_path), use_cpu=True).trust_remote_code is False

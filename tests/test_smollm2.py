@@ -20,6 +20,16 @@ pytestmark = [
 ]
 
 
+def _demo_recipe(tmp_path, method, rows, extra):
+    """The shipped demo recipe of `method` on fresh demo data (train rows, eval rows, seed), 6 steps at batch 4."""
+    train_rows, eval_rows, seed = rows
+    data = write_demo_data(tmp_path / "data", train_rows=train_rows, eval_rows=eval_rows, seed=seed)
+    return load_recipe(REPO / "recipes" / "smollm2-135m-instruct" / method / "demo.yaml", [
+        "--train_data", str(data["train"]), "--eval_data", str(data["eval"]), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "6", "--per_device_train_batch_size", "4", "--warmup_steps", "1", *extra,
+    ])
+
+
 def test_embedded_model_converts_to_a_plain_model_dir_with_its_chat_template():
     path = embedded_model_dir()
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
@@ -33,13 +43,8 @@ def test_embedded_model_converts_to_a_plain_model_dir_with_its_chat_template():
 
 
 def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path):
-    data = write_demo_data(tmp_path / "data", train_rows=48, eval_rows=16, seed=3)
     out = tmp_path / "run"
-    recipe = load_recipe(REPO / "recipes" / "smollm2-135m-instruct" / "lora" / "demo.yaml", [
-        "--train_data", str(data["train"]), "--eval_data", str(data["eval"]), "--output_dir", str(out),
-        "--max_steps", "6", "--per_device_train_batch_size", "4", "--num_generate", "4", "--warmup_steps", "1",
-    ])
-    train(recipe)
+    train(_demo_recipe(tmp_path, "lora", rows=(48, 16, 3), extra=["--num_generate", "4"]))
     assert missing_files(out) == []
     run = read_run(out)
     metrics = run["metrics"]
@@ -81,3 +86,17 @@ def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path
     assert results["results"]["eval_loss"] < results["baseline"]["eval_loss"]
     report = (out / "eval_report.md").read_text()
     assert "smollm2-135m-instruct (baseline)" in report and "| eval_loss |" in report
+
+
+def test_qlora_4bit_on_smollm2_trains_and_lowers_held_out_loss(tmp_path):
+    out = tmp_path / "run"
+    train(_demo_recipe(tmp_path, "qlora", rows=(32, 8, 5), extra=["--global_batch_size", "4", "--num_generate", "0"]))
+    run = read_run(out)
+    metrics = run["metrics"]
+    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.1, metrics
+    checks = run["run"]["trainable_tensors"]
+    assert checks["changed"] == checks["total"] == 30 * 7 * 2
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())
+    # save_strategy steps: the Trainer also saves the last step, and the checkpoint is marked complete.
+    assert [p.name for p in out.glob("checkpoint-*/llmft_checkpoint.json")] == ["llmft_checkpoint.json"]

@@ -117,3 +117,19 @@ def test_bf16_frozen_base_with_autocast_tracks_fp32(tmp_path, tiny_model_dir, tr
         adapter = load_file(out / "adapter_model.safetensors")
         assert all(v.dtype == torch.float32 for v in adapter.values()), "adapters stay fp32 on a bf16 base"
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_global_batch_size_derives_accumulation_or_names_the_sizes_that_fit(tmp_path, caplog):
+    import logging
+
+    from llmft.config import TrainingConfig
+    from llmft.train import LaunchError, set_accumulation
+
+    args = TrainingConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, global_batch_size=16)
+    with caplog.at_level(logging.INFO, logger="llmft"):
+        set_accumulation(args)
+    assert args.gradient_accumulation_steps == 4
+    assert "Global batch 16 = 4 per device x 1 process(es) x 4 accumulation step(s)" in caplog.text
+    odd = TrainingConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, global_batch_size=6)
+    with pytest.raises(LaunchError, match="Per-device sizes that fit: 1, 2, 3, 6"):
+        set_accumulation(odd)
