@@ -54,16 +54,17 @@ def _launch(config, recipe, env, *extra):
 
 
 @pytest.mark.parametrize("config,method", [("deepspeed_zero2.yaml", "lora"), ("deepspeed_zero3.yaml", "lora"),
-                                           ("deepspeed_zero3.yaml", "full")])
+                                           ("deepspeed_zero3.yaml", "full"), ("deepspeed_zero3.yaml", "qlora")])
 def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_model_dir, quiet_env, config, method):
     """ZeRO over gloo on this CPU. Under ZeRO-3 each process holds a slice of every weight; what is saved must be
-    the whole tensors (ZeRO-3 + LoRA saving empty adapters: trl #4416, peft #2892)."""
+    the whole tensors (ZeRO-3 + LoRA saving empty adapters: trl #4416, peft #2892). QLoRA shards its 4-bit base
+    because the packed weights are stored in the compute dtype, one dtype for every parameter."""
     from safetensors.torch import load_file
 
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, peft={"method": method},
-                          training={"learning_rate": 1e-2 if method == "lora" else 1e-3, "global_batch_size": 8})
+                          training={"learning_rate": 1e-3 if method == "full" else 1e-2, "global_batch_size": 8})
     result = _launch(config, recipe, quiet_env)
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 per device x 2 processes, so 2 accumulation steps keep the recipe's global batch of 8.
@@ -71,12 +72,15 @@ def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2
     assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"] > 0
-    saved = load_file(out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors"))
+    saved = load_file(out / ("model.safetensors" if method == "full" else "adapter_model.safetensors"))
     reference = load_file(tiny_model_dir / "model.safetensors")
     if method == "full":
         assert saved.keys() == reference.keys()
         assert all(saved[k].shape == reference[k].shape for k in saved)
     assert saved and all(t.numel() > 0 for t in saved.values())
+    if method == "qlora":
+        assert "Method qlora (4-bit base)" in result.stderr
+        assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in saved.values())  # fp32 adapters
     # What was saved loads as a user would load it, without DeepSpeed, and gives finite logits.
     from llmft.model import load_run_model
 
