@@ -31,6 +31,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bf16_cpu.py
+	$(PY) benchmarks/sft_throughput.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

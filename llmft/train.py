@@ -195,7 +195,10 @@ def check_sharding(trainer) -> None:
 
 
 def set_accumulation(args) -> None:
-    """Derive gradient accumulation from training.global_batch_size and the process count; log the arithmetic."""
+    """Derive gradient accumulation from training.global_batch_size and the process count; log the arithmetic.
+
+    On CPUs (training.cpu_micro_batches) each device batch then runs one example per pass, accumulated.
+    """
     per_step = args.per_device_train_batch_size * args.world_size
     if args.global_batch_size is not None:
         if args.global_batch_size % per_step:
@@ -210,6 +213,15 @@ def set_accumulation(args) -> None:
     log.info("Global batch %d = %d per device x %d process(es) x %d accumulation step(s)%s",
              per_step * args.gradient_accumulation_steps, args.per_device_train_batch_size, args.world_size,
              args.gradient_accumulation_steps, hint)
+    if args.use_cpu and args.cpu_micro_batches and not args.packing and args.per_device_train_batch_size > 1:
+        # Padded batches cost the padding, and a padding mask sends attention to PyTorch's slow masked path; one
+        # example per pass needs neither. The Trainer divides by the step's token count, so the loss is unchanged.
+        args.gradient_accumulation_steps *= args.per_device_train_batch_size
+        log.info("CPU micro-batches: each device batch of %d runs as %d single examples, accumulated "
+                 "(training.cpu_micro_batches: false to turn off)", args.per_device_train_batch_size,
+                 args.per_device_train_batch_size)
+        args.per_device_train_batch_size = 1
+        args.per_device_eval_batch_size = 1
 
 
 class WeightChangeCheck(TrainerCallback):

@@ -1,0 +1,271 @@
+"""SFT speed and memory: plain TRL defaults vs llmft's defaults vs each lever alone, same model, data and machine.
+
+    python benchmarks/sft_throughput.py [--steps 6] [--methods lora full] [--quick]
+
+Data: ../shared/data/lima.json when present (converted by `llmft data convert`, examples longer than 512 tokens
+dropped), else generated chat rows of realistic lengths. Model: the embedded SmolLM2-135M-Instruct. Each
+configuration runs in a fresh process (its own peak RSS) for `--steps` optimizer steps of 4 examples each; the
+first step is warm-up and not timed. Reported per configuration:
+  tokens/s      non-padding tokens per second over the timed steps (TRL's own `num_tokens` count)
+  padding       share of the batch positions that were padding
+  peak RSS      the process's peak resident memory (or peak GPU memory on CUDA)
+  MFU           model FLOPs (6N per token full, 4N LoRA: no weight gradients) / measured fp32 matmul peak
+  eval loss     mean assistant-token loss on 32 held-out conversations after training (same yardstick for all)
+  vs TRL        tokens/s ratio to TRL's defaults of the same method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+LIMA = REPO.parent / "shared" / "data" / "lima.json"
+MAX_LENGTH, BATCH = 512, 4
+LR = {"lora": 2e-4, "full": 2e-5}
+
+# name -> (what it is, TRL SFTConfig overrides, llmft recipe overrides or None for a plain-TRL run)
+CONFIGS = {
+    "trl": ("TRL defaults (fp32, padding, activation checkpointing)", {}, None),
+    "no-ckpt": ("TRL + no activation checkpointing", {"gradient_checkpointing": False}, None),
+    "group": ("TRL + length-grouped batches", {"train_sampling_strategy": "group_by_length"}, None),
+    "bfd": ("TRL + bfd packing (padding-free)", {"packing": True}, None),
+    "micro1": ("TRL + 1 example per micro-batch, accumulation 4 (no padding)",
+               {"per_device_train_batch_size": 1, "gradient_accumulation_steps": BATCH}, None),
+    "llmft": ("llmft defaults", {}, []),
+    "llmft-ckpt": ("llmft defaults + activation checkpointing", {}, ["--activation_checkpointing", "true"]),
+}
+
+
+def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5) -> float:
+    """The fp32 matmul peak of this machine: the best of a few timings (others may share the cores)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeat / best / 1e9
+
+
+def make_data(workdir: Path, examples: int) -> dict[str, str]:
+    """Train/eval chat datasets on disk: LIMA when present, else generated rows of realistic lengths."""
+    if LIMA.exists():
+        out = workdir / "lima"
+        subprocess.run([str(Path(sys.executable).parent / "llmft"), "data", "convert", str(LIMA), "--out", str(out),
+                        "--test-fraction", "0.05"], check=True, capture_output=True)
+        data = {"train": str(out / "train"), "eval": str(out / "test"), "source": "lima.json"}
+    else:
+        from llmft.demo_data import write_demo_data
+
+        paths = write_demo_data(workdir / "demo", train_rows=256, eval_rows=32)
+        data = {"train": str(paths["train"]), "eval": str(paths["eval"]), "source": "generated demo rows"}
+    data["train"] = _training_subset(data["train"], workdir / "train_subset.jsonl", examples)
+    return data
+
+
+def _training_subset(source: str, target: Path, examples: int) -> str:
+    """The same rows for every configuration: conversations that fit max_length, shuffled once (seed 0)."""
+    import re
+
+    from llmft.config import ModelConfig
+    from llmft.data import load_rows, prepare_dataset
+    from llmft.model import load_tokenizer
+
+    rows = load_rows(source)
+    prepared, _ = prepare_dataset(rows, load_tokenizer(ModelConfig()), MAX_LENGTH, "drop", source)
+    picked = prepared.shuffle(seed=0).select(range(min(examples, len(prepared))))
+    numbers = [int(re.match(r"row (\d+)", e).group(1)) - 1 for e in picked["example_id"]]
+    rows.select(numbers).remove_columns([c for c in rows.column_names if c.startswith("_")]).to_json(target)
+    return str(target)
+
+
+# The worker: one configuration in this process ------------------------------------------------------------------
+
+
+def make_meter():
+    """A TrainerCallback timing every optimizer step and counting the tokens and positions of every micro-batch."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.batches: list[tuple[int, int]] = []  # (non-padding tokens, positions)
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.accumulation = args.gradient_accumulation_steps
+            loader = getattr(train_dataloader, "base_dataloader", train_dataloader)  # accelerate's adapter wraps it
+            collate = loader.collate_fn
+
+            def counting(features):
+                batch = collate(features)
+                positions = batch["input_ids"].numel()
+                tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else positions
+                self.batches.append((tokens, positions))
+                return batch
+
+            loader.collate_fn = counting
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+        def result(self) -> dict[str, float]:
+            """Over the timed steps (all but the first); the loader may have fetched one batch ahead."""
+            steps = len(self.times)
+            timed = self.batches[self.accumulation: steps * self.accumulation]
+            return {"tokens_per_s": sum(t for t, _ in timed) / sum(self.times[1:]),
+                    "padding": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed)}
+
+    return Meter()
+
+
+def _rows(data: dict[str, str], tokenizer, split: str, limit: int):
+    from llmft.data import load_rows, prepare_dataset
+
+    prepared, _ = prepare_dataset(load_rows(data[split]), tokenizer, MAX_LENGTH, "drop", data[split])
+    return prepared.select(range(min(limit, len(prepared))))
+
+
+def _eval_loss(model, eval_ds) -> float:
+    """Mean loss over assistant tokens, one conversation at a time (no padding, same for every configuration)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in eval_ds:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            n = int((labels[:, 1:] != -100).sum())
+            if n:
+                total += model(input_ids=ids, labels=labels, use_cache=False).loss.item() * n
+                count += n
+    return total / count
+
+
+def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Path) -> dict:
+    from llmft.config import ModelConfig, PeftSettings
+    from llmft.model import load_model, load_tokenizer
+
+    _, trl_overrides, llmft_overrides = CONFIGS[name]
+    tokenizer = load_tokenizer(ModelConfig())
+    eval_ds = _rows(data, tokenizer, "eval", 32)
+    meter = make_meter()
+    examples = BATCH * steps * 2
+    if llmft_overrides is None:
+        from trl import SFTConfig, SFTTrainer
+
+        model = load_model(ModelConfig(dtype="float32"), PeftSettings(method=method))
+        settings = {"per_device_train_batch_size": BATCH, **trl_overrides}
+        args = SFTConfig(output_dir=str(workdir / name), use_cpu=not torch.cuda.is_available(),
+                         bf16=torch.cuda.is_available(), max_length=MAX_LENGTH, max_steps=steps, logging_steps=1,
+                         report_to="none", save_strategy="no", learning_rate=LR[method], **settings)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=_rows(data, tokenizer, "train", examples),
+                             processing_class=tokenizer, callbacks=[meter])
+        trainer.train()
+        trained = trainer.model
+    else:
+        trained = _llmft_run(name, method, steps, data, workdir, examples, llmft_overrides, meter)
+    return {**meter.result(), "peak_mb": _peak_mb(), "eval_loss": _eval_loss(trained, eval_ds)}
+
+
+def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
+    """`llmft train` with nothing but the model, method, data and batch set: llmft's defaults for the rest."""
+    import yaml
+
+    from llmft.config import load_recipe
+    from llmft.model import load_run_model
+    from llmft.train import train
+
+    out = workdir / name
+    recipe = workdir / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": "smollm2-135m-instruct"},
+        "data": {"train_data": data["train"], "eval_fraction": 0},
+        "peft": {"method": method},
+        "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
+                     "max_length": MAX_LENGTH, "learning_rate": LR[method], "logging_steps": 1, "seed": 42},
+    }))
+    train(load_recipe(recipe, overrides), callbacks=[meter])
+    run = json.loads((out / "run.json").read_text())
+    return load_run_model(out, run["base_model"])
+
+
+def _peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def flops_per_token(method: str) -> float:
+    """Matmul FLOPs per trained token: forward 2N, input gradients 2N, weight gradients 2N (full only)."""
+    from transformers import AutoConfig
+
+    from llmft.model import embedded_model_dir
+
+    config = AutoConfig.from_pretrained(embedded_model_dir())
+    d, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + d * inter * 3  # q, o, k, v, gate/up/down
+    matmul_params = layers * per_layer + d * vocab  # the LM head; the embedding lookup is free
+    return (6 if method == "full" else 4) * matmul_params
+
+
+def run_config(name: str, method: str, steps: int, data: dict, workdir: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--method", method, "--steps", str(steps),
+               "--data", json.dumps(data), "--workdir", str(workdir)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.method, args.steps, json.loads(args.data), Path(args.workdir))))
+        return
+
+    peak = matmul_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp), BATCH * args.steps * 2)
+        print(f"SmolLM2-135M-Instruct, {data['source']} (<= {MAX_LENGTH} tokens), batch {BATCH}, {args.steps} steps "
+              f"(first untimed), {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s\n")
+        print("| method | configuration | tokens/s | vs TRL | padding | peak RSS MB | vs TRL | MFU | eval loss |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for method in args.methods:
+            base = None
+            for name in args.configs:
+                result = run_config(name, method, args.steps, data, Path(tmp))
+                label = CONFIGS[name][0]
+                if "error" in result:
+                    print(f"| {method} | {label} | failed: {result['error']} | | | | | | |")
+                    continue
+                base = base or result
+                mfu = result["tokens_per_s"] * flops_per_token(method) / (peak * 1e9)
+                print(f"| {method} | {label} | {result['tokens_per_s']:.1f} | "
+                      f"{result['tokens_per_s'] / base['tokens_per_s']:.2f}x | {result['padding']:.0%} | "
+                      f"{result['peak_mb']:.0f} | {result['peak_mb'] / base['peak_mb']:.2f}x | {mfu:.0%} | "
+                      f"{result['eval_loss']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
