@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_RECIPE := recipes/smollm2-135m-instruct/lora/demo.yaml
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo compare test test-fast bench clean
 
 # torch first, pinned: any other torch requirement would pull gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) data_prep/make_demo_data.py --out data/demo
 	$(VENV)/bin/llmft train $(DEMO_RECIPE) --overwrite_output_dir true
+
+# Fine-tune vs from scratch at 3 data sizes on one token budget (~22 min on 2 CPU cores): report in reports/.
+compare: setup
+	$(PY) data_prep/make_demo_data.py --out data/demo
+	$(VENV)/bin/llmft compare recipes/smollm2-135m-instruct/compare/finetune.yaml \
+	    recipes/smollm2-135m-instruct/compare/scratch.yaml --sizes 10 40 160 --out reports/finetune-vs-scratch
 
 test: setup
 	$(PY) -m pytest -q

@@ -16,6 +16,10 @@ commands:
                                    any recipe key can be overridden: --learning_rate 1e-4 or --training.max_steps 50
                                    multi-process: accelerate launch --config_file accelerate_configs/X.yaml -m llmft train RECIPE
 
+  compare RECIPE... --sizes N... --out DIR
+                                   train each recipe (e.g. fine-tune vs model.init: scratch) at each data size on one
+                                   token budget; report.md + eval loss vs tokens plot
+
   data convert SRC... --out DIR   convert Alpaca/ShareGPT/OpenAI/OASST/prompt-completion/column data into one chat
                                    dataset: validate, normalise, dedupe, decontaminate, split; manifest + data card
   data build BUILD.yaml            the same from a YAML file (several sources, weighted mixes)
@@ -27,6 +31,7 @@ commands:
   push RUN_DIR --repo-id ORG/NAME  check, regression gate, model card, upload (adapter, or --merged DIR)
   selfchat --seeds FILE --out DIR  Baize-style self-chat: one model writes both sides of dialogues about seed
                                    questions (local model or OpenAI-compatible server); resumable
+  augment DATA --out FILE          more rows by paraphrasing or back-translating user turns (same backends)
 
 `llmft COMMAND --help` lists a command's options.
 """
@@ -59,12 +64,8 @@ def _train(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"llmft train: {err}", file=sys.stderr)
         return 2
-    from llmft.checkpoint import NonFiniteError, Preempted, ResumeError
-    from llmft.data import DataError
-    from llmft.hub import HubError
-    from llmft.model import ModelError
-    from llmft.run_dir import RunDirError
-    from llmft.train import LaunchError, train
+    from llmft.checkpoint import Preempted
+    from llmft.train import train
 
     try:
         train(recipe)
@@ -72,9 +73,57 @@ def _train(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step; one message is enough
             print(f"llmft train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's code for a signal: schedulers and retry loops see "not finished"
-    except (DataError, ModelError, RunDirError, LaunchError, HubError, ResumeError, NonFiniteError) as err:
+    except _training_errors() as err:
         print(f"llmft train: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _training_errors() -> tuple[type[Exception], ...]:
+    """Errors of bad input or settings met while training: shown as one message, not a traceback."""
+    from llmft.checkpoint import NonFiniteError, ResumeError
+    from llmft.data import DataError
+    from llmft.hub import HubError
+    from llmft.model import ModelError
+    from llmft.run_dir import RunDirError
+    from llmft.train import LaunchError
+    from llmft.tuning import TuningError
+
+    return DataError, ModelError, RunDirError, LaunchError, HubError, ResumeError, NonFiniteError, TuningError
+
+
+def _compare(argv: list[str]) -> int:
+    import argparse
+    from pathlib import Path
+
+    from llmft.config import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="llmft compare", description="Train recipes (e.g. fine-tune vs from scratch) at several data sizes on "
+        "one token budget; write report.md, results.json and eval_loss_vs_tokens.png. Other --key value options "
+        "override every recipe.")
+    parser.add_argument("recipes", nargs="+", help="recipe YAML files; their file names label the runs")
+    parser.add_argument("--sizes", nargs="+", type=int, required=True, help="training examples per run")
+    parser.add_argument("--tokens", type=int, help="training tokens per run (default: one epoch of the largest size)")
+    parser.add_argument("--evals", type=int, default=5, help="evaluations per run, evenly spaced (default 5)")
+    parser.add_argument("--out", required=True, help="report directory (runs go in OUT/runs/)")
+    args, overrides = parser.parse_known_args(argv)
+    if min(args.sizes) < 1 or args.evals < 1 or (args.tokens is not None and args.tokens < 1):
+        parser.error("--sizes, --tokens and --evals must be positive")
+    from llmft.checkpoint import Preempted
+    from llmft.compare import compare
+
+    try:
+        out = compare(args.recipes, args.sizes, Path(args.out), args.tokens, args.evals, overrides)
+    except Preempted as stop:
+        print(f"llmft compare: stopped by signal {stop.signum}; runs that finished are in {args.out}/runs/ (rerun to "
+              "train them all again).", file=sys.stderr)
+        return 128 + stop.signum
+    except (ConfigError, *_training_errors()) as err:
+        print(f"llmft compare: {err}", file=sys.stderr)
+        return 1
+    print((out / "report.md").read_text())
+    print(f"Report: {out / 'report.md'}")
     return 0
 
 
@@ -194,14 +243,7 @@ def _selfchat_parser():
     parser.add_argument("--limit", type=int, help="only the first N seeds")
     parser.add_argument("--out", help="output folder: dialogues.jsonl (resumable) and dataset/")
     parser.add_argument("--mode", default="roleplay", choices=("transcript", "alternating", "roleplay"))
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="local model: Hub id, path or built-in name")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (instead of --model)")
-    parser.add_argument("--api-model", help="model name on that server")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    parser.add_argument("--concurrency", type=int, default=8, help="HTTP requests at once")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
-    parser.add_argument("--max-retries", type=int, default=5)
+    _add_backend_args(parser)
     parser.add_argument("--turns-min", type=int, default=1)
     parser.add_argument("--turns-max", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -215,6 +257,75 @@ def _selfchat_parser():
     parser.add_argument("--test-fraction", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _add_backend_args(parser) -> None:
+    """The generation backend options shared by selfchat and augment."""
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="local model: Hub id, path or built-in name")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (instead of --model)")
+    parser.add_argument("--api-model", help="model name on that server")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--concurrency", type=int, default=8, help="HTTP requests at once")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+    parser.add_argument("--max-retries", type=int, default=5)
+
+
+def _make_backend(args):
+    """An OpenAI-compatible HTTP backend (--base-url) or a local model."""
+    from llmft.backends import LocalBackend, OpenAIBackend
+
+    if args.base_url:
+        return OpenAIBackend(args.base_url, args.api_model, args.api_key_env, args.concurrency, args.timeout,
+                             args.max_retries)
+    from llmft.config import ModelConfig, PeftSettings
+    from llmft.model import load_model, load_tokenizer
+
+    model_cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
+    backend = LocalBackend(load_model(model_cfg, PeftSettings(method="full")), load_tokenizer(model_cfg),
+                           args.batch_size)
+    backend.name = args.model
+    return backend
+
+
+def _augment(argv: list[str]) -> int:
+    import argparse
+    from pathlib import Path
+
+    from llmft.augment import MODES, AugmentConfig, AugmentError, augment_file
+    from llmft.backends import BackendError, Sampling
+    from llmft.model import ModelError
+
+    parser = argparse.ArgumentParser(
+        prog="llmft augment", description="Paraphrase or back-translate the user turns of a JSONL chat dataset "
+        "(messages or prompt/completion) with a local model or an OpenAI-compatible server; answers are kept.")
+    parser.add_argument("data", help="JSONL file of rows with messages (or prompt/completion)")
+    parser.add_argument("--out", required=True, help="JSONL file: the source rows, then the new ones")
+    parser.add_argument("--mode", default="paraphrase", choices=MODES)
+    parser.add_argument("--pivot", default="French", help="backtranslate: the language to go through")
+    parser.add_argument("--copies", type=int, default=1, help="rewrites per source row")
+    parser.add_argument("--only-new", action="store_true", help="write only the augmented rows")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--batch-size", type=int, default=16, help="rewrites generated together")
+    _add_backend_args(parser)
+    args = parser.parse_args(argv)
+    if args.base_url and not args.api_model:
+        parser.error("--base-url needs --api-model")
+    if args.copies < 1:
+        parser.error("--copies must be >= 1")
+    cfg = AugmentConfig(mode=args.mode, pivot=args.pivot, copies=args.copies, batch_size=args.batch_size,
+                        sampling=Sampling(args.max_new_tokens, args.temperature, args.top_p))
+    try:
+        summary = augment_file(Path(args.data), Path(args.out), _make_backend(args), cfg, args.only_new)
+    except (AugmentError, BackendError, ModelError) as err:
+        print(f"llmft augment: {err}", file=sys.stderr)
+        return 1
+    rejected = ", ".join(f"{n} {k}" for k, n in summary["rejected"].items()) or "none"
+    print(f"{summary['source_rows']} source rows -> {summary['augmented_rows']} new rows (rejected: {rejected}); "
+          f"wrote {summary['written']} rows to {summary['out']}")
+    return 0
 
 
 def _selfchat(argv: list[str]) -> int:
@@ -275,7 +386,7 @@ def _run_selfchat(args, argv: list[str]) -> None:
     from pathlib import Path
 
     from llmft import selfchat
-    from llmft.backends import LocalBackend, OpenAIBackend, Sampling
+    from llmft.backends import Sampling
 
     templates = dict(selfchat.TEMPLATES)
     if args.templates:
@@ -291,17 +402,7 @@ def _run_selfchat(args, argv: list[str]) -> None:
         min_answer_chars=args.min_answer_chars, max_repetition=args.max_repetition, templates=templates,
         batch_size=args.batch_size)
     seeds = selfchat.read_seeds(args.seeds, args.seed_column, args.seed_id_column, args.limit)
-    if args.base_url:
-        backend = OpenAIBackend(args.base_url, args.api_model, args.api_key_env, args.concurrency, args.timeout,
-                                args.max_retries)
-    else:
-        from llmft.config import ModelConfig, PeftSettings
-        from llmft.model import load_model, load_tokenizer
-
-        model_cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
-        backend = LocalBackend(load_model(model_cfg, PeftSettings(method="full")), load_tokenizer(model_cfg),
-                               args.batch_size)
-        backend.name = args.model
+    backend = _make_backend(args)
     out = Path(args.out)
     speed = selfchat.generate(seeds, backend, cfg, out)
     meta = {"command": "llmft selfchat " + " ".join(argv), "seeds": args.seeds, "model": backend.name,
@@ -455,7 +556,8 @@ def _hub(action: str, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "data": _data, "selfchat": _selfchat, "eval": _eval,
+COMMANDS = {"train": _train, "compare": _compare, "data": _data, "selfchat": _selfchat, "augment": _augment,
+            "eval": _eval,
             "merge": lambda argv: _hub("merge", argv), "check": lambda argv: _hub("check", argv),
             "push": lambda argv: _hub("push", argv)}
 

@@ -1,6 +1,6 @@
 """Recipes: one YAML file parsed into a few typed dataclasses, one per concern.
 
-A recipe has the sections ``model``, ``data``, ``peft``, ``training``, ``eval`` and ``hub``. ``training`` is
+A recipe has the sections ``model``, ``data``, ``peft``, ``tuning``, ``training``, ``eval`` and ``hub``. ``training`` is
 ``trl.SFTConfig`` (every TRL / Trainer argument keeps its usual name); the others are small dataclasses here.
 Values come from, in order of precedence: the command line, the YAML file, the defaults below. Unknown keys
 anywhere are errors that name the closest valid key, and every problem found is reported at once.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 ON_NONFINITE = ("stop", "skip")
+INITS = ("pretrained", "scratch")
+INIT_LINEAR = ("model", "xavier", "he")
+UNFREEZE_BY = ("steps", "epochs")
 
 
 class ConfigError(ValueError):
@@ -65,11 +69,39 @@ class ModelConfig:
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 ..."})
+    init: str = field(
+        default="pretrained",
+        metadata={"help": "pretrained: the model's weights; scratch: the same architecture and tokenizer with fresh "
+                          "random weights (needs peft.method: full), to compare against fine-tuning."},
+    )
+    init_linear: str = field(
+        default="model",
+        metadata={"help": "init scratch: linear layers initialised the architecture's own way (model), or xavier "
+                          "(Glorot uniform) or he (Kaiming normal, fan-in)."},
+    )
+    attention_dropout: float | None = field(
+        default=None, metadata={"help": "Dropout on attention probabilities, where the architecture has it (Llama, "
+                                        "Qwen, Mistral: attention_dropout; GPT-2: attn_pdrop). None = the model's."}
+    )
+    hidden_dropout: float | None = field(
+        default=None, metadata={"help": "Dropout on hidden states/residuals, where the architecture has it (GPT-2, "
+                                        "Phi: resid_pdrop; Falcon: hidden_dropout; Llama has none). None = the model's."}
+    )
 
     def __post_init__(self):
         problems = []
         if self.dtype not in DTYPES:
             problems.append(f"model.dtype: '{self.dtype}' is not one of {', '.join(DTYPES)}.")
+        if self.init not in INITS:
+            problems.append(f"model.init: '{self.init}' is not one of {', '.join(INITS)}.")
+        if self.init_linear not in INIT_LINEAR:
+            problems.append(f"model.init_linear: '{self.init_linear}' is not one of {', '.join(INIT_LINEAR)}.")
+        if self.init_linear != "model" and self.init != "scratch":
+            problems.append("model.init_linear applies to model.init: scratch only (pretrained weights are kept).")
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                problems.append(f"model.{name}: {value} must be in [0, 1).")
         if not self.name_or_path:
             problems.append(f"model.name_or_path is empty: give a Hub id, a local path or '{EMBEDDED_MODEL}'.")
         _raise_if(problems)
@@ -150,6 +182,79 @@ class PeftSettings:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         _raise_if(problems)
+
+
+@dataclass
+class TuningConfig:
+    """How a pretrained model is adapted: which layers train, when they start, their learning rates, and a pull
+    toward the pretrained weights. Blocks are the transformer layers, numbered from the input (0) upward."""
+
+    _argument_group_name = "tuning"
+
+    freeze_embeddings: bool = field(
+        default=False, metadata={"help": "Freeze the input embeddings (and the output head when it is tied to them)."}
+    )
+    freeze_layers: int = field(default=0, metadata={"help": "Freeze the first N transformer blocks (lowest first)."})
+    freeze_patterns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Also freeze parameters whose name matches any of these regular expressions (re.search), "
+                          "e.g. 'self_attn' or 'layers\\.1[0-5]\\.'. Each must match something."},
+    )
+    unfreeze_every: float | None = field(
+        default=None,
+        metadata={"help": "Gradual unfreezing: train the head and the top unfreeze_initial_layers blocks first, then "
+                          "unfreeze unfreeze_layers_per_stage more blocks (top down, embeddings last) every N "
+                          "unfreeze_by. None = off."},
+    )
+    unfreeze_by: str = field(default="steps", metadata={"help": "Unit of unfreeze_every: steps | epochs."})
+    unfreeze_initial_layers: int = field(default=1, metadata={"help": "Blocks trainable from the start (top ones)."})
+    unfreeze_layers_per_stage: int = field(default=1, metadata={"help": "Blocks unfrozen at each stage."})
+    layer_lr_decay: float = field(
+        default=1.0,
+        metadata={"help": "Layer-wise learning rates: block i of L trains at learning_rate x decay^(L-1-i), the "
+                          "embeddings at decay^L; 1.0 = one rate. 0.8-0.95 is usual."},
+    )
+    head_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "Learning-rate factor for parameters outside the blocks: head, final norm."}
+    )
+    l2sp_alpha: float = field(
+        default=0.0,
+        metadata={"help": "L2-SP: add alpha/2 x ||w - w_pretrained||^2 to the loss (its gradient, each optimizer "
+                          "step), pulling full fine-tuning toward the pretrained weights against forgetting. 0 = off."},
+    )
+
+    def __post_init__(self):
+        problems = []
+        if isinstance(self.freeze_patterns, str):
+            self.freeze_patterns = [self.freeze_patterns]
+        for pattern in self.freeze_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"tuning.freeze_patterns: '{pattern}' is not a regular expression ({err}).")
+        if self.freeze_layers < 0:
+            problems.append(f"tuning.freeze_layers: {self.freeze_layers} must be >= 0.")
+        if self.unfreeze_every is not None and self.unfreeze_every <= 0:
+            problems.append(f"tuning.unfreeze_every: {self.unfreeze_every} must be > 0 (or unset for no schedule).")
+        if self.unfreeze_by not in UNFREEZE_BY:
+            problems.append(f"tuning.unfreeze_by: '{self.unfreeze_by}' is not one of {', '.join(UNFREEZE_BY)}.")
+        if self.unfreeze_initial_layers < 0 or self.unfreeze_layers_per_stage < 1:
+            problems.append("tuning.unfreeze_initial_layers must be >= 0 and unfreeze_layers_per_stage >= 1.")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            problems.append(f"tuning.layer_lr_decay: {self.layer_lr_decay} must be in (0, 1].")
+        if self.head_lr_multiplier <= 0:
+            problems.append(f"tuning.head_lr_multiplier: {self.head_lr_multiplier} must be > 0.")
+        if self.l2sp_alpha < 0:
+            problems.append(f"tuning.l2sp_alpha: {self.l2sp_alpha} must be >= 0.")
+        _raise_if(problems)
+
+    @property
+    def gradual(self) -> bool:
+        return self.unfreeze_every is not None
+
+    @property
+    def custom_param_groups(self) -> bool:
+        return self.gradual or self.layer_lr_decay != 1.0 or self.head_lr_multiplier != 1.0
 
 
 @dataclass
@@ -293,6 +398,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "peft": PeftSettings,
+    "tuning": TuningConfig,
     "training": TrainingConfig,
     "eval": EvalConfig,
     "hub": HubConfig,
@@ -306,6 +412,7 @@ class Recipe:
     model: ModelConfig
     data: DataConfig
     peft: PeftSettings
+    tuning: TuningConfig
     training: TrainingConfig
     eval: EvalConfig
     hub: HubConfig
@@ -474,6 +581,14 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
             "model.dtype: bfloat16 weights with peft.method: full lose small updates in AdamW; use dtype auto or "
             "float32 and training.bf16: true for mixed precision."
         )
+    if model.init == "scratch" and peft.method != "full":
+        problems.append(f"model.init: scratch trains every weight from random values; peft.method {peft.method} would "
+                        "train adapters on a random frozen base. Set peft.method: full.")
+    tuning = sections["tuning"]
+    if tuning.l2sp_alpha and (peft.method != "full" or model.init == "scratch"):
+        problems.append("tuning.l2sp_alpha pulls trained weights toward their pretrained values: it needs "
+                        "peft.method: full and model.init: pretrained (adapters start from nothing pretrained; use "
+                        "training.weight_decay for them).")
     if training.packing and training.max_length is None:
         problems.append("training.packing needs training.max_length (the packed row length).")
     evaluation = sections["eval"]

@@ -117,7 +117,9 @@ def model_card(run: Path, repo_id: str) -> str:
     info = read_run(run)
     recipe, meta, metrics = info["recipe"], info["run"], info["metrics"]
     base = hub_base_model(meta["base_model"])
-    data = ModelCardData(base_model=base if "/" in base and not Path(base).exists() else None, library_name="peft" if recipe["peft"]["method"] != "full"
+    scratch = meta["base_model"]["init"] == "scratch" if "init" in meta["base_model"] else False  # older runs
+    on_hub = "/" in base and not Path(base).exists() and not scratch
+    data = ModelCardData(base_model=base if on_hub else None, library_name="peft" if recipe["peft"]["method"] != "full"
                          else "transformers", tags=["llmft", "sft", recipe["peft"]["method"]], license=None,
                          pipeline_tag="text-generation")
     training = recipe["training"]
@@ -125,7 +127,9 @@ def model_card(run: Path, repo_id: str) -> str:
 
     origin = (" It was trained on llmft's embedded copy of that model (a Q4_1 GGUF, dequantized), whose weights "
               "differ slightly from the original's." if meta["base_model"]["name_or_path"] == EMBEDDED_MODEL else "")
-    lines = [f"# {repo_id}", "", f"A {recipe['peft']['method']} fine-tune of `{base}` made with llmft.{origin}", "",
+    made = (f"A model trained from scratch (random initial weights) with the architecture and tokenizer of `{base}`, "
+            "made with llmft." if scratch else f"A {recipe['peft']['method']} fine-tune of `{base}` made with llmft.{origin}")
+    lines = [f"# {repo_id}", "", made, "",
              "## Training data", "", "| split | file | sha256 | rows used |", "|---|---|---|---|"]
     for split, d in (meta["data"] or {}).items():
         if d:

@@ -131,6 +131,9 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
     quantised = {}
     if peft_cfg.method == "qlora":
         quantised = {"quantization_config": quantization_config(peft_cfg, dtype), "device_map": _kbit_device_map()}
+    if model_cfg.init == "scratch":
+        return scratch_model(path, model_cfg, dtype, trust_remote_code)
+    config = model_config(path, model_cfg, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -139,6 +142,7 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if trust_remote_code else True,
+            **({"config": config} if config is not None else {}),
             **quantised,
         )
     except (OSError, ValueError) as err:
@@ -152,6 +156,64 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
     if peft_cfg.method in ("lora", "qlora"):
         model = add_lora(model, peft_cfg)
     return model
+
+
+# Config attributes that hold each kind of dropout, by architecture family (first found is set).
+DROPOUT_KEYS = {
+    "attention_dropout": ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout"),
+    "hidden_dropout": ("hidden_dropout", "resid_pdrop", "hidden_dropout_prob"),
+}
+
+
+def model_config(path: str, model_cfg: ModelConfig, trust_remote_code: bool, *, always: bool = False):
+    """The model's config with the recipe's dropout settings; None when nothing changes it (unless `always`)."""
+    asked = {name: getattr(model_cfg, name) for name in DROPOUT_KEYS if getattr(model_cfg, name) is not None}
+    if not asked and not always:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the config of '{model_cfg.name_or_path}': {err}") from err
+    for name, value in asked.items():
+        keys = [k for k in DROPOUT_KEYS[name] if hasattr(config, k)]
+        if not keys:
+            has = sorted(k for k in vars(config) if "drop" in k) or ["none"]
+            raise ModelError(f"model.{name}: {config.model_type} models have no such setting (their dropout settings: "
+                             f"{', '.join(has)}). Remove model.{name}; peft.lora_dropout regularises LoRA adapters.")
+        setattr(config, keys[0], value)
+        log.info("Dropout: %s.%s = %g", config.model_type, keys[0], value)
+    return config
+
+
+def scratch_model(path: str, model_cfg: ModelConfig, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The architecture of `path` with fresh weights (seeded by training.seed), for training from scratch."""
+    config = model_config(path, model_cfg, trust_remote_code, always=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+                                             trust_remote_code=trust_remote_code)
+    if model_cfg.init_linear != "model":
+        reinit_linear(model, model_cfg.init_linear)
+    log.info("Initialised %s from scratch (%s linear init): same architecture and tokenizer, no pretrained weights",
+             config.model_type, model_cfg.init_linear)
+    return model
+
+
+@torch.no_grad()
+def reinit_linear(model: PreTrainedModel, scheme: str) -> None:
+    """Xavier (Glorot uniform) or He (Kaiming normal, fan-in) weights and zero biases for every linear layer.
+
+    An output layer tied to the embeddings keeps the embeddings' own initialisation: it is not a fresh layer.
+    """
+    tied = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+            if scheme == "xavier":
+                torch.nn.init.xavier_uniform_(module.weight)
+            else:
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                module.bias.zero_()
 
 
 def quantization_config(cfg: PeftSettings, dtype: torch.dtype):

@@ -94,11 +94,14 @@ def check_writable(out: Path, overwrite: bool) -> None:
         )
 
 
-def write_metadata(out: Path, recipe: Recipe, run_info: dict[str, Any], metrics: dict[str, Any]) -> None:
+def write_metadata(out: Path, recipe: Recipe, run_info: dict[str, Any], metrics: dict[str, Any],
+                   resolved: dict[str, Any] | None = None) -> None:
+    """recipe.yaml (`resolved`: the recipe as parsed, before training derived the batch arithmetic from it, so
+    rerunning it derives the same again), run.json and metrics.json."""
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(
         f"# Resolved recipe of this run (from {recipe.source}); retrain with: llmft train {out / RECIPE_FILE}\n"
-        + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+        + yaml.safe_dump(resolved or recipe.to_dict(), sort_keys=False)
     )
     info = {"versions": library_versions(), "git_sha": git_sha(Path(__file__).parent), "hardware": hardware(),
             **run_info}

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
-from llmft import run_dir
+from llmft import run_dir, tuning
 from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preempted, Preemption, resume_point
 from llmft.config import Recipe
 from llmft.data import file_fingerprint, load_splits, prepare_dataset
@@ -27,6 +27,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     from trl import SFTTrainer  # ~6 s to import: keep it out of `llmft --help`
 
     args, started = recipe.training, time.time()
+    resolved = recipe.to_dict()  # as parsed: set_accumulation rewrites the batch settings below
     check_launch(args.world_size)
     set_accumulation(args)
     out = Path(args.output_dir)
@@ -53,6 +54,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     # Load the model ---------------------------------------------------------------------------------------------
     model = load_model(recipe.model, recipe.peft, args.trust_remote_code,
                        activation_checkpointing=bool(args.activation_checkpointing))
+    frozen = tuning.apply_freezing(model, recipe.tuning)
+    if frozen:
+        log.info("Frozen by tuning.freeze_*: %s", "; ".join(frozen))
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     quant = f" ({recipe.peft.quant_bits}-bit base)" if recipe.peft.method == "qlora" else ""
@@ -64,7 +68,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     weight_check, preemption = WeightChangeCheck(), Preemption()
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     evaluation = GenerationEvalCallback(tokenizer, _eval_items(recipe, train_rows, eval_rows), recipe.eval, out)
-    callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *(callbacks or [])]
+    callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
+                 *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
@@ -74,7 +79,13 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     evaluation.trainer = trainer
     guard.attach(trainer)
     check_sharding(trainer)
+    tuning.check_launch(recipe.tuning, args.world_size, trainer.accelerator)
     restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
+    groups = None
+    if recipe.tuning.custom_param_groups:  # the Trainer builds its optimizer over these instead of its two groups
+        trainer.optimizer, groups = tuning.build_optimizer(trainer, recipe.tuning)
+        if trainer.is_world_process_zero():
+            tuning.log_groups(groups)
 
     # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
     metrics: dict[str, Any] = {}
@@ -106,10 +117,14 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                          **file_fingerprint(data.eval_data or data.train_data), "prep": eval_report.to_dict(),
                          "split": "eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}"}},
             "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
-                           "resolved": resolve_model_path(recipe.model.name_or_path)},
+                           "resolved": resolve_model_path(recipe.model.name_or_path), "init": recipe.model.init},
+            "frozen": frozen,
+            "param_groups": groups,
             "chat_template_sha256": run_dir.template_hash(tokenizer.chat_template),
             "end_of_turn_token": tokenizer.eos_token,
             "world_size": args.world_size,
+            "batch": {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
+                      "global": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size},
             "resumed_from": resume,
             "skipped_nonfinite_steps": guard.skipped,
             "trainable_tensors": weight_check.report,
@@ -117,7 +132,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
             "total_parameters": total,
             "seconds": round(time.time() - started, 1),
         }
-        run_dir.write_metadata(out, recipe, run_info, metrics)
+        run_dir.write_metadata(out, recipe, run_info, metrics, resolved)
         if samples:
             run_dir.write_samples(out, samples)
         print(_summary(out, metrics, samples, recipe.eval.show_samples))
@@ -128,6 +143,16 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                   f"{push(out, recipe.hub.repo_id, recipe.hub.private, gate_metrics=recipe.hub.gate_metrics)}")
     _end_process_group()
     return out
+
+
+def tuning_callbacks(model, recipe: Recipe) -> list[TrainerCallback]:
+    """Gradual unfreezing and L2-SP, when the recipe asks for them (after the weight check: see GradualUnfreezing)."""
+    found = []
+    if recipe.tuning.gradual:
+        found.append(tuning.GradualUnfreezing(model, recipe.tuning))
+    if recipe.tuning.l2sp_alpha:
+        found.append(tuning.L2SP(model, recipe.tuning.l2sp_alpha))
+    return found
 
 
 def _can_evaluate_before_training(trainer) -> bool:

@@ -82,10 +82,10 @@ def make_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny_model_dir(path: Path, style: str = "chatml") -> Path:
-    """A 2-layer random Llama and its tokenizer saved as a normal model directory."""
+def make_tiny_model_dir(path: Path, style: str = "chatml", layers: int = 2) -> Path:
+    """A small random Llama (2 layers unless asked) and its tokenizer saved as a normal model directory."""
     tokenizer = make_tokenizer(style)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id)
@@ -130,3 +130,13 @@ def write_recipe(path: Path, model_dir: Path | str, train: Path, out: Path, **se
         recipe.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def send_json(handler, body: dict) -> None:
+    """Answer an HTTP request with a 200 JSON body (for the stand-in OpenAI-compatible servers of the tests)."""
+    payload = json.dumps(body).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)

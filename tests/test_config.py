@@ -31,7 +31,8 @@ training:
 def test_every_shipped_recipe_is_valid_and_headed_by_its_command(path):
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and "llmft train" in first and str(path.relative_to(REPO)) in first
+    assert first.startswith("# ") and ("llmft train" in first or "llmft compare" in first)
+    assert str(path.relative_to(REPO)) in first
     assert not recipe.hub.push, "shipped recipes never push by default"
 
 

@@ -2,11 +2,9 @@
 half-written checkpoints are never resumed from."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file

@@ -16,6 +16,7 @@ from llmft.config import ModelConfig, PeftSettings
 from llmft.model import load_model, load_tokenizer
 from llmft.selfchat import (DialogueWriter, SelfChatConfig, generate, parse_transcript, read_seeds, verdict)
 from tests.conftest import LLMFT
+from tests.helpers import send_json
 
 
 # Baize's structural post-processing ----------------------------------------------------------------------------
@@ -143,12 +144,7 @@ class FakeOpenAI(http.server.BaseHTTPRequestHandler):
             choice = {"message": {"role": "assistant", "content": text}}
         else:
             choice = {"text": " A completion that is long enough."}
-        payload = json.dumps({"choices": [choice], "usage": {"completion_tokens": 7}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": [choice], "usage": {"completion_tokens": 7}})
 
     def log_message(self, *args):
         pass

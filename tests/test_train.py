@@ -153,3 +153,14 @@ def test_global_batch_size_derives_accumulation_or_names_the_sizes_that_fit(tmp_
     odd = TrainingConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, global_batch_size=6)
     with pytest.raises(LaunchError, match="Per-device sizes that fit: 1, 2, 3, 6"):
         set_accumulation(odd)
+
+
+def test_rerunning_the_resolved_recipe_derives_the_same_batch(tmp_path, tiny_model_dir, train_file):
+    """recipe.yaml holds the batch settings as written, not the accumulation derived from them (global_batch_size
+    plus a derived gradient_accumulation_steps would be refused as conflicting); run.json holds the derived ones."""
+    out = tmp_path / "run"
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out), ["--global_batch_size", "4"]))
+    again = load_recipe(out / "recipe.yaml")
+    assert (again.training.global_batch_size, again.training.per_device_train_batch_size,
+            again.training.gradient_accumulation_steps) == (4, 2, 1)
+    assert read_run(out)["run"]["batch"] == {"per_device": 1, "accumulation": 4, "global": 4}

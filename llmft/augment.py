@@ -1,0 +1,151 @@
+"""`llmft augment`: more training rows by rewriting the user turns of existing ones, through the self-chat backends.
+
+Two modes: `paraphrase` asks the model to say the request in other words; `backtranslate` translates it into a
+pivot language and back. Only user turns (and string prompts) are rewritten: the answers stay the ones the data
+was made with, so an augmented row is as correct as its source. A rewrite that comes back empty, unchanged, or far
+shorter or longer than the original is rejected with its row, and the counts are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from llmft.backends import Sampling
+
+log = logging.getLogger(__name__)
+
+MODES = ("paraphrase", "backtranslate")
+PROMPTS = {
+    "paraphrase": "Rewrite the following message in different words. Keep its meaning, its language and every "
+                  "detail needed to answer it. Reply with the rewritten message only.\n\n{text}",
+    "to_pivot": "Translate the following message into {pivot}. Reply with the translation only.\n\n{text}",
+    "from_pivot": "Translate the following message into English. Reply with the translation only.\n\n{text}",
+}
+
+
+class AugmentError(ValueError):
+    """Input rows that cannot be augmented, naming the file, row and field."""
+
+
+@dataclass
+class AugmentConfig:
+    mode: str = "paraphrase"
+    pivot: str = "French"
+    copies: int = 1
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_new_tokens=128, temperature=0.7, top_p=0.9))
+    min_ratio: float = 0.3  # rewrite length / original length, in characters
+    max_ratio: float = 3.0
+    batch_size: int = 16
+
+
+def rewrite(texts: list[str], backend, cfg: AugmentConfig) -> list[str]:
+    """Each text paraphrased, or translated to the pivot language and back, in one batch per call."""
+    def ask(template: str, items: list[str]) -> list[str]:
+        requests = [[{"role": "user", "content": template.format(text=t, pivot=cfg.pivot)}] for t in items]
+        return backend.chat(requests, cfg.sampling)
+
+    if cfg.mode == "paraphrase":
+        return ask(PROMPTS["paraphrase"], texts)
+    return ask(PROMPTS["from_pivot"], ask(PROMPTS["to_pivot"], texts))
+
+
+def rejection(original: str, rewritten: str, cfg: AugmentConfig) -> str | None:
+    """Why a rewrite is not kept, or None."""
+    if not rewritten.strip():
+        return "empty"
+    if " ".join(rewritten.lower().split()) == " ".join(original.lower().split()):
+        return "unchanged"
+    ratio = len(rewritten) / max(1, len(original))
+    if ratio < cfg.min_ratio:
+        return "too short"
+    if ratio > cfg.max_ratio:
+        return "too long"
+    return None
+
+
+def _slots(row: dict[str, Any], where: str) -> list[tuple[str, int | None]]:
+    """The places in a row that get rewritten: ("messages", i) for user turns, ("prompt", None) for a text prompt."""
+    if "messages" in row:
+        return [("messages", i) for i, m in enumerate(row["messages"]) if m["role"] == "user"]
+    if isinstance(row.get("prompt"), str):
+        return [("prompt", None)]
+    if isinstance(row.get("prompt"), list):
+        return [("prompt", i) for i, m in enumerate(row["prompt"]) if m["role"] == "user"]
+    raise AugmentError(f"{where}: no 'messages' and no 'prompt' field; convert the data first (llmft data convert).")
+
+
+def _read(row: dict, slot: tuple[str, int | None]) -> str:
+    key, index = slot
+    return row[key] if index is None else row[key][index]["content"]
+
+
+def _write(row: dict, slot: tuple[str, int | None], text: str) -> None:
+    key, index = slot
+    if index is None:
+        row[key] = text
+    else:
+        row[key][index] = {**row[key][index], "content": text}
+
+
+def augment_rows(rows: list[dict], backend, cfg: AugmentConfig, source: str = "data") -> tuple[list[dict], Counter]:
+    """New rows (cfg.copies per source row at most), and the count of rows rejected by reason."""
+    slots = [_slots(row, f"{source} row {i + 1}") for i, row in enumerate(rows)]
+    new_rows, rejected = [], Counter()
+    label = cfg.mode if cfg.mode == "paraphrase" else f"backtranslate:{cfg.pivot}"
+    with tqdm(total=len(rows) * cfg.copies, desc=f"augment ({label})", unit="row") as bar:
+        for _copy in range(cfg.copies):
+            for start in range(0, len(rows), cfg.batch_size):
+                batch = list(range(start, min(start + cfg.batch_size, len(rows))))
+                places = [(i, slot) for i in batch for slot in slots[i]]
+                texts = rewrite([_read(rows[i], slot) for i, slot in places], backend, cfg)
+                reasons: dict[int, str] = {}
+                copies = {i: json.loads(json.dumps(rows[i])) for i in batch}
+                for (i, slot), text in zip(places, texts):
+                    reason = rejection(_read(rows[i], slot), text, cfg)
+                    if reason:
+                        reasons.setdefault(i, reason)
+                    _write(copies[i], slot, text.strip())
+                for i in batch:
+                    if i in reasons:
+                        rejected[reasons[i]] += 1
+                    else:
+                        new_rows.append({**copies[i], "augmentation": label, "augmented_from_row": i + 1})
+                bar.update(len(batch))
+    return new_rows, rejected
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise AugmentError(f"cannot read {path}: {err}") from err
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise AugmentError(f"{path} line {number}: not JSON ({err.msg}); fix or remove the line.") from err
+    return rows
+
+
+def augment_file(data: Path, out: Path, backend, cfg: AugmentConfig, only_new: bool = False) -> dict[str, Any]:
+    """Write `out` (JSONL): the source rows (unless only_new), then the augmented ones. Returns the counts."""
+    rows = read_jsonl(data)
+    new_rows, rejected = augment_rows(rows, backend, cfg, str(data))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for row in ([] if only_new else rows) + new_rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary = {"source_rows": len(rows), "augmented_rows": len(new_rows), "rejected": dict(rejected),
+               "written": len(new_rows) + (0 if only_new else len(rows)), "out": str(out)}
+    log.info("augment: %d source rows -> %d new (%s rejected: %s)", len(rows), len(new_rows),
+             sum(rejected.values()), ", ".join(f"{n} {k}" for k, n in rejected.items()) or "none")
+    return summary
