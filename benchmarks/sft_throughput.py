@@ -8,7 +8,8 @@ configuration runs in a fresh process (its own peak RSS) for `--steps` optimizer
 first step is warm-up and not timed. Reported per configuration:
   tokens/s      non-padding tokens per second over the timed steps (TRL's own `num_tokens` count)
   padding       share of the batch positions that were padding
-  peak RSS      the process's peak resident memory (or peak GPU memory on CUDA)
+  peak RSS      the process's peak resident memory up to the end of training (or peak GPU memory on CUDA)
+  training MB   how much of it training added over the process at the start of training (model loaded)
   MFU           model FLOPs (6N per token full, 4N LoRA: no weight gradients) / measured fp32 matmul peak
   eval loss     mean assistant-token loss on 32 held-out conversations after training (same yardstick for all)
   vs TRL        tokens/s ratio to TRL's defaults of the same method
@@ -42,6 +43,9 @@ CONFIGS = {
                {"per_device_train_batch_size": 1, "gradient_accumulation_steps": BATCH}, None),
     "llmft": ("llmft defaults", {}, []),
     "llmft-ckpt": ("llmft defaults + activation checkpointing", {}, ["--activation_checkpointing", "true"]),
+    "llmft-8bit": ("llmft defaults + 8-bit AdamW (bitsandbytes)", {}, ["--optim", "adamw_bnb_8bit"]),
+    "llmft-lowmem": ("llmft defaults + activation checkpointing + 8-bit AdamW", {},
+                     ["--activation_checkpointing", "true", "--optim", "adamw_bnb_8bit"]),
 }
 
 
@@ -103,6 +107,7 @@ def make_meter():
             self.batches: list[tuple[int, int]] = []  # (non-padding tokens, positions)
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.start_mb = _memory_mb("VmRSS")
             self.accumulation = args.gradient_accumulation_steps
             loader = getattr(train_dataloader, "base_dataloader", train_dataloader)  # accelerate's adapter wraps it
             collate = loader.collate_fn
@@ -122,12 +127,17 @@ def make_meter():
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self.start)
 
+        def on_train_end(self, args, state, control, **kwargs):
+            # Read before the eval below, which (for llmft) reloads the trained model from its run directory.
+            self.peak_mb = _peak_mb()
+
         def result(self) -> dict[str, float]:
             """Over the timed steps (all but the first); the loader may have fetched one batch ahead."""
             steps = len(self.times)
             timed = self.batches[self.accumulation: steps * self.accumulation]
             return {"tokens_per_s": sum(t for t, _ in timed) / sum(self.times[1:]),
-                    "padding": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed)}
+                    "padding": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed),
+                    "peak_mb": self.peak_mb, "train_mb": self.peak_mb - self.start_mb}
 
     return Meter()
 
@@ -176,7 +186,7 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
         trained = trainer.model
     else:
         trained = _llmft_run(name, method, steps, data, workdir, examples, llmft_overrides, meter)
-    return {**meter.result(), "peak_mb": _peak_mb(), "eval_loss": _eval_loss(trained, eval_ds)}
+    return {**meter.result(), "eval_loss": _eval_loss(trained, eval_ds)}
 
 
 def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
@@ -204,7 +214,17 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
 def _peak_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _memory_mb("VmHWM")
+
+
+def _memory_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident so far) of this process, from /proc (Linux)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: peak only
 
 
 def flops_per_token(method: str) -> float:
@@ -249,21 +269,23 @@ def main() -> None:
         data = make_data(Path(tmp), BATCH * args.steps * 2)
         print(f"SmolLM2-135M-Instruct, {data['source']} (<= {MAX_LENGTH} tokens), batch {BATCH}, {args.steps} steps "
               f"(first untimed), {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s\n")
-        print("| method | configuration | tokens/s | vs TRL | padding | peak RSS MB | vs TRL | MFU | eval loss |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| method | configuration | tokens/s | vs TRL | padding | peak RSS MB | vs TRL | training MB | vs TRL "
+              "| MFU | eval loss |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for method in args.methods:
             base = None
             for name in args.configs:
                 result = run_config(name, method, args.steps, data, Path(tmp))
                 label = CONFIGS[name][0]
                 if "error" in result:
-                    print(f"| {method} | {label} | failed: {result['error']} | | | | | | |")
+                    print(f"| {method} | {label} | failed: {result['error']} | | | | | | | | |")
                     continue
                 base = base or result
                 mfu = result["tokens_per_s"] * flops_per_token(method) / (peak * 1e9)
                 print(f"| {method} | {label} | {result['tokens_per_s']:.1f} | "
                       f"{result['tokens_per_s'] / base['tokens_per_s']:.2f}x | {result['padding']:.0%} | "
-                      f"{result['peak_mb']:.0f} | {result['peak_mb'] / base['peak_mb']:.2f}x | {mfu:.0%} | "
+                      f"{result['peak_mb']:.0f} | {result['peak_mb'] / base['peak_mb']:.2f}x | {result['train_mb']:.0f} | "
+                      f"{result['train_mb'] / base['train_mb']:.2f}x | {mfu:.0%} | "
                       f"{result['eval_loss']:.4f} |", flush=True)
 
 

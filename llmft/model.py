@@ -316,11 +316,6 @@ def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:
     return get_peft_model(model, lora)
 
 
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every trainable tensor, to compare before and after training."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @torch.no_grad()
 def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

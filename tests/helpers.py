@@ -82,10 +82,11 @@ def make_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny_model_dir(path: Path, style: str = "chatml", layers: int = 2) -> Path:
+def make_tiny_model_dir(path: Path, style: str = "chatml", layers: int = 2, intermediate: int = 64) -> Path:
     """A small random Llama (2 layers unless asked) and its tokenizer saved as a normal model directory."""
     tokenizer = make_tokenizer(style)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=intermediate,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id)
