@@ -345,7 +345,7 @@ class TrainingConfig(SFTConfig):
     activation_checkpointing: bool | None = field(
         default=True,
         metadata={"help": "Recompute activations in the backward pass: less memory, more compute. Default: on with "
-                          "CUDA (memory is the limit there), off on CPUs (here it made LoRA ~1.6x slower for ~30 percent less "
+                          "CUDA (memory is the limit there), off on CPUs (here it made LoRA 1.3-1.6x slower for ~30 percent less "
                           "peak memory, benchmarks/README.md)."},
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
