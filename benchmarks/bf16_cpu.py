@@ -61,7 +61,7 @@ def main() -> None:
     for name, value in speeds.items():
         print(f"| {name} | {value:.1f} | {value / speeds['fp32']:.2f}x |")
 
-    from llmft.demo_data import write_demo_data
+    from llmft.dataset.demo import write_demo_data
     from llmft.hardware import fast_bf16_available
 
     bf16_usable = speeds["bf16"] > speeds["fp32"] / 2

@@ -29,14 +29,14 @@ def main() -> None:
     from llmft.config import ModelConfig
     from llmft.data import prepare_dataset
     from llmft.model import load_tokenizer
-    from llmft.prep import BuildConfig, Source, build
+    from llmft.dataset.build import BuildConfig, Source, build
 
     datasets.disable_progress_bars()
     datasets.disable_caching()  # each run must tokenize, not reuse the previous run's cache files
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        manifest = build(BuildConfig(sources=[Source(str(path), format=args.format)], out=f"{tmp}/out"))
+        manifest = build(BuildConfig(sources=[Source(path=str(path), format=args.format)], out=f"{tmp}/out"))
         seconds = time.perf_counter() - start
         n = manifest["sources"][0]["read"]
         rows.append(("convert + clean + dedupe + write", 1, n, seconds))

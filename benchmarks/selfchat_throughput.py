@@ -24,10 +24,10 @@ def main() -> None:
 
     import torch
 
-    from llmft.backends import LocalBackend, Sampling
+    from llmft.synth.backends import LocalBackend, Sampling
     from llmft.config import ModelConfig, PeftSettings
     from llmft.model import load_model, load_tokenizer, weights_dtype
-    from llmft.selfchat import SelfChatConfig, generate, read_seeds
+    from llmft.synth.selfchat import SelfChatConfig, generate, read_seeds
 
     seeds = read_seeds(str(REPO / "data_prep" / "seeds" / "questions.txt"), None, None, args.seeds)
     cfg = ModelConfig()

@@ -70,7 +70,7 @@ def make_data(workdir: Path, examples: int) -> dict[str, str]:
                         "--test-fraction", "0.05"], check=True, capture_output=True)
         data = {"train": str(out / "train"), "eval": str(out / "test"), "source": "lima.json"}
     else:
-        from llmft.demo_data import write_demo_data
+        from llmft.dataset.demo import write_demo_data
 
         paths = write_demo_data(workdir / "demo", train_rows=256, eval_rows=32)
         data = {"train": str(paths["train"]), "eval": str(paths["eval"]), "source": "generated demo rows"}
@@ -195,6 +195,7 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
 
     from llmft.config import load_recipe
     from llmft.model import load_run_model
+    from llmft.run_dir import read_run
     from llmft.train import train
 
     out = workdir / name
@@ -207,8 +208,7 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
                      "max_length": MAX_LENGTH, "learning_rate": LR[method], "logging_steps": 1, "seed": 42},
     }))
     train(load_recipe(recipe, overrides), callbacks=[meter])
-    run = json.loads((out / "run.json").read_text())
-    return load_run_model(out, run["base_model"])
+    return load_run_model(read_run(out))
 
 
 def _peak_mb() -> float:

@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from llmft.demo_data import write_demo_data
+from llmft.dataset.demo import write_demo_data
 
 
 def main() -> None:

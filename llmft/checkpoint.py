@@ -20,26 +20,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from llmft.errors import CheckpointError, NonFiniteError
+
 log = logging.getLogger(__name__)
 
 MARKER = "llmft_checkpoint.json"
 NO_RESUME = ("no", "none", "false", "")
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint named for resuming that cannot be resumed from."""
-
-
-class NonFiniteError(RuntimeError):
-    """A training step whose loss or gradients are NaN or infinite."""
-
-
-class Preempted(RuntimeError):
-    """Training stopped on a signal after saving a checkpoint; `signum` is the signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 # Checkpoints and resume ------------------------------------------------------------------------------------------
@@ -77,7 +63,7 @@ def resume_point(out: Path, setting: str | bool | None, overwrite: bool) -> str 
     if setting.lower() != "auto":
         path = Path(setting)
         if not (path / "trainer_state.json").is_file():
-            raise ResumeError(f"resume_from_checkpoint: {path} is not a checkpoint (no trainer_state.json in it). "
+            raise CheckpointError(f"resume_from_checkpoint: {path} is not a checkpoint (no trainer_state.json in it). "
                               f"Point it at an {out}/checkpoint-N directory, or use auto.")
         if not is_complete(path):
             log.warning("%s has no completion marker (%s): it may be half-written.", path, MARKER)

@@ -11,16 +11,42 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmft.config import Recipe, load_recipe
-from llmft.data import DataError, load_splits, prepare_dataset
+from llmft.data import load_splits
+from llmft.errors import ConfigError, DataError
 from llmft.model import load_tokenizer
 from llmft.run_dir import read_run
+from llmft.stages import STAGES
 from llmft.train import train
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareOptions:
+    """`llmft compare`'s own options; any other --key value overrides every recipe."""
+
+    recipes: list[str] = field(metadata={"positional": True, "metavar": "RECIPE",
+                                         "help": "Recipe YAML files; their file names label the runs."})
+    sizes: list[int] = field(metadata={"help": "Training examples per run."})
+    out: str = field(metadata={"help": "Report directory (runs go in OUT/runs/)."})
+    tokens: int | None = field(default=None, metadata={"help": "Training tokens per run (default: one epoch of "
+                                                               "the largest size)."})
+    evals: int = field(default=5, metadata={"help": "Evaluations per run, evenly spaced."})
+
+    def __post_init__(self):
+        if min(self.sizes) < 1 or self.evals < 1 or (self.tokens is not None and self.tokens < 1):
+            raise ConfigError(["--sizes, --tokens and --evals must be positive."], what="the options of llmft compare")
+
+
+def compare_command(options: CompareOptions, overrides: list[str]) -> None:
+    out = compare(options.recipes, options.sizes, Path(options.out), options.tokens, options.evals, overrides)
+    print((out / "report.md").read_text())
+    print(f"Report: {out / 'report.md'}")
 
 
 def subset_tokens(recipe: Recipe) -> tuple[int, int, int]:
@@ -29,7 +55,7 @@ def subset_tokens(recipe: Recipe) -> tuple[int, int, int]:
     tokenizer = load_tokenizer(recipe.model, args.trust_remote_code)
     every, _ = load_splits(data.train_data, data.eval_data, data.eval_fraction, args.seed)
     rows = every.select(range(min(data.max_train_examples or len(every), len(every))))
-    dataset, _ = prepare_dataset(rows, tokenizer, args.max_length, data.overlong, data.train_data, None)
+    dataset, _ = STAGES[args.stage].prepare(rows, tokenizer, recipe, data.train_data)
     return len(every), len(dataset), sum(len(ids) for ids in dataset["input_ids"])
 
 
@@ -37,14 +63,14 @@ def run_overrides(size: int, out: Path, epochs: float, evals: int) -> list[str]:
     """What compare sets in each recipe: the data size, the epochs that meet the budget, evaluations by ratio."""
     return ["--max_train_examples", str(size), "--output_dir", str(out), "--num_train_epochs", f"{epochs:.6f}",
             "--max_steps", "-1", "--eval_strategy", "steps", "--eval_steps", f"{1 / evals:.6f}",
-            "--save_strategy", "no",
-            "--overwrite_output_dir", "true", "--resume_from_checkpoint", "no"]
+            "--save_strategy", "no", "--overwrite_output_dir", "true", "--resume_from_checkpoint", "no",
+            "--include_num_input_tokens_seen", "non_padding"]  # the x axis of every curve
 
 
 def curve(run: Path) -> tuple[list[int], list[float]]:
     """(tokens trained, eval loss) at every evaluation of a run, the one before training (metrics.json) first."""
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    before = read_run(run)["metrics"].get("before")
+    before = read_run(run).metrics.before
     points = {0: before["eval_loss"]} if before else {}
     for entry in history:
         if "eval_loss" in entry:
@@ -58,7 +84,8 @@ def compare(recipes: list[str], sizes: list[int], out: Path, tokens: int | None 
     """Train every recipe at every size with the same token budget; write the report into `out`."""
     labels = [Path(r).stem for r in recipes]
     if len(set(labels)) != len(labels):
-        raise DataError(f"llmft compare: recipes need distinct file names (they label the runs): {labels}")
+        raise ConfigError([f"recipes need distinct file names (they label the runs): {labels}"],
+                          what="the options of llmft compare")
     plan = _plan(recipes, sorted(sizes), tokens, argv or [])
     budget = plan["budget"]
     log.info("Token budget per run: %s (%s)", f"{budget:,}", plan["budget_from"])
@@ -71,10 +98,7 @@ def compare(recipes: list[str], sizes: list[int], out: Path, tokens: int | None 
             run = out / "runs" / f"{label}-{size}"
             log.info("compare: %s on %d examples (%s tokens) for %.2f epochs", label, rows, f"{run_tokens:,}", epochs)
             started = time.time()
-            recipe = load_recipe(path, [*(argv or []), *run_overrides(size, run, epochs, evals)])
-            # The x axis of every curve. Set here because the command line parses this option as a boolean only.
-            recipe.training.include_num_input_tokens_seen = "non_padding"
-            train(recipe)
+            train(load_recipe(path, [*(argv or []), *run_overrides(size, run, epochs, evals)]))
             seen, losses = curve(run)
             results["runs"].setdefault(label, {})[str(size)] = {
                 "examples": rows, "epochs": round(epochs, 3), "tokens": seen, "eval_loss": losses,
@@ -94,7 +118,7 @@ def _plan(recipes: list[str], sizes: list[int], tokens: int | None, argv: list[s
             recipe = load_recipe(path, [*argv, "--max_train_examples", str(size)])
             available, rows, count = subset_tokens(recipe)
             if size > available:
-                raise DataError(f"llmft compare: --sizes {size} is more than the {available} training rows of "
+                raise DataError(f"--sizes {size} is more than the {available} training rows of "
                                 f"{recipe.data.train_data} (after the eval split); use sizes up to {available}.")
             subsets[(path, size)] = (rows, count)
     if tokens is None:

@@ -9,7 +9,6 @@ anywhere are errors that name the closest valid key, and every problem found is 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,31 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 from trl import SFTConfig
 
+from llmft.errors import ConfigError
 from llmft.hardware import cuda_available, fast_bf16_available
+from llmft.parsing import OptionParser, build, field_names, read_yaml_mapping, suggest, unknown_flags
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16")
 OVERLONG = ("drop", "truncate")
-EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
+EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")  # built in, offline; or evaluate:<metric id>
+EXTRACTORS = ("none", "gsm8k", "last_number")  # or regex:PATTERN
+STAGES = ("sft",)  # training.stage: the keys of llmft.stages.STAGES (a test keeps the two equal)
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 ON_NONFINITE = ("stop", "skip")
 INITS = ("pretrained", "scratch")
 INIT_LINEAR = ("model", "xavier", "he")
 UNFREEZE_BY = ("steps", "epochs")
-
-
-class ConfigError(ValueError):
-    """A recipe problem (or several), each saying what is wrong and how to fix it."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        head = f"{len(problems)} problem(s) in recipe{f' {source}' if source else ''}:"
-        super().__init__("\n".join([head, *(f"  - {p}" for p in problems)]))
 
 
 def _raise_if(problems: list[str]) -> None:
@@ -258,25 +251,59 @@ class TuningConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation hooks: generation metrics at every Trainer evaluation (and before/after training)."""
+class GenerationEval:
+    """Generation metrics on held-out prompts: the recipe's `eval:` section and `llmft eval` share these settings
+    (`llmft eval RUN` starts from the run's own values)."""
 
     _argument_group_name = "eval"
 
     num_generate: int = field(
         default=0,
-        metadata={"help": "Held-out conversations answered by greedy generation and scored at each evaluation (0 = off)."},
+        metadata={"help": "Held-out conversations answered by greedy generation and scored (0 = no generation)."},
     )
     metrics: list[str] = field(
         default_factory=lambda: ["exact_match"],
-        metadata={"help": "Generation metrics: exact_match rouge_l bleu chrf (offline)."},
+        metadata={"help": "Generation metrics: exact_match rouge_l bleu chrf (built in, offline), or "
+                          "evaluate:ID for any metric of the evaluate library (a Hub id, or a local script path)."},
     )
     answer_extractor: str = field(
         default="none", metadata={"help": "For exact match: none | gsm8k | last_number | regex:PATTERN."}
     )
     few_shot: int = field(default=0, metadata={"help": "Worked examples (from the training data) before each prompt."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated together."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated (and scored) together."})
+
+    def __post_init__(self):
+        problems = []
+        for name in ("num_generate", "few_shot"):
+            if getattr(self, name) < 0:
+                problems.append(f"eval.{name} must be >= 0.")
+        for name in ("max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"eval.{name} must be > 0.")
+        if isinstance(self.metrics, str):
+            self.metrics = [self.metrics]
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS and not (m.startswith("evaluate:") and m[9:])]
+        if unknown:
+            problems.append(f"eval.metrics: unknown {unknown}; choose from {', '.join(EVAL_METRICS)} or "
+                            "evaluate:<metric id or path>.")
+        if not (self.answer_extractor in EXTRACTORS or self.answer_extractor.startswith("regex:")):
+            problems.append(f"eval.answer_extractor: '{self.answer_extractor}' is not none, gsm8k, last_number or "
+                            "regex:PATTERN.")
+        elif self.answer_extractor.startswith("regex:"):
+            try:
+                re.compile(self.answer_extractor[len("regex:"):])
+            except re.error as err:
+                problems.append(f"eval.answer_extractor: '{self.answer_extractor}' is not a regular expression ({err}).")
+        _raise_if(problems)
+
+
+@dataclass
+class EvalConfig(GenerationEval):
+    """Evaluation hooks: generation metrics at every Trainer evaluation (and before/after training)."""
+
+    _argument_group_name = "eval"
+
     forgetting_check: bool = field(
         default=False,
         metadata={"help": "Perplexity on llmft's general-text set vs the model before training, as a ratio."},
@@ -290,19 +317,14 @@ class EvalConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("num_generate", "show_samples", "few_shot"):
-            if getattr(self, name) < 0:
-                problems.append(f"eval.{name} must be >= 0.")
-        for name in ("max_new_tokens", "generation_batch_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"eval.{name} must be > 0.")
-        if isinstance(self.metrics, str):
-            self.metrics = [self.metrics]
-        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
-        if unknown:
-            problems.append(f"eval.metrics: unknown {unknown}; choose from {', '.join(EVAL_METRICS)}.")
-        if not (self.answer_extractor in ("none", "gsm8k", "last_number") or self.answer_extractor.startswith("regex:")):
-            problems.append(f"eval.answer_extractor: '{self.answer_extractor}' is not none, gsm8k, last_number or regex:PATTERN.")
+        try:
+            super().__post_init__()
+        except ConfigError as err:
+            problems += err.problems
+        if self.show_samples < 0:
+            problems.append("eval.show_samples must be >= 0.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            problems.append(f"eval.early_stopping_patience: {self.early_stopping_patience} must be >= 1.")
         _raise_if(problems)
 
 
@@ -332,6 +354,7 @@ class TrainingConfig(SFTConfig):
 
     _argument_group_name = "training"
 
+    stage: str = field(default="sft", metadata={"help": f"Training stage: {' | '.join(STAGES)} (supervised fine-tuning)."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (2e-4 suits LoRA; ~2e-5 full)."})
     max_length: int | None = field(default=1024, metadata={"help": "Longest example in tokens (see data.overlong)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
@@ -345,8 +368,8 @@ class TrainingConfig(SFTConfig):
     activation_checkpointing: bool | None = field(
         default=True,
         metadata={"help": "Recompute activations in the backward pass: less memory, more compute. Default: on with "
-                          "CUDA (memory is the limit there), off on CPUs (here it made LoRA 1.3-1.6x slower for ~30 percent less "
-                          "peak memory, benchmarks/README.md)."},
+                          "CUDA (memory is the limit there), off on CPUs (where it costs more time than the memory is worth: "
+                          "benchmarks/README.md)."},
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
     global_batch_size: int | None = field(
@@ -357,8 +380,8 @@ class TrainingConfig(SFTConfig):
     cpu_micro_batches: bool = field(
         default=True,
         metadata={"help": "On CPUs, run each device batch one example at a time and accumulate (same batch, same "
-                          "token-weighted loss): no padding, and PyTorch's fused causal attention. ~2x faster here, "
-                          "less memory (benchmarks/README.md)."},
+                          "token-weighted loss): no padding, and PyTorch's fused causal attention: faster and "
+                          "less memory (measured in benchmarks/README.md)."},
     )
     resume_from_checkpoint: str | None = field(
         default="auto",
@@ -373,6 +396,8 @@ class TrainingConfig(SFTConfig):
 
     def __post_init__(self):
         problems = []
+        if self.stage not in STAGES:
+            problems.append(f"training.stage: '{self.stage}' is not one of {', '.join(STAGES)}.")
         if self.on_nonfinite not in ON_NONFINITE:
             problems.append(f"training.on_nonfinite: '{self.on_nonfinite}' is not one of {', '.join(ON_NONFINITE)}.")
         if self.global_batch_size is not None:
@@ -424,7 +449,7 @@ class Recipe:
         for name in SECTIONS:
             section = getattr(self, name)
             values = dataclasses.asdict(section) if name != "training" else _training_values(section)
-            out[name] = {k: v for k, v in values.items() if k in _field_names(SECTIONS[name])}
+            out[name] = {k: v for k, v in values.items() if k in field_names(SECTIONS[name])}
         return out
 
 
@@ -437,17 +462,8 @@ def _training_values(training: TrainingConfig) -> dict[str, Any]:
     return values
 
 
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.init}
-
-
 def _owner_of(key: str) -> list[str]:
-    return [name for name, cls in SECTIONS.items() if key in _field_names(cls)]
-
-
-def _suggest(key: str, candidates: set[str] | list[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    return [name for name, cls in SECTIONS.items() if key in field_names(cls)]
 
 
 def hardware_defaults(stem: str) -> dict[str, Any]:
@@ -460,32 +476,23 @@ def hardware_defaults(stem: str) -> dict[str, Any]:
     }
 
 
-class _Parser(HfArgumentParser):
-    """HfArgumentParser that raises instead of exiting, so errors can be collected with the others."""
-
-    def error(self, message: str):
-        raise ConfigError([f"command line: {message}"])
-
-
-def build_parser() -> _Parser:
-    parser = _Parser(list(SECTIONS.values()), allow_abbrev=False, prog="llmft train")
+def build_parser() -> OptionParser:
+    parser = OptionParser(list(SECTIONS.values()), allow_abbrev=False, prog="llmft train")
     parser.add_argument("recipe", help="Recipe YAML file (see recipes/).")
     return parser
 
 
-def _read_yaml(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
+def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
     """The YAML file's sections, checking every section and key name."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError([f"cannot read {path}: {err}"]) from err
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), not {type(raw).__name__}."])
+    raw = read_yaml_mapping(path, "recipe")
+    if not raw:
+        raise ConfigError([f"{path}: the recipe is empty. A recipe needs at least data.train_data; see recipes/ "
+                           "for examples."])
     sections = {}
     for name, values in raw.items():
         if name not in SECTIONS:
             owners = _owner_of(name)
-            hint = f" '{name}' belongs in section '{owners[0]}'." if owners else _suggest(name, SECTIONS)
+            hint = f" '{name}' belongs in section '{owners[0]}'." if owners else suggest(name, SECTIONS)
             problems.append(f"{path}: unknown section '{name}'.{hint} Sections: {', '.join(SECTIONS)}.")
             continue
         if values is None:
@@ -494,9 +501,9 @@ def _read_yaml(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
             problems.append(f"{path}: section '{name}' must be a mapping of key: value.")
             continue
         for key in values:
-            if key not in _field_names(SECTIONS[name]):
+            if key not in field_names(SECTIONS[name]):
                 owners = [o for o in _owner_of(key) if o != name]
-                hint = f" It belongs in section '{owners[0]}'." if owners else _suggest(key, _field_names(SECTIONS[name]))
+                hint = f" It belongs in section '{owners[0]}'." if owners else suggest(key, field_names(SECTIONS[name]))
                 problems.append(f"{path}: unknown key '{name}.{key}'.{hint}")
         sections[name] = values
     return sections
@@ -513,8 +520,8 @@ def _normalise_cli(argv: list[str], problems: list[str]) -> list[str]:
         if arg.startswith("--") and "." in arg.split("=", 1)[0]:
             dotted, equals, value = arg[2:].partition("=")
             section, _, key = dotted.partition(".")
-            if section not in SECTIONS or key not in _field_names(SECTIONS[section]):
-                problems.append(f"command line: unknown option '--{dotted}'.{_suggest(key, _all_keys())}")
+            if section not in SECTIONS or key not in field_names(SECTIONS[section]):
+                problems.append(f"command line: unknown option '--{dotted}'.{suggest(f'--{key}', _flags())}")
                 skip_value = not equals
                 continue
             arg = f"--{key}" + (f"={value}" if equals else "")
@@ -523,7 +530,11 @@ def _normalise_cli(argv: list[str], problems: list[str]) -> list[str]:
 
 
 def _all_keys() -> set[str]:
-    return set().union(*(_field_names(cls) for cls in SECTIONS.values()))
+    return set().union(*(field_names(cls) for cls in SECTIONS.values()))
+
+
+def _flags() -> list[str]:
+    return [f"--{key}" for key in _all_keys()]
 
 
 def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recipe:
@@ -532,7 +543,7 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
     problems: list[str] = []
     if not path.is_file():
         raise ConfigError([f"recipe file not found: {path} (recipes live under recipes/<model>/<method>/)."])
-    sections = _read_yaml(path, problems)
+    sections = _read_sections(path, problems)
     cli = _normalise_cli(list(argv or []), problems)
 
     parser = build_parser()
@@ -541,32 +552,65 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
         defaults.update(values)
     # argparse converts string defaults with each option's type, so YAML's '1e-4' becomes a float here.
     parser.set_defaults(**defaults)
-    namespace, unknown = parser.parse_known_args([str(path), *cli])
-    after_unknown = False
-    for arg in unknown:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0]
-            problems.append(f"command line: unknown option '--{name}'.{_suggest(name, _all_keys())}")
-            after_unknown = "=" not in arg
-        elif after_unknown:  # the value of an unknown option, reported with it
-            after_unknown = False
-        else:
-            problems.append(f"command line: unexpected value '{arg}' (options take the form --key value).")
-
-    built = {}
-    for name, cls in SECTIONS.items():
-        kwargs = {k: getattr(namespace, k) for k in _field_names(cls)}
-        try:
-            built[name] = cls(**kwargs)
-        except ConfigError as err:
-            problems.extend(err.problems)
-        except (ValueError, TypeError) as err:
-            problems.append(f"{name}: {err}")
+    try:
+        namespace, unknown = parser.parse_known_args([str(path), *cli])
+    except ConfigError as err:
+        raise ConfigError([f"command line: {p}" for p in err.problems] + problems, source=str(path)) from err
+    problems += [f"command line: {p}" for p in unknown_flags(unknown, _flags())]
+    built = dict(zip(SECTIONS, build(SECTIONS.values(), namespace, problems)))
     if not problems:
         problems.extend(cross_check(built))
     if problems:
         raise ConfigError(problems, source=str(path))
     return Recipe(**built, source=str(path))
+
+
+def recipe_from_dict(values: dict[str, dict[str, Any]], source: str) -> Recipe:
+    """A recipe written by `Recipe.to_dict` (a run directory's recipe.yaml), read back as the dataclasses.
+
+    The training section is taken as recorded, without TrainingArguments' checks of this machine (bf16 support,
+    CUDA, DeepSpeed files): a run trained on a GPU must still be readable on a laptop. Keys this version does not
+    know (a run made with another TRL) are ignored; keys it lacks take their defaults.
+    """
+    problems: list[str] = []
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        given = {k: v for k, v in (values.get(name) or {}).items() if k in field_names(cls)}
+        if name == "training":
+            built[name] = _as_recorded(cls, given)
+            continue
+        try:
+            built[name] = cls(**given)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems, source=source)
+    return Recipe(**built, source=source)
+
+
+def _as_recorded(cls: type, given: dict[str, Any]) -> Any:
+    """An instance of a dataclass with `given` values and defaults for the rest, without running __post_init__."""
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            value = given[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        object.__setattr__(obj, f.name, value)
+    return obj
+
+
+def read_recipe_file(path: Path) -> Recipe:
+    """A run directory's recipe.yaml (see `recipe_from_dict`)."""
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError([f"cannot read {path}: {err}"]) from err
+    return recipe_from_dict(values, str(path))
 
 
 def cross_check(sections: dict[str, Any]) -> list[str]:

@@ -1,16 +1,13 @@
-"""The one dataset schema training reads, and how it becomes token ids with a loss mask.
+"""Training data: load a split, check every row against the conversation schema, tokenize it with loss masks.
 
-A dataset has either a `messages` column (a list of {role, content}, roles system/user/assistant/tool) or
-`prompt`/`completion` columns (both strings, or both lists of messages). Loss falls on assistant tokens only,
-for any chat template: each assistant message's characters are found by rendering the conversation turn by turn
-(checked against the full rendering), and tokens whose characters start inside them carry labels. That covers
-the content and the end-of-turn token, and nothing the template adds between turns.
+Rows are `messages` or `prompt`/`completion` (`llmft.schema`). Loss falls on assistant tokens only, for any chat
+template: each assistant message's characters are found by rendering the conversation turn by turn (checked
+against the full rendering), and tokens whose characters start inside them carry labels. That covers the content
+and the end-of-turn token, and nothing the template adds between turns.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,22 +17,18 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-ROW = "_row"  # column holding a row's 1-based number in its source file
+from llmft.errors import DataError
+from llmft.schema import (MESSAGES, ROW, example, kind_of, load_json_rows, raise_problems, row_number,
+                          rows_problems)
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
-MAX_LISTED = 20  # problems listed in one error; the rest are counted
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
-    """Bad training data: names the file, the rows and fields, and what to do."""
-
-
 @dataclass
-class PrepReport:
+class TokenizeReport:
     """What tokenisation did to a split: rows in and out, and why any were dropped or cut."""
 
     rows_in: int = 0
@@ -46,14 +39,8 @@ class PrepReport:
     trainable_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows_in": self.rows_in,
-            "rows_out": self.rows_out,
-            "truncated": self.truncated,
-            "dropped": dict(self.dropped),
-            "tokens": self.tokens,
-            "trainable_tokens": self.trainable_tokens,
-        }
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "truncated": self.truncated,
+                "dropped": dict(self.dropped), "tokens": self.tokens, "trainable_tokens": self.trainable_tokens}
 
     def summary(self, name: str) -> str:
         parts = [f"{name}: {self.rows_out}/{self.rows_in} examples kept, {self.tokens} tokens "
@@ -83,131 +70,30 @@ def load_rows(source: str) -> datasets.Dataset:
     kinds = {FILE_TYPES.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:
         raise DataError(f"{source}: expected .jsonl, .json or .parquet files of one kind, found {[p.name for p in files]}.")
-    for p in files:
+    for p in files:  # pyarrow's own error for a bad line names neither the file nor the line
         if p.suffix == ".jsonl":
-            _read_jsonl(p)
+            load_json_rows(p)
     try:
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as err:  # pyarrow and datasets raise many types for bad files; all mean the same here
         for p in files:  # arrow refuses mixed types (an int content among strings): find the rows in Python
             if p.suffix == ".jsonl":
-                rows = _read_jsonl(p)
-                _raise_problems(str(p), _problems(rows, schema_of_columns(set().union(*rows), str(p))))
+                rows = load_json_rows(p)
+                raise_problems(str(p), rows_problems(rows, kind_of(set().union(*rows), str(p))))
         raise DataError(f"{source}: cannot be read as a dataset: {err}") from err
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Every row, naming the first malformed line: pyarrow's own error names neither the file nor the line."""
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: each line must be a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
-
-
-def schema_of(ds: datasets.Dataset, source: str) -> str:
-    """'messages' or 'prompt_completion'."""
-    return schema_of_columns(set(ds.column_names), source)
-
-
-def schema_of_columns(columns: set[str], source: str) -> str:
-    if "messages" in columns:
-        return "messages"
-    if {"prompt", "completion"} <= columns:
-        return "prompt_completion"
-    raise DataError(
-        f"{source}: no 'messages' column and no 'prompt'/'completion' columns (found {sorted(columns)}). "
-        "Convert the data first (data_prep/), or rename its columns."
-    )
-
-
-# Validation ----------------------------------------------------------------------------------------------------
-
-
 def validate_rows(ds: datasets.Dataset, source: str) -> str:
-    """Check every row; raise one DataError that lists the problems (row numbers 1-based). Returns the schema."""
-    schema = schema_of(ds, source)
-    columns = ["messages"] if schema == "messages" else ["prompt", "completion"]
-    numbered = columns + ([ROW] if ROW in ds.column_names else [])
-    _raise_problems(source, _problems(ds.select_columns(numbered), schema))
-    return schema
-
-
-def _problems(rows, schema: str) -> list[str]:
-    problems = []
-    for index, row in enumerate(rows):
-        missing = [c for c in (["messages"] if schema == "messages" else ["prompt", "completion"]) if c not in row]
-        found = [f"field '{c}' is missing." for c in missing] or _row_problems(row, schema)
-        problems += [f"row {_row_number(row, index)}: {problem}" for problem in found]
-    return problems
-
-
-def _row_number(row: dict[str, Any], index: int) -> int:
-    """The row's 1-based number in its source file (kept through splits), else its position here."""
-    return row[ROW] if ROW in row else index + 1
+    """Check every row against the schema; one DataError lists the problems (rows 1-based). Returns the kind."""
+    kind = kind_of(ds.column_names, source)
+    columns = [MESSAGES] if kind == MESSAGES else ["prompt", "completion"]
+    raise_problems(source, rows_problems(ds.select_columns(columns + ([ROW] if ROW in ds.column_names else [])), kind))
+    return kind
 
 
 def number_rows(ds: datasets.Dataset) -> datasets.Dataset:
     """Remember each row's 1-based number in its source, so messages name the right row after a shuffled split."""
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(1, len(ds) + 1)))
-
-
-def _raise_problems(source: str, problems: list[str]) -> None:
-    if problems:
-        listed = problems[:MAX_LISTED]
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(
-            f"{source}: {len(problems)} invalid row(s) (rows are 1-based):\n  " + "\n  ".join(listed) + more
-            + "\nFix these rows or remove them, then run again."
-        )
-
-
-def _row_problems(row: dict[str, Any], schema: str) -> list[str]:
-    if schema == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, str) and isinstance(completion, str):
-            return [] if completion.strip() else ["field 'completion' is empty."]
-        if isinstance(prompt, list) and isinstance(completion, list):
-            problems = _messages_problems(prompt + completion, "prompt+completion")
-            if not any(m.get("role") == "assistant" for m in completion if isinstance(m, dict)):
-                problems.append("field 'completion' has no assistant message.")
-            return problems
-        return ["fields 'prompt' and 'completion' must both be strings or both be lists of messages."]
-    return _messages_problems(row["messages"], "messages")
-
-
-def _messages_problems(messages: Any, name: str) -> list[str]:
-    if not isinstance(messages, list) or not messages:
-        return [f"field '{name}' must be a non-empty list of {{role, content}} objects."]
-    problems = []
-    for i, message in enumerate(messages):
-        where = f"field '{name}[{i}]'"
-        if not isinstance(message, dict):
-            problems.append(f"{where} is not an object with 'role' and 'content'.")
-            continue
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            problems.append(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}.")
-        if not isinstance(content, str):
-            problems.append(f"{where}.content must be a string, got {type(content).__name__}.")
-        elif not content.strip() and role == "assistant":
-            problems.append(f"{where}.content is empty: an empty answer teaches the model to say nothing.")
-    roles = [m.get("role") for m in messages if isinstance(m, dict)]
-    if "assistant" not in roles:
-        problems.append(f"field '{name}' has no assistant message, so nothing would be trained.")
-    else:
-        first = next(r for r in roles if r != "system")
-        if first != "user":
-            problems.append(f"field '{name}': the first non-system message is '{first}'; conversations start with user.")
-    return problems
 
 
 # Tokenisation with loss masks ----------------------------------------------------------------------------------
@@ -260,16 +146,15 @@ def tokenize_text_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completi
     return prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids
 
 
-def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, schema: str):
-    if schema == "messages":
-        return tokenize_messages(tokenizer, row["messages"])
-    if isinstance(row["prompt"], str):
+def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, kind: str):
+    ex = example(row, kind)
+    if ex.plain_text:
         return tokenize_text_pair(tokenizer, row["prompt"], row["completion"])
-    return tokenize_messages(tokenizer, row["prompt"] + row["completion"], first_trainable=len(row["prompt"]))
+    return tokenize_messages(tokenizer, ex.messages, ex.first_trainable)
 
 
-def _prepare(row, index, tokenizer, schema, max_length, overlong):
-    input_ids, labels = tokenize_row(row, tokenizer, schema)
+def _prepare(row, index, tokenizer, kind, max_length, overlong):
+    input_ids, labels = tokenize_row(row, tokenizer, kind)
     status = "ok"
     if max_length is not None and len(input_ids) > max_length:
         if overlong == "drop":
@@ -285,26 +170,26 @@ def _prepare(row, index, tokenizer, schema, max_length, overlong):
 
 def _example_id(row: dict[str, Any], index: int) -> str:
     """How logs name an example: its source row number, and its own `id` field when it has one."""
-    number = f"row {_row_number(row, index)}"
+    number = f"row {row_number(row, index)}"
     return f"{number} (id {row['id']})" if row.get("id") is not None else number
 
 
 def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
                     overlong: str, source: str, num_proc: int | None = None):
-    """Validate, tokenize and filter one split. Returns (dataset with input_ids/labels, PrepReport)."""
-    schema = validate_rows(ds, source)
+    """Validate, tokenize and filter one split. Returns (dataset with input_ids/labels, TokenizeReport)."""
+    kind = validate_rows(ds, source)
     try:
         mapped = ds.map(
             _prepare,
             with_indices=True,
-            fn_kwargs={"tokenizer": tokenizer, "schema": schema, "max_length": max_length, "overlong": overlong},
+            fn_kwargs={"tokenizer": tokenizer, "kind": kind, "max_length": max_length, "overlong": overlong},
             remove_columns=ds.column_names,
             num_proc=num_proc,
             desc=f"Tokenizing {Path(source).name}",
         )
     except DataError as err:
         raise DataError(f"{source}: {err}") from err
-    report = PrepReport(rows_in=len(ds))
+    report = TokenizeReport(rows_in=len(ds))
     statuses = Counter(mapped["status"])
     report.truncated = statuses.pop("truncated", 0)
     statuses.pop("ok", None)
@@ -317,23 +202,6 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
         raise DataError(f"{source}: no example left to train on ({report.summary('all')}). "
                         "Raise training.max_length or set data.overlong: truncate.")
     return kept, report
-
-
-# Fingerprints --------------------------------------------------------------------------------------------------
-
-
-def file_fingerprint(source: str) -> dict[str, Any]:
-    """sha256 over the bytes of a data file or of every file under a directory (sorted), with its size."""
-    path = Path(source)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest, size = hashlib.sha256(), 0
-    for p in files:
-        digest.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-                size += len(chunk)
-    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": size, "files": len(files)}
 
 
 def load_splits(train_source: str, eval_source: str | None, eval_fraction: float, seed: int,

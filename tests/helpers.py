@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 from pathlib import Path
 
@@ -141,3 +143,48 @@ def send_json(handler, body: dict) -> None:
     handler.send_header("Content-Length", str(len(payload)))
     handler.end_headers()
     handler.wfile.write(payload)
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """Stands in for the Hugging Face Hub API on 127.0.0.1: create repo, preupload, commit (files inline)."""
+
+    requests: list = []
+    files: dict = {}
+    auth: set = set()
+
+    def _reply(self, code: int, payload: dict):
+        body = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        FakeHub.requests.append(("POST", self.path))
+        FakeHub.auth.add(self.headers.get("Authorization"))
+        if self.path == "/api/repos/create":
+            spec = json.loads(raw)
+            return self._reply(200, {"url": f"http://{self.headers['Host']}/{spec.get('organization')}/{spec['name']}"})
+        if "/preupload/" in self.path:
+            files = json.loads(raw)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        if "/commit/" in self.path:
+            for line in raw.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    FakeHub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/org/tiny/commit/abc123",
+                                     "commitOid": "abc123"})
+        if self.path == "/api/validate-yaml":
+            return self._reply(200, {})
+        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
+
+    def do_GET(self):
+        FakeHub.requests.append(("GET", self.path))
+        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
+
+    def log_message(self, *args):
+        pass

@@ -7,8 +7,10 @@ import threading
 
 import pytest
 
-from llmft.augment import AugmentConfig, AugmentError, augment_rows, read_jsonl
-from llmft.backends import LocalBackend, OpenAIBackend
+from llmft.errors import DataError
+from llmft.schema import load_json_rows
+from llmft.synth.augment import AugmentConfig, augment_rows
+from llmft.synth.backends import LocalBackend, OpenAIBackend
 from tests.conftest import LLMFT
 from tests.helpers import send_json, write_jsonl
 
@@ -91,7 +93,7 @@ def test_augment_command_writes_source_then_new_rows_and_names_bad_rows(tmp_path
                           capture_output=True, text=True, env=quiet_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 source rows -> 2 new rows (rejected: none); wrote 4 rows" in done.stdout
-    rows = read_jsonl(out)
+    rows = load_json_rows(out)
     assert rows[:2] == ROWS[:2] and rows[2]["augmentation"] == "paraphrase"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no chat here"}])
     done = subprocess.run([LLMFT, "augment", str(bad), "--out", str(out), "--base-url", server, "--api-model", "m"],
@@ -103,15 +105,15 @@ def test_augment_command_writes_source_then_new_rows_and_names_bad_rows(tmp_path
 def test_bad_json_names_the_line(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
-    with pytest.raises(AugmentError, match="x.jsonl line 2: not JSON"):
-        read_jsonl(path)
+    with pytest.raises(DataError, match="x.jsonl, line 2: not valid JSON"):
+        load_json_rows(path)
 
 
 @pytest.mark.slow
 def test_real_smollm2_paraphrases_demo_questions():
     """The local backend with the embedded SmolLM2-135M-Instruct: most rewrites pass the filters, answers kept."""
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.demo_data import write_demo_data
+    from llmft.dataset.demo import write_demo_data
     from llmft.model import load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path="smollm2-135m-instruct")
@@ -120,7 +122,7 @@ def test_real_smollm2_paraphrases_demo_questions():
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = read_jsonl(write_demo_data(Path(tmp), train_rows=8, eval_rows=0)["train"])
+        rows = load_json_rows(write_demo_data(Path(tmp), train_rows=8, eval_rows=0)["train"])
     from transformers import set_seed
 
     set_seed(0)  # sampling at temperature 0.7

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from llmft.compare import compare
-from llmft.data import DataError
+from llmft.errors import DataError
 from llmft.run_dir import missing_files
 from tests.conftest import LLMFT
 from tests.helpers import chat_rows, write_jsonl, write_recipe

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmft.config import SECTIONS, ConfigError, TrainingConfig, load_recipe
+from llmft.config import SECTIONS, TrainingConfig, load_recipe
+from llmft.errors import ConfigError
 from tests.helpers import REPO
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -70,7 +71,7 @@ def test_unknown_keys_everywhere_are_reported_together_with_suggestions(tmp_path
     assert "unknown key 'peft.learning_rate'. It belongs in section 'training'" in text
     assert "unknown key 'peft.lora_alfa'. Did you mean 'lora_alpha'?" in text
     assert "unknown section 'trainng'. Did you mean 'training'?" in text
-    assert "unknown option '--max_step'. Did you mean 'max_steps'?" in text
+    assert "unknown option '--max_step'. Did you mean '--max_steps'?" in text
     assert "unknown option '--peft.rank'" in text
 
 

@@ -5,7 +5,8 @@ import json
 import datasets
 import pytest
 
-from llmft.data import IGNORE, DataError, load_rows, load_splits, prepare_dataset, tokenize_messages, validate_rows
+from llmft.data import IGNORE, load_rows, load_splits, prepare_dataset, tokenize_messages, validate_rows
+from llmft.errors import DataError
 from llmft.model import set_distinct_pad
 from tests.helpers import TEMPLATES, chat_rows, make_tokenizer, write_jsonl
 
@@ -90,10 +91,10 @@ def test_truncation_that_cuts_every_answer_drops_the_example():
 
 
 @pytest.mark.parametrize("messages, expected", [
-    ([{"role": "user", "content": "hi"}], "has no assistant message"),
-    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}], "messages[1]'.role is 'bot'"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "messages[1]'.content is empty"),
-    ([{"role": "assistant", "content": "hi"}], "first non-system message is 'assistant'"),
+    ([{"role": "user", "content": "hi"}], "messages: no assistant message"),
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}], "messages[1].role: 'bot' is not one of"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "messages[1].content: empty"),
+    ([{"role": "assistant", "content": "hi"}], "the conversation starts with 'assistant'"),
     ([], "must be a non-empty list"),
 ])
 def test_invalid_rows_are_named_with_row_and_field(messages, expected):
@@ -113,14 +114,14 @@ def test_wrongly_typed_content_in_a_file_is_named(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", chat_rows(2) + [bad])
     with pytest.raises(DataError) as err:
         validate_rows(load_rows(str(path)), str(path))
-    assert "mixed.jsonl" in str(err.value) and "row 3: field 'messages[1]'.content must be a string, got int" in str(err.value)
+    assert "mixed.jsonl" in str(err.value) and "row 3: messages[1].content: must be a string, got int" in str(err.value)
 
 
 def test_every_problem_is_reported_at_once():
     rows = [{"messages": [{"role": "user", "content": "a"}]} for _ in range(30)]
     with pytest.raises(DataError) as err:
         validate_rows(datasets.Dataset.from_list(rows), "x.jsonl")
-    assert "30 invalid row(s)" in str(err.value) and "and 10 more" in str(err.value)
+    assert "30 problem(s)" in str(err.value) and "and 10 more" in str(err.value)
 
 
 def test_malformed_jsonl_line_is_named(tmp_path):
@@ -132,7 +133,7 @@ def test_malformed_jsonl_line_is_named(tmp_path):
 
 def test_missing_columns_say_what_to_do(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(DataError, match="no 'messages' column.*data_prep"):
+    with pytest.raises(DataError, match="no 'messages' column.*llmft data convert"):
         validate_rows(load_rows(str(path)), str(path))
 
 

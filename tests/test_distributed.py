@@ -1,4 +1,4 @@
-"""Real multi-process training on this CPU machine, launched the way users launch it."""
+"""Real multi-process training on CPUs (gloo), launched the way users launch it."""
 
 import json
 import subprocess
@@ -25,7 +25,7 @@ def test_accelerate_cpu_ddp_config_runs_two_real_processes(tmp_path, tiny_model_
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
-    assert run["world_size"] == 2
+    assert run["launch"]["world_size"] == 2
     assert state["global_step"] == 2 and state["epoch"] == 1.0  # the data was split across both ranks
     assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"] > 0
     # Rank 0 alone wrote the run directory and printed the summary.
@@ -56,7 +56,7 @@ def _launch(config, recipe, env, *extra):
 @pytest.mark.parametrize("config,method", [("deepspeed_zero2.yaml", "lora"), ("deepspeed_zero3.yaml", "lora"),
                                            ("deepspeed_zero3.yaml", "full"), ("deepspeed_zero3.yaml", "qlora")])
 def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_model_dir, quiet_env, config, method):
-    """ZeRO over gloo on this CPU. Under ZeRO-3 each process holds a slice of every weight; what is saved must be
+    """ZeRO over gloo on CPUs. Under ZeRO-3 each process holds a slice of every weight; what is saved must be
     the whole tensors (ZeRO-3 + LoRA saving empty adapters: trl #4416, peft #2892). QLoRA shards its 4-bit base
     because the packed weights are stored in the compute dtype, one dtype for every parameter."""
     from safetensors.torch import load_file
@@ -70,7 +70,7 @@ def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_
     # 2 per device x 2 processes, so 2 accumulation steps keep the recipe's global batch of 8.
     assert "Global batch 8 = 2 per device x 2 process(es) x 2 accumulation step(s)" in result.stderr
     run = json.loads((out / "run.json").read_text())
-    assert run["world_size"] == 2
+    assert run["launch"]["world_size"] == 2
     assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"] > 0
     saved = load_file(out / ("model.safetensors" if method == "full" else "adapter_model.safetensors"))
     reference = load_file(tiny_model_dir / "model.safetensors")
@@ -83,14 +83,15 @@ def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_
         assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in saved.values())  # fp32 adapters
     # What was saved loads as a user would load it, without DeepSpeed, and gives finite logits.
     from llmft.model import load_run_model
+    from llmft.run_dir import read_run
 
-    model = load_run_model(out, run["base_model"])
+    model = load_run_model(read_run(out))
     ids = __import__("torch").tensor([[5, 6, 7, 8]])
     assert model(input_ids=ids).logits.isfinite().all()
 
 
 def test_fsdp_on_cpus_is_refused_instead_of_running_as_plain_ddp(tmp_path, tiny_model_dir, quiet_env):
-    """accelerate turns an FSDP config into unsharded DDP on CPUs without a word (shared/MACHINE.md)."""
+    """accelerate turns an FSDP config into unsharded DDP on CPUs without a word; llmft refuses it."""
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run")
     result = _launch("fsdp2_qlora.yaml", recipe, quiet_env)
@@ -126,5 +127,5 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_with_one_checkpoin
     result = _launch("cpu_ddp.yaml", recipe, quiet_env, "--max_steps", str(step + 2))
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
-    assert run["resumed_from"] == str(saved[0]) and run["world_size"] == 2
+    assert run["resumed_from"] == str(saved[0]) and run["launch"]["world_size"] == 2
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 2

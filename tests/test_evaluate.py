@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmft.config import load_recipe
-from llmft.evaluate import extract, score
+from llmft.evaluation import extract, score
 from llmft.train import train
 from tests.helpers import chat_rows, write_jsonl, write_recipe
 
@@ -47,7 +47,7 @@ def test_hook_scores_at_every_evaluation_and_writes_sample_tables(tmp_path, tiny
     assert [h["step"] for h in scored] == [2, 4, 4]  # two evaluations in training, then the final one
     for step in (0, 2, 4):  # step 0: the evaluation before training
         rows = [json.loads(line) for line in (out / "eval_samples" / f"step-{step}.jsonl").read_text().splitlines()]
-        assert len(rows) == 2 and set(rows[0]) == {"prompt", "reference", "generation", "exact_match"}
+        assert len(rows) == 2 and set(rows[0]) == {"prompt", "reference", "answer", "exact_match"}
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
         assert {"eval_exact_match", "eval_rouge_l", "eval_chrf", "eval_forgetting_ppl_ratio"} <= set(metrics[when])
@@ -70,7 +70,7 @@ def test_early_stopping_stops_on_a_generation_metric(tmp_path, tiny_model_dir, t
 
 
 def test_early_stopping_settings_are_checked_together(tmp_path, tiny_model_dir, train_file):
-    from llmft.config import ConfigError
+    from llmft.errors import ConfigError
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run",
                           eval={"early_stopping_patience": 2})
@@ -97,7 +97,7 @@ def test_eval_command_on_a_run_dir_with_baseline_and_on_a_plain_model(tmp_path, 
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "eval_results.json").read_text())
     assert results["baseline_model"] == str(tiny_model_dir)
-    for key in ("eval_loss", "exact_match", "chrf", "general_ppl"):
+    for key in ("eval_loss", "eval_exact_match", "eval_chrf", "eval_general_ppl"):
         assert results["deltas"][key] == pytest.approx(results["results"][key] - results["baseline"][key])
     # The adapter was trained at lr 1e-2: its held-out loss differs from the base model's, and is lower.
     assert results["results"]["eval_loss"] < results["baseline"]["eval_loss"]
@@ -105,6 +105,8 @@ def test_eval_command_on_a_run_dir_with_baseline_and_on_a_plain_model(tmp_path, 
     trained = json.loads((out / "metrics.json").read_text())["after"]["eval_loss"]
     assert results["results"]["eval_loss"] == pytest.approx(trained, rel=1e-4)
     assert "| eval_loss |" in (out / "eval_report.md").read_text() and len(results["samples"]) == 2
+    assert set(results["samples"][0]) == {"prompt", "reference", "answer", "exact_match", "baseline_answer",
+                                          "baseline_exact_match"}
     # The same command on a plain model directory, with data given explicitly.
     result = subprocess.run([LLMFT, "eval", str(tiny_model_dir), "--data", str(train_file), "--num-generate", "1",
                              "--max-new-tokens", "2", "--out", str(tmp_path / "base_eval")], capture_output=True, text=True)
@@ -143,7 +145,7 @@ def test_lm_eval_shipped_and_user_tasks_run_offline(tmp_path, tiny_model_dir, tr
         capture_output=True, text=True, env=quiet_env, cwd=tmp_path)  # another working directory on purpose
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "out" / "eval_results.json").read_text())["results"]
-    for key in ("lm_eval/llmft_dates/exact_match", "lm_eval/llmft_facts_mc/acc", "lm_eval/my_yes_no/acc"):
+    for key in ("eval_lm_eval/llmft_dates/exact_match", "eval_lm_eval/llmft_facts_mc/acc", "eval_lm_eval/my_yes_no/acc"):
         assert 0.0 <= scores[key] <= 1.0, key
 
 
@@ -165,6 +167,47 @@ def test_gsm8k_shaped_eval_with_extractor_and_few_shot(tmp_path, tiny_model_dir)
                              "--max-new-tokens", "4", "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert results["settings"]["answer_extractor"] == "gsm8k" and results["results"]["exact_match"] == 0.0
+    assert results["settings"]["answer_extractor"] == "gsm8k" and results["results"]["eval_exact_match"] == 0.0
     answers = {json.loads(line)["answer"] for line in sample.read_text().splitlines()}
     assert all(s["reference"] in answers and "####" in s["reference"] for s in results["samples"])
+
+
+FIRST_CHAR_METRIC = '''"""Share of predictions whose first character is the reference's."""
+
+import datasets
+import evaluate
+
+
+class FirstChar(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__, citation="", inputs_description="predictions, references: strings",
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}))
+
+    def _compute(self, predictions, references):
+        hits = [p[:1] == r[:1] for p, r in zip(predictions, references)]
+        return {"first_char": sum(hits) / len(hits), "count": len(hits)}
+'''
+
+
+def test_evaluate_library_metrics_by_path_in_scores_and_training_and_a_clear_error_offline(
+        tmp_path, tiny_model_dir, train_file, quiet_env):
+    import subprocess
+
+    from tests.conftest import LLMFT
+
+    script = tmp_path / "first_char.py"
+    script.write_text(FIRST_CHAR_METRIC)
+    metric = f"evaluate:{script}"
+    assert score(["abc", "xyz"], ["aXX", "abc"], ["exact_match", metric]) == {
+        "exact_match": 0.0, "first_char": 0.5, "first_char_count": 2.0}
+    out = tmp_path / "run"
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                                   eval={"num_generate": 2, "max_new_tokens": 2, "metrics": ["exact_match", metric]})))
+    after = json.loads((out / "metrics.json").read_text())["after"]
+    assert 0.0 <= after["eval_first_char"] <= 1.0 and after["eval_first_char_count"] == 2.0
+    result = subprocess.run([LLMFT, "eval", str(tiny_model_dir), "--data", str(train_file), "--metrics",
+                             "evaluate:rouge"], capture_output=True, text=True, env=quiet_env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "cannot load the evaluate metric 'rouge'" in result.stderr and "evaluate:/path/to/rouge.py" in result.stderr

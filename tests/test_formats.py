@@ -2,9 +2,10 @@
 
 import pytest
 
-from llmft.clean import EvalIndex, NearDuplicateFinder, conversation_problems, exact_key, normalise_messages
-from llmft.formats import (ColumnMap, RowError, detect_format, from_alpaca, from_columns, from_openai,
-                           from_prompt_completion, from_sharegpt, oasst_flat_to_trees, oasst_paths)
+from llmft.dataset.clean import EvalIndex, NearDuplicateFinder, exact_key, normalise_messages
+from llmft.dataset.formats import (detect_format, from_alpaca, from_columns, from_openai, from_prompt_completion,
+                                   from_sharegpt, oasst_flat_to_trees, oasst_paths)
+from llmft.schema import RowError, conversation_problems
 
 
 def test_alpaca_with_input_system_and_history():
@@ -52,16 +53,16 @@ def test_openai_messages_keep_tool_calls():
     messages = from_openai(row)
     assert messages[1] == {"role": "assistant", "content": "", "tool_calls": call}
     assert messages[2]["tool_call_id"] == "c1"
-    assert conversation_problems(messages) == []
+    assert conversation_problems(messages, strict=True) == []
 
 
 def test_prompt_completion_and_columns():
     assert from_prompt_completion({"prompt": "Q", "completion": "A"}) == [
         {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     gsm = {"question": "2+2?", "answer": "2+2=4\n#### 4"}
-    assert from_columns(gsm, ColumnMap())[1]["content"].endswith("#### 4")
+    assert from_columns(gsm, "question", "answer")[1]["content"].endswith("#### 4")
     with pytest.raises(RowError, match="'problem': missing"):
-        from_columns(gsm, ColumnMap(prompt="problem"))
+        from_columns(gsm, "problem", "answer")
 
 
 OASST_TREE = {"text": "Root question", "role": "prompter", "replies": [
@@ -116,17 +117,20 @@ def test_undetectable_format_says_which_flags_to_pass():
 @pytest.mark.parametrize("messages, problem", [
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
      "two 'user' messages in a row"),
-    ([{"role": "user", "content": "a"}], "ends on 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     "ends on 'user'"),
+    ([{"role": "user", "content": "a"}], "no assistant message"),
     ([{"role": "assistant", "content": "a"}], "starts with 'assistant'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}], "content: empty"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "c"}],
      "system message may only come first"),
-    ([{"role": "user", "content": "a"}, {"role": "narrator", "content": "c"}], "unknown role 'narrator'"),
+    ([{"role": "user", "content": "a"}, {"role": "narrator", "content": "c"}], "role: 'narrator' is not one of"),
     ([{"role": "user", "content": "a"}, {"role": "tool", "content": "c"}, {"role": "assistant", "content": "c"}],
      "tool result must follow an assistant"),
 ])
 def test_conversation_problems(messages, problem):
-    assert any(problem in p for p in conversation_problems(messages)), conversation_problems(messages)
+    found = conversation_problems(messages, strict=True)
+    assert any(problem in p for p in found), found
 
 
 def test_normalisation_and_system_prompt_injection():

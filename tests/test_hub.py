@@ -1,20 +1,18 @@
 """Merge, the train/serve check, the model card, the regression gate, and push against a stand-in Hub."""
 
-import base64
-import http.server
 import json
 import shutil
 import subprocess
-import threading
 
 import pytest
 import torch
 
 from llmft.config import load_recipe
-from llmft.hub import HubError, check, gate, merge, model_card
+from llmft.errors import HubError
+from llmft.hub import check, gate, merge, model_card
 from llmft.train import train
 from tests.conftest import LLMFT
-from tests.helpers import chat_rows, write_jsonl, write_recipe
+from tests.helpers import FakeHub, chat_rows, write_jsonl, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -68,62 +66,8 @@ def test_gate_refuses_regressions_and_says_which(run, tmp_path):
     # Without eval_results.json the evaluations before and after training decide: the loss went down here.
     assert gate(gated, ["eval_loss"]) == []
     (gated / "eval_results.json").write_text(json.dumps({
-        "results": {"eval_loss": 2.0, "exact_match": 0.5}, "baseline": {"eval_loss": 1.5, "exact_match": 0.4}}))
+        "results": {"eval_loss": 2.0, "eval_exact_match": 0.5}, "baseline": {"eval_loss": 1.5, "eval_exact_match": 0.4}}))
     assert gate(gated, ["eval_loss", "exact_match"]) == ["eval_loss: 2.0000 vs baseline 1.5000"]
-
-
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    """Stands in for the Hugging Face Hub API on 127.0.0.1: create repo, preupload, commit (files inline)."""
-
-    requests: list = []
-    files: dict = {}
-    auth: set = set()
-
-    def _reply(self, code: int, payload: dict):
-        body = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        FakeHub.requests.append(("POST", self.path))
-        FakeHub.auth.add(self.headers.get("Authorization"))
-        if self.path == "/api/repos/create":
-            spec = json.loads(raw)
-            return self._reply(200, {"url": f"http://{self.headers['Host']}/{spec.get('organization')}/{spec['name']}"})
-        if "/preupload/" in self.path:
-            files = json.loads(raw)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files]})
-        if "/commit/" in self.path:
-            for line in raw.decode().splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    FakeHub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self._reply(200, {"commitUrl": f"http://{self.headers['Host']}/org/tiny/commit/abc123",
-                                     "commitOid": "abc123"})
-        if self.path == "/api/validate-yaml":
-            return self._reply(200, {})
-        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
-
-    def do_GET(self):
-        FakeHub.requests.append(("GET", self.path))
-        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fake_hub():
-    FakeHub.requests, FakeHub.files, FakeHub.auth = [], {}, set()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_push_sends_adapter_tokenizer_and_card_and_never_the_token(run, tmp_path, fake_hub, quiet_env):

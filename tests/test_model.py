@@ -7,7 +7,8 @@ import pytest
 
 import llmft.model
 from llmft.config import load_recipe
-from llmft.model import ModelError, embedded_gguf_path
+from llmft.errors import ModelError
+from llmft.model import embedded_gguf_path
 from llmft.train import train
 from tests.conftest import LLMFT
 from tests.helpers import chat_rows, write_jsonl, write_recipe

@@ -7,7 +7,8 @@ import subprocess
 import datasets
 import pytest
 
-from llmft.prep import BuildConfig, BuildError, Source, build, load_build_config
+from llmft.dataset.build import BuildConfig, Source, build, load_build_config
+from llmft.errors import DataError
 from tests.conftest import LLMFT
 from tests.helpers import REPO, SHARED_DATA, make_tokenizer, write_jsonl
 
@@ -25,7 +26,7 @@ def _train_rows(out):
     ("sharegpt_dummy_conversation.json", "sharegpt", 500),
 ])
 def test_real_public_files_convert(tmp_path, name, fmt, rows):
-    manifest = build(BuildConfig(sources=[Source(str(SHARED_DATA / name))], out=str(tmp_path / "out"),
+    manifest = build(BuildConfig(sources=[Source(path=str(SHARED_DATA / name))], out=str(tmp_path / "out"),
                                  near_dedupe_threshold=None, dedupe=False))
     source = manifest["sources"][0]
     assert (source["format"], source["read"], source["kept"]) == (fmt, rows, rows)
@@ -37,14 +38,14 @@ def test_real_public_files_convert(tmp_path, name, fmt, rows):
 
 @needs_shared
 def test_lima_history_becomes_multi_turn(tmp_path):
-    build(BuildConfig(sources=[Source(str(SHARED_DATA / "lima.json"))], out=str(tmp_path / "out")))
+    build(BuildConfig(sources=[Source(path=str(SHARED_DATA / "lima.json"))], out=str(tmp_path / "out")))
     turns = [len(m) for m in _train_rows(tmp_path / "out")["messages"]]
     assert max(turns) >= 4 and sum(t > 2 for t in turns) >= 20  # LIMA has 29 multi-turn rows
 
 
 @needs_shared
 def test_sharegpt_dummy_near_duplicates_are_removed_and_reported(tmp_path):
-    manifest = build(BuildConfig(sources=[Source(str(SHARED_DATA / "sharegpt_dummy_conversation.json"))],
+    manifest = build(BuildConfig(sources=[Source(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"))],
                                  out=str(tmp_path / "out")))
     dedupe = manifest["steps"]["dedupe"]
     assert dedupe["exact"] + dedupe["near"] > 0
@@ -61,7 +62,7 @@ def test_gsm8k_columns_and_decontamination_against_an_eval_set(tmp_path):
     evalset = write_jsonl(tmp_path / "eval.jsonl", [
         {"messages": [{"role": "user", "content": json.loads(lines[i])["question"]},
                       {"role": "assistant", "content": "x"}]} for i in (5, 17)])
-    manifest = build(BuildConfig(sources=[Source(str(train), format="columns")], out=str(tmp_path / "out"),
+    manifest = build(BuildConfig(sources=[Source(path=str(train), format="columns")], out=str(tmp_path / "out"),
                                  decontaminate=[str(evalset)]))
     contamination = manifest["steps"]["decontaminate"]
     assert contamination["dropped"] == 2
@@ -77,7 +78,7 @@ def test_weighted_mix_and_split_are_seeded(tmp_path):
                                            for i in range(30)])
 
     def run(out):
-        return build(BuildConfig(sources=[Source(str(a), fraction=0.5), Source(str(b), count=10)], out=str(out),
+        return build(BuildConfig(sources=[Source(path=str(a), fraction=0.5), Source(path=str(b), count=10)], out=str(out),
                                  test_fraction=0.2, seed=7, near_dedupe_threshold=None))
 
     manifest = run(tmp_path / "one")
@@ -95,14 +96,14 @@ def test_bad_rows_fail_listing_each_or_skip_into_rejects(tmp_path):
             {"instruction": "a", "output": 5}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     path.write_text(path.read_text() + "{broken\n")
-    with pytest.raises(BuildError) as err:
-        build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out")))
+    with pytest.raises(DataError) as err:
+        build(BuildConfig(sources=[Source(path=str(path))], out=str(tmp_path / "out")))
     text = str(err.value)
     for expected in ("3 row(s) cannot be used", "bad.jsonl, line 2: field 'instruction': empty",
                      "bad.jsonl, line 3: field 'output': must be a string, got int",
                      "bad.jsonl, line 4: not valid JSON", "--on-error skip"):
         assert expected in text
-    manifest = build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out"), on_error="skip"))
+    manifest = build(BuildConfig(sources=[Source(path=str(path))], out=str(tmp_path / "out"), on_error="skip"))
     assert manifest["output"]["train"]["rows"] == 1 and sum(manifest["sources"][0]["rejected"].values()) == 3
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [r["where"] for r in rejects] == ["bad.jsonl, line 2", "bad.jsonl, line 3", "bad.jsonl, line 4"]
@@ -114,25 +115,25 @@ def test_not_alternating_conversations_are_rejected_with_the_reason(tmp_path):
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                       {"role": "assistant", "content": "c"}]},
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]}])
-    manifest = build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out"), on_error="skip"))
-    assert list(manifest["sources"][0]["rejected"]) == ["messages: two 'user' messages in a row (turns must alternate)"]
+    manifest = build(BuildConfig(sources=[Source(path=str(path))], out=str(tmp_path / "out"), on_error="skip"))
+    assert list(manifest["sources"][0]["rejected"]) == ["messages: two 'user' messages in a row (turns must alternate)."]
 
 
 def test_csv_and_parquet_sources(tmp_path):
     csv_path = tmp_path / "qa.csv"
     csv_path.write_text('question,answer\n"What is 2+2?",4\n"Capital of France?",Paris\n')
     datasets.Dataset.from_list([{"prompt": "p1", "completion": "c1"}]).to_parquet(str(tmp_path / "pc.parquet"))
-    manifest = build(BuildConfig(sources=[Source(str(csv_path), format="columns"), Source(str(tmp_path / "pc.parquet"))],
+    manifest = build(BuildConfig(sources=[Source(path=str(csv_path), format="columns"), Source(path=str(tmp_path / "pc.parquet"))],
                                  out=str(tmp_path / "out")))
     assert manifest["output"]["train"]["rows"] == 3
 
 
 def test_unknown_format_and_missing_source_are_clear(tmp_path):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"q": "a", "a": "b"}])
-    with pytest.raises(BuildError, match="cannot tell the format from the keys \\['a', 'q'\\]"):
-        build(BuildConfig(sources=[Source(str(path))], out=str(tmp_path / "out")))
-    with pytest.raises(BuildError, match="no such file or folder"):
-        build(BuildConfig(sources=[Source(str(tmp_path / "nope.jsonl"))], out=str(tmp_path / "out")))
+    with pytest.raises(DataError, match="cannot tell the format from the keys \\['a', 'q'\\]"):
+        build(BuildConfig(sources=[Source(path=str(path))], out=str(tmp_path / "out")))
+    with pytest.raises(DataError, match="no such file or folder"):
+        build(BuildConfig(sources=[Source(path=str(tmp_path / "nope.jsonl"))], out=str(tmp_path / "out")))
 
 
 def test_build_yaml_through_the_cli(tmp_path):
@@ -144,9 +145,9 @@ def test_build_yaml_through_the_cli(tmp_path):
     assert "train: 3 rows" in result.stdout
     config.write_text(f"sources:\n  - path: {src}\n    fraktion: 0.5\nout: {tmp_path / 'out'}\nsede: 1\n")
     result = subprocess.run([LLMFT, "data", "build", str(config)], capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown key 'sede'. Did you mean 'seed'?" in result.stderr
-    assert "unknown key 'sources[0].fraktion'. Did you mean 'fraction'?" in result.stderr
+    assert "sources[0]: unknown key 'fraktion'. Did you mean 'fraction'?" in result.stderr
 
 
 BUILDS = sorted((REPO / "data_prep" / "builds").glob("*.yaml"))
@@ -178,7 +179,7 @@ def test_hub_dataset_ids_go_to_the_hub_and_fail_clearly_offline(tmp_path, quiet_
 
 
 def test_report_counts_lengths_truncation_and_masks(tmp_path):
-    from llmft.data_report import MARK_CLOSE, MARK_OPEN, report, write
+    from llmft.dataset.report import MARK_CLOSE, MARK_OPEN, report, write
 
     rows = datasets.Dataset.from_list([
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris"}]},
@@ -215,6 +216,6 @@ def test_round_trip_convert_report_train_on_smollm2(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run / "run.json").read_text())
     assert info["trainable_tensors"]["changed"] == info["trainable_tensors"]["total"]
-    assert info["data"]["train"]["prep"]["rows_in"] == 24  # rows over 256 tokens are dropped and counted
-    prep = info["data"]["train"]["prep"]
+    assert info["data"]["train"]["tokenized"]["rows_in"] == 24  # rows over 256 tokens are dropped and counted
+    prep = info["data"]["train"]["tokenized"]
     assert prep["rows_out"] + sum(prep["dropped"].values()) == 24

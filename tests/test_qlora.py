@@ -1,4 +1,4 @@
-"""QLoRA for real on this CPU: bitsandbytes 4-bit NF4 and 8-bit bases with trained, unquantised LoRA adapters."""
+"""QLoRA for real on the CPU: bitsandbytes 4-bit NF4 and 8-bit bases with trained, unquantised LoRA adapters."""
 
 import json
 
@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from llmft.config import ModelConfig, PeftSettings, load_recipe
 from llmft.model import load_model, load_run_model
+from llmft.run_dir import read_run
 from llmft.run_dir import missing_files
 from llmft.train import train
 from tests.helpers import chat_rows, write_jsonl, write_recipe
@@ -33,7 +34,7 @@ def test_qlora_trains_every_adapter_tensor_and_saves_it_unquantised(tmp_path, ti
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     # The adapter loads on the unquantised base, as `llmft eval` and `llmft merge` use it.
-    model = load_run_model(out, run["base_model"])
+    model = load_run_model(read_run(out))
     assert not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False)
 
 
@@ -49,7 +50,7 @@ def test_4bit_base_is_nf4_double_quantised_with_storage_in_the_compute_dtype(tin
 
 def test_an_eval_forward_before_training_does_not_cut_the_adapters_gradients(tiny_model_dir, monkeypatch):
     """On CPUs with avx512_bf16, bitsandbytes repacks 4-bit weights for an inference kernel without autograd on the
-    first no-grad eval forward, and training afterwards gets grad=None on every adapter (shared/MACHINE.md). This
+    first no-grad eval forward, and training afterwards gets grad=None on every adapter (bitsandbytes says only "gemv_4bit: an autograd kernel was not registered"). This
     CPU lacks avx512_bf16, so its detection is patched to say yes: the repacking itself is plain torch and runs."""
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), PeftSettings(method="qlora"),

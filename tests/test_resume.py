@@ -9,7 +9,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from llmft.checkpoint import MARKER, ResumeError, resume_point
+from llmft.checkpoint import MARKER, resume_point
+from llmft.errors import CheckpointError
 from llmft.config import load_recipe
 from llmft.train import train
 from tests.conftest import LLMFT
@@ -97,7 +98,7 @@ def test_auto_resume_picks_the_latest_complete_checkpoint_never_a_half_written_o
     assert resume_point(out, "auto", overwrite=False) == str(good)
     assert resume_point(out, True, overwrite=False) == str(good)
     assert resume_point(out, "no", overwrite=False) is None
-    with pytest.raises(ResumeError, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         resume_point(out, str(tmp_path / "elsewhere"), overwrite=False)
     # Starting over removes the old run's checkpoints, so a later `auto` cannot resume into them.
     assert resume_point(out, "auto", overwrite=True) is None

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from llmft.backends import BackendError, LocalBackend, OpenAIBackend, Sampling
+from llmft.errors import GenerationError
+from llmft.synth.backends import LocalBackend, OpenAIBackend, Sampling
 from llmft.config import ModelConfig, PeftSettings
 from llmft.model import load_model, load_tokenizer
-from llmft.selfchat import (DialogueWriter, SelfChatConfig, generate, parse_transcript, read_seeds, verdict)
+from llmft.synth.selfchat import (DialogueWriter, SelfChatConfig, generate, parse_transcript, read_seeds, verdict)
 from tests.conftest import LLMFT
 from tests.helpers import send_json
 
@@ -82,9 +83,9 @@ def test_seeds_from_text_and_columns(tmp_path):
     (tmp_path / "s.txt").write_text("Q1\n\nQ2\n")
     assert read_seeds(str(tmp_path / "s.txt"), None, None, None) == [("line-1", "Q1"), ("line-3", "Q2")]
     (tmp_path / "s.jsonl").write_text('{"id": 7, "question": "Q7"}\n{"id": 7, "question": "Q8"}\n')
-    with pytest.raises(ValueError, match="seed ids repeat"):
+    with pytest.raises(GenerationError, match="seed ids repeat"):
         read_seeds(str(tmp_path / "s.jsonl"), "question", "id", None)
-    with pytest.raises(ValueError, match="no text in column 'prompt'"):
+    with pytest.raises(GenerationError, match="no text in column 'prompt'"):
         read_seeds(str(tmp_path / "s.jsonl"), "prompt", None, None)
 
 
@@ -175,11 +176,11 @@ def test_http_backend_retries_429_500_and_dropped_connections(server, monkeypatc
 def test_http_backend_gives_up_clearly(server):
     FakeOpenAI.failures = [400]
     backend = OpenAIBackend(server, "m", concurrency=1, backoff=0.01)
-    with pytest.raises(BackendError, match="answered HTTP 400"):
+    with pytest.raises(GenerationError, match="answered HTTP 400"):
         backend.complete(["x"], Sampling())
     FakeOpenAI.failures = [500, 500, 500]
     backend = OpenAIBackend(server, "m", concurrency=1, backoff=0.01, max_retries=2)
-    with pytest.raises(BackendError, match="failed after 2 retries: HTTP 500"):
+    with pytest.raises(GenerationError, match="failed after 2 retries: HTTP 500"):
         backend.complete(["x"], Sampling())
 
 
@@ -246,18 +247,23 @@ def test_config_file_keys_are_checked(tmp_path):
     config = tmp_path / "sc.yaml"
     config.write_text("seeds: s.txt\nout: o\nturns_mx: 3\n")
     result = subprocess.run([LLMFT, "selfchat", "--config", str(config)], capture_output=True, text=True)
-    assert result.returncode == 2 and "'turns_mx' (did you mean 'turns_max'?)" in result.stderr
+    assert result.returncode == 2 and "unknown key 'turns_mx'. Did you mean 'turns_max'?" in result.stderr
 
 
 def test_every_shipped_self_chat_config_is_valid_and_headed_by_its_command():
-    from llmft.cli import _selfchat_parser
-    from tests.helpers import REPO
     import yaml
+
+    from llmft.parsing import field_names, parse
+    from llmft.synth.backends import BackendOptions, Sampling
+    from llmft.synth.selfchat import SelfChatRunOptions, SelfChatSettings
+    from tests.helpers import REPO
 
     configs = sorted((REPO / "data_prep" / "selfchat").glob("*.yaml"))
     assert configs
-    options = {a.dest for a in _selfchat_parser()._actions}
+    classes = [SelfChatRunOptions, SelfChatSettings, Sampling, BackendOptions]
+    options = set().union(*map(field_names, classes))
     for path in configs:
+        parse(classes, ["--config", str(path)], "llmft selfchat", config_flag="config")  # strict keys, valid values
         assert path.read_text().splitlines()[0] == f"# llmft selfchat --config data_prep/selfchat/{path.name}"
         keys = set(yaml.safe_load(path.read_text()))
         assert keys <= options, keys - options

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmft.config import load_recipe
-from llmft.demo_data import write_demo_data
+from llmft.dataset.demo import write_demo_data
 from llmft.model import embedded_model_dir, load_tokenizer
 from llmft.run_dir import missing_files, read_run
 from llmft.train import train
@@ -47,9 +47,9 @@ def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path
     train(_demo_recipe(tmp_path, "lora", rows=(48, 16, 3), extra=["--num_generate", "4"]))
     assert missing_files(out) == []
     run = read_run(out)
-    metrics = run["metrics"]
-    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.1, metrics
-    checks = run["run"]["trainable_tensors"]
+    metrics = run.metrics
+    assert metrics.after["eval_loss"] < metrics.before["eval_loss"] - 0.1, metrics
+    checks = run.info.trainable_tensors
     assert checks["changed"] == checks["total"] == 30 * 7 * 2  # 30 layers x 7 linear modules x (A, B)
     adapter = load_file(out / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 for v in adapter.values())
@@ -92,9 +92,9 @@ def test_qlora_4bit_on_smollm2_trains_and_lowers_held_out_loss(tmp_path):
     out = tmp_path / "run"
     train(_demo_recipe(tmp_path, "qlora", rows=(32, 8, 5), extra=["--global_batch_size", "4", "--num_generate", "0"]))
     run = read_run(out)
-    metrics = run["metrics"]
-    assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"] - 0.1, metrics
-    checks = run["run"]["trainable_tensors"]
+    metrics = run.metrics
+    assert metrics.after["eval_loss"] < metrics.before["eval_loss"] - 0.1, metrics
+    checks = run.info.trainable_tensors
     assert checks["changed"] == checks["total"] == 30 * 7 * 2
     adapter = load_file(out / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 for v in adapter.values())

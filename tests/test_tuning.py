@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from llmft.config import ConfigError, ModelConfig, PeftSettings, load_recipe
-from llmft.model import ModelError, load_model
+from llmft.config import ModelConfig, PeftSettings, load_recipe
+from llmft.errors import ConfigError, LaunchError, ModelError
+from llmft.model import load_model
 from llmft.run_dir import read_run
 from llmft.train import train
-from llmft.tuning import TuningError
 from tests.helpers import chat_rows, make_tiny_model_dir, write_jsonl, write_recipe
 
 FULL = {"method": "full"}
@@ -71,19 +71,19 @@ def test_freezing_keeps_embeddings_bottom_blocks_and_patterns_unchanged(tmp_path
     trained = [k for k in before if k not in frozen]
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
-    run = read_run(out)["run"]
-    assert run["frozen"] == ["embeddings (tied to the output head, so the head too)", "blocks 0-1",
+    run = read_run(out).info
+    assert run.frozen == ["embeddings (tied to the output head, so the head too)", "blocks 0-1",
                              "'post_attention' (4 tensors)"]
-    assert run["trainable_parameters"] == sum(after[k].numel() for k in trained)
-    assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"] == len(trained)
+    assert run.trainable_parameters == sum(after[k].numel() for k in trained)
+    assert run.trainable_tensors["changed"] == run.trainable_tensors["total"] == len(trained)
 
 
 def test_freezing_rules_that_match_nothing_or_everything_are_errors(tmp_path, deep_model, train_file):
     recipe, _ = _recipe(tmp_path, deep_model, train_file, peft=FULL, tuning={"freeze_patterns": ["no_such_module"]})
-    with pytest.raises(TuningError, match="'no_such_module' matches no parameter. Names look like: model.embed_tokens"):
+    with pytest.raises(ConfigError, match="'no_such_module' matches no parameter. Names look like: model.embed_tokens"):
         train(recipe)
     recipe, _ = _recipe(tmp_path, deep_model, train_file, peft=FULL, tuning={"freeze_layers": 4})
-    with pytest.raises(TuningError, match="would freeze all 4 blocks; use at most 3"):
+    with pytest.raises(ConfigError, match="would freeze all 4 blocks; use at most 3"):
         train(recipe)
     with pytest.raises(ConfigError, match="not a regular expression"):
         _recipe(tmp_path, deep_model, train_file, tuning={"freeze_patterns": ["(unclosed"]})
@@ -101,9 +101,9 @@ def test_gradual_unfreezing_adds_blocks_top_down_and_the_optimizer_picks_them_up
     steps = {i: float(probe.optimizer.state[layer.mlp.down_proj.weight]["step"])
              for i, layer in enumerate(probe.model.model.layers)}
     assert steps == {0: 2.0, 1: 4.0, 2: 6.0, 3: 8.0}
-    run = read_run(out)["run"]
-    assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"]
-    groups = run["param_groups"]  # one rate (no layer_lr_decay), groups per unit all the same
+    run = read_run(out).info
+    assert run.trainable_tensors["changed"] == run.trainable_tensors["total"]
+    groups = run.param_groups  # one rate (no layer_lr_decay), groups per unit all the same
     assert {g["unit"] for g in groups} == {"embeddings (tied head)", "head", "block 0", "block 1", "block 2", "block 3"}
     assert {g["lr"] for g in groups} == {1e-2}
 
@@ -117,7 +117,7 @@ def test_gradual_unfreezing_is_refused_with_several_processes(tmp_path, deep_mod
         from accelerate import DistributedType
         distributed_type = DistributedType.MULTI_CPU
 
-    with pytest.raises(TuningError, match="one process only"):
+    with pytest.raises(LaunchError, match="one process only"):
         check_launch(recipe.tuning, 2, Accelerator())
 
 
@@ -127,7 +127,7 @@ def test_layer_wise_learning_rates_per_block_and_head(tmp_path, deep_model, trai
                           tuning={"layer_lr_decay": 0.5, "head_lr_multiplier": 2.0})
     probe = StepWeights()
     train(recipe, callbacks=[probe])
-    groups = {g["unit"]: g["lr"] for g in read_run(out)["run"]["param_groups"]}
+    groups = {g["unit"]: g["lr"] for g in read_run(out).info.param_groups}
     assert groups == pytest.approx({"embeddings (tied head)": 2 * lr, "head": 2 * lr, "block 3": lr,
                                     "block 2": lr / 2, "block 1": lr / 4, "block 0": lr / 8})
     # The scheduler scales every group alike, so the ratios hold at every step.
@@ -138,7 +138,7 @@ def test_layer_wise_learning_rates_per_block_and_head(tmp_path, deep_model, trai
 def test_layer_wise_learning_rates_apply_to_lora_adapters_by_block(tmp_path, deep_model, train_file):
     recipe, out = _recipe(tmp_path, deep_model, train_file, tuning={"layer_lr_decay": 0.5})
     train(recipe)
-    groups = read_run(out)["run"]["param_groups"]
+    groups = read_run(out).info.param_groups
     assert {g["unit"] for g in groups} == {"block 0", "block 1", "block 2", "block 3"}
     assert sum(g["tensors"] for g in groups) == 4 * 7 * 2  # 7 linear layers per block, lora_A and lora_B
 
@@ -250,9 +250,9 @@ def test_training_from_scratch_writes_a_full_run(tmp_path, deep_model, train_fil
                           model={"init": "scratch"})
     train(recipe)
     run = read_run(out)
-    assert run["run"]["base_model"]["init"] == "scratch"
-    assert run["run"]["trainable_tensors"]["changed"] == run["run"]["trainable_tensors"]["total"]
-    assert run["metrics"]["before"]["eval_loss"] > 5.5  # ~ln(vocabulary): it knows nothing yet
+    assert run.info.base_model.init == "scratch"
+    assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"]
+    assert run.metrics.before["eval_loss"] > 5.5  # ~ln(vocabulary): it knows nothing yet
     from llmft.hub import model_card
 
     card = model_card(out, "org/scratch")
@@ -266,5 +266,5 @@ def test_scratch_with_adapters_is_refused(tmp_path, deep_model, train_file):
 
 def test_gradual_unfreezing_with_nothing_to_train_at_first_is_an_error(tmp_path, deep_model, train_file):
     recipe, _ = _recipe(tmp_path, deep_model, train_file, tuning={"unfreeze_every": 2, "unfreeze_initial_layers": 0})
-    with pytest.raises(TuningError, match="0 leaves nothing to train before the first stage"):
+    with pytest.raises(ConfigError, match="0 leaves nothing to train before the first stage"):
         train(recipe)  # LoRA: the adapters are all in blocks

@@ -25,7 +25,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from llmft.backends import Sampling
+from llmft.errors import ConfigError, GenerationError
+from llmft.synth.backends import BackendOptions, Sampling, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +49,64 @@ TEMPLATES = {
 LEAK_MARKERS = (HUMAN, AI, "[|Human|]", "[|AI|]", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "[INST]")
 
 
-class SelfChatError(ValueError):
-    """Bad seeds or settings, with what to do."""
+MODE_NAMES = ("transcript", "alternating", "roleplay")
 
 
 @dataclass
-class SelfChatConfig:
-    mode: str = "roleplay"
-    turns_min: int = 1
-    turns_max: int = 3
+class SelfChatRunOptions:
+    """Where seeds come from and where dialogues go (`llmft selfchat`)."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML file whose keys are these options' names "
+                                                               "(flags override it)."})
+    seeds: str | None = field(default=None, metadata={"help": ".txt (one question a line), or a "
+                                                              "JSONL/JSON/CSV/Parquet file or Hub id."})
+    seed_column: str | None = field(default=None, metadata={"help": "Column holding the questions (not for .txt)."})
+    seed_id_column: str | None = field(default=None, metadata={"help": "Column of unique seed ids (default: file "
+                                                                       "and line)."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N seeds."})
+    out: str | None = field(default=None, metadata={"help": "Output folder: dialogues.jsonl (resumable) and dataset/."})
+    templates: str | None = field(default=None, metadata={
+        "help": "YAML mapping of template names (transcript, alternating, user_simulator) to text with {seed}."})
+    test_fraction: float = field(default=0.0, metadata={"help": "Share of dialogues held out as test/."})
+    seed: int = field(default=0, metadata={"help": "Seed of the split."})
+
+
+@dataclass
+class SelfChatSettings:
+    """How dialogues are generated and filtered."""
+
+    mode: str = field(default="roleplay", metadata={"help": "transcript (Baize v1) | alternating (Baize v2) | "
+                                                            "roleplay (the model's chat template on both sides)."})
+    turns_min: int = field(default=1, metadata={"help": "Dialogues with fewer exchanges are dropped."})
+    turns_max: int = field(default=3, metadata={"help": "Exchanges at most."})
+    min_answer_chars: int = field(default=10, metadata={"help": "Dialogues with a shorter answer are dropped."})
+    max_repetition: float = field(default=0.5, metadata={
+        "help": "Share of repeated word 3-grams in one answer above which it is degenerate (dropped)."})
+
+    def __post_init__(self):
+        problems = []
+        if self.mode not in MODE_NAMES:
+            problems.append(f"mode: '{self.mode}' is not transcript, alternating or roleplay.")
+        if not 1 <= self.turns_min <= self.turns_max:
+            problems.append(f"turns: need 1 <= turns_min ({self.turns_min}) <= turns_max ({self.turns_max}).")
+        if problems:
+            raise ConfigError(problems, what="self-chat settings")
+
+
+@dataclass
+class SelfChatConfig(SelfChatSettings):
+    """The settings, with what generation needs besides: sampling, the prompt templates, the batch size."""
+
     sampling: Sampling = field(default_factory=Sampling)
-    min_answer_chars: int = 10
-    max_repetition: float = 0.5  # share of repeated word 3-grams in one answer above which it is degenerate
     templates: dict[str, str] = field(default_factory=lambda: dict(TEMPLATES))
     batch_size: int = 16  # dialogues generated together
 
     def __post_init__(self):
-        problems = []
-        if self.mode not in ("transcript", "alternating", "roleplay"):
-            problems.append(f"mode '{self.mode}' is not transcript, alternating or roleplay")
-        if not 1 <= self.turns_min <= self.turns_max:
-            problems.append(f"turns: need 1 <= turns_min ({self.turns_min}) <= turns_max ({self.turns_max})")
-        for name, text in self.templates.items():
-            if "{seed}" not in text:
-                problems.append(f"template '{name}' has no {{seed}} placeholder")
-        if problems:
-            raise SelfChatError("; ".join(problems))
+        super().__post_init__()
+        missing = [name for name, text in self.templates.items() if "{seed}" not in text]
+        if missing:
+            raise ConfigError([f"template '{name}' has no {{seed}} placeholder." for name in missing],
+                              what="self-chat templates")
 
 
 # Baize's structural post-processing ----------------------------------------------------------------------------
@@ -115,7 +148,7 @@ def repetition(text: str) -> float:
 
 def echoes(question: str, answer: str, n: int = 5) -> float:
     """Share of a human turn's word n-grams found in the answer before it: a simulator parroting the assistant."""
-    from llmft.clean import shingles
+    from llmft.dataset.clean import shingles
 
     asked = shingles(question, n)
     return len(asked & shingles(answer, n)) / len(asked) if asked else 0.0
@@ -277,30 +310,27 @@ def generate(seeds: list[tuple[str, str]], backend, cfg: SelfChatConfig, out: Pa
 
 def read_seeds(path: str, column: str | None, id_column: str | None, limit: int | None) -> list[tuple[str, str]]:
     """(seed id, question) from a text file (one per line), or a column of a JSONL/JSON/CSV/Parquet file or Hub id."""
-    from llmft.formats import RowError
-    from llmft.sources import SourceError, read_source
+    from llmft.dataset.sources import read_source
+    from llmft.schema import RowError
 
     if path.endswith(".txt"):
         try:
             lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
         except OSError as err:
-            raise SelfChatError(f"cannot read the seeds file {path}: {err.strerror}.") from err
+            raise GenerationError(f"cannot read the seeds file {path}: {err.strerror}.") from err
         seeds = [(f"line-{i + 1}", text) for i, text in enumerate(lines) if text]
     else:
         if not column:
-            raise SelfChatError(f"{path}: say which column holds the seed questions (--seed-column).")
+            raise GenerationError(f"{path}: say which column holds the seed questions (--seed-column).")
         seeds = []
-        try:
-            rows = list(read_source(path))
-        except SourceError as err:
-            raise SelfChatError(str(err)) from err
+        rows = list(read_source(path))
         for where, row in rows:
             if isinstance(row, RowError) or not isinstance(row.get(column), str) or not row[column].strip():
-                raise SelfChatError(f"{where}: no text in column '{column}'.")
+                raise GenerationError(f"{where}: no text in column '{column}'.")
             seeds.append((str(row[id_column]) if id_column else where, row[column].strip()))
     ids = [sid for sid, _ in seeds]
     if len(set(ids)) != len(ids):
-        raise SelfChatError(f"{path}: seed ids repeat; give a column of unique ids (--seed-id-column).")
+        raise GenerationError(f"{path}: seed ids repeat; give a column of unique ids (--seed-id-column).")
     return seeds[:limit] if limit else seeds
 
 
@@ -308,7 +338,7 @@ def finalize(out: Path, meta: dict[str, Any], test_fraction: float = 0.0, seed: 
     """Kept dialogues -> a messages dataset (dedupe, split, manifest, card) under out/dataset, with self-chat facts."""
     from collections import Counter
 
-    from llmft.prep import BuildConfig, Source, build, data_card
+    from llmft.dataset.build import BuildConfig, Source, build, data_card
 
     records = [json.loads(line) for line in (out / "dialogues.jsonl").read_text(encoding="utf-8").splitlines() if line]
     statuses = Counter(r["status"] for r in records)
@@ -318,8 +348,8 @@ def finalize(out: Path, meta: dict[str, Any], test_fraction: float = 0.0, seed: 
             if r["status"] == "ok":
                 f.write(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n")
     if not statuses["ok"]:
-        raise SelfChatError(f"no dialogue passed the filters ({dict(statuses)}); see {out / 'dialogues.jsonl'}.")
-    manifest = build(BuildConfig(sources=[Source(str(accepted), format="openai", name="self-chat")],
+        raise GenerationError(f"no dialogue passed the filters ({dict(statuses)}); see {out / 'dialogues.jsonl'}.")
+    manifest = build(BuildConfig(sources=[Source(path=str(accepted), format="openai", name="self-chat")],
                                  out=str(out / "dataset"), test_fraction=test_fraction, seed=seed), meta["command"])
     manifest["self_chat"] = {**meta, "dialogues": len(records), "filters": dict(statuses)}
     (out / "dataset" / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -332,3 +362,33 @@ def finalize(out: Path, meta: dict[str, Any], test_fraction: float = 0.0, seed: 
 
 def config_dict(cfg: SelfChatConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k != "templates"}
+
+
+def selfchat_command(run: SelfChatRunOptions, settings: SelfChatSettings, sampling: Sampling,
+                     backend_options: BackendOptions, command: str) -> None:
+    """`llmft selfchat`: generate (resuming where a previous run stopped), filter, build the dataset."""
+    from llmft.parsing import read_yaml_mapping
+
+    missing = [flag for flag, value in (("--seeds", run.seeds), ("--out", run.out)) if not value]
+    if missing:
+        raise ConfigError([f"{flag}: missing (give it as a flag or in --config)." for flag in missing],
+                          what="the options of llmft selfchat")
+    templates = dict(TEMPLATES)
+    if run.templates:
+        overrides = read_yaml_mapping(run.templates, "self-chat templates")
+        unknown = sorted(set(overrides) - set(templates))
+        if unknown:
+            raise ConfigError([f"{run.templates}: unknown templates {unknown}; the templates are "
+                               f"{', '.join(templates)}."], what="self-chat templates")
+        templates.update(overrides)
+    cfg = SelfChatConfig(**asdict(settings), sampling=sampling, templates=templates, batch_size=backend_options.batch_size)
+    seeds = read_seeds(run.seeds, run.seed_column, run.seed_id_column, run.limit)
+    backend = make_backend(backend_options)
+    out = Path(run.out)
+    speed = generate(seeds, backend, cfg, out)
+    meta = {"command": command, "seeds": run.seeds, "model": backend.name, **config_dict(cfg), **speed}
+    manifest = finalize(out, meta, run.test_fraction, run.seed)
+    filters = manifest["self_chat"]["filters"]
+    print(f"dialogues: {manifest['self_chat']['dialogues']} ({', '.join(f'{n} {k}' for k, n in filters.items())})")
+    for name, output in manifest["output"].items():
+        print(f"{name}: {output['rows']} rows -> {output['path']}")

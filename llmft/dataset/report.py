@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,38 +17,79 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llmft.data import IGNORE, tokenize_row, validate_rows
+from llmft.data import IGNORE, load_rows, tokenize_row, validate_rows
+from llmft.errors import ConfigError
+from llmft.schema import example as as_example
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the tokens that carry loss in the rendered example
+
+
+@dataclass
+class ReportOptions:
+    dataset: str = field(metadata={"positional": True, "help": "A dataset directory (a build's folder or its "
+                                                                "train/), or a .jsonl/.json/.parquet file."})
+    recipe: str | None = field(default=None, metadata={"help": "The recipe training will use (its model, "
+                                                               "max_length and overlong policy)."})
+    model: str | None = field(default=None, metadata={"help": "Or a model (Hub id, path or smollm2-135m-instruct), "
+                                                              "with --max-length."})
+    max_length: int | None = field(default=None, metadata={"help": "Longest example in tokens (default: the recipe's)."})
+    out: str | None = field(default=None, metadata={"help": "Where report.json and length_histogram.png go "
+                                                            "(default: DATASET_report/)."})
+
+    def __post_init__(self):
+        if bool(self.recipe) == bool(self.model):
+            raise ConfigError(["give --recipe RECIPE or --model MODEL (one of them)."],
+                              what="the options of llmft data report")
+
+
+def report_command(options: ReportOptions) -> None:
+    """`llmft data report`: the table on the terminal, report.json and the histogram on disk."""
+    from llmft.config import ModelConfig, load_recipe
+    from llmft.model import load_tokenizer
+
+    if options.recipe:
+        recipe = load_recipe(options.recipe)
+        tokenizer = load_tokenizer(recipe.model, recipe.training.trust_remote_code)
+        max_length, overlong = options.max_length or recipe.training.max_length, recipe.data.overlong
+    else:
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=options.model))
+        max_length, overlong = options.max_length, "drop"
+    dataset = Path(options.dataset)
+    source = dataset / "train" if (dataset / "train" / "state.json").exists() else dataset
+    result = report(load_rows(str(source)), tokenizer, max_length, overlong, str(source))
+    print(format_table(result))
+    out = Path(options.out) if options.out else source.parent / f"{source.name.split('.')[0]}_report"
+    paths = write(result, out)
+    print(f"\nSaved {paths['json']} and {paths['histogram']}")
 
 
 def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, overlong: str,
            source: str) -> dict[str, Any]:
     """Length distribution, what max_length would drop or cut, loss share, per-role tokens, a rendered example."""
-    schema = validate_rows(rows, source)
+    kind = validate_rows(rows, source)
     lengths, trainable, role_tokens = [], [], Counter()
     over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
-    example = None
+    rendered = None
     for row in tqdm(rows, desc="Tokenizing", unit="row"):
-        ids, labels = tokenize_row(row, tokenizer, schema)
+        ids, labels = tokenize_row(row, tokenizer, kind)
         n_train = sum(label != IGNORE for label in labels)
         lengths.append(len(ids))
         trainable.append(n_train)
         zero_trainable += n_train == 0
-        for message in _messages(row, schema):
-            role_tokens[message["role"]] += len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
+        for message in as_example(row, kind).messages:
+            role_tokens[message["role"]] += len(tokenizer(message["content"] or "", add_special_tokens=False)["input_ids"])
         if max_length is not None and len(ids) > max_length:
             over += 1
             cut_tokens += len(ids) - max_length
             kept_train = sum(label != IGNORE for label in labels[:max_length])
             cut_trainable += n_train - kept_train
             left_empty += kept_train == 0
-        if example is None and n_train:
-            example = render_mask(tokenizer, ids, labels)
+        if rendered is None and n_train:
+            rendered = render_mask(tokenizer, ids, labels)
     total, total_train = sum(lengths), sum(trainable)
     arr = np.array(lengths)
     return {
-        "source": source, "schema": schema, "rows": len(lengths), "tokens": total,
+        "source": source, "schema": kind, "rows": len(lengths), "tokens": total,
         "trainable_tokens": total_train, "loss_share": total_train / total if total else 0.0,
         "length": {"min": int(arr.min()), "mean": float(arr.mean()), "p50": int(np.percentile(arr, 50)),
                    "p90": int(np.percentile(arr, 90)), "p99": int(np.percentile(arr, 99)), "max": int(arr.max())},
@@ -58,17 +100,9 @@ def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
         "zero_trainable_rows": zero_trainable,
         "role_content_tokens": dict(role_tokens),
         "template_tokens": total - sum(role_tokens.values()),
-        "example": example,
+        "example": rendered,
         "lengths": lengths,
     }
-
-
-def _messages(row, schema):
-    if schema == "messages":
-        return row["messages"]
-    if isinstance(row["prompt"], str):
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-    return row["prompt"] + row["completion"]
 
 
 def render_mask(tokenizer, ids: list[int], labels: list[int]) -> str:

@@ -13,20 +13,63 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from llmft.errors import ConfigError, GenerationError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
+    """How text is sampled (self-chat and augmentation)."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest generated message, in tokens."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
 
 
-class BackendError(RuntimeError):
-    """A generation request that failed for good (after retries), with the server's answer."""
+@dataclass
+class BackendOptions:
+    """Which model generates: a local one (--model), or an OpenAI-compatible server (--base-url, --api-model)."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Local model: Hub id, path or built-in name."})
+    dtype: str = field(default="auto", metadata={"help": "Local model weights: auto | float32 | bfloat16."})
+    batch_size: int = field(default=16, metadata={"help": "Local model: sequences generated together."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible server, e.g. http://localhost:8000/v1 (instead of --model)."})
+    api_model: str | None = field(default=None, metadata={"help": "Model name on that server."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the API key."})
+    concurrency: int = field(default=8, metadata={"help": "HTTP requests at once."})
+    timeout: float = field(default=120.0, metadata={"help": "Seconds per HTTP request."})
+    max_retries: int = field(default=5, metadata={"help": "Retries of a failed HTTP request."})
+
+    def __post_init__(self):
+        problems = []
+        if self.base_url and not self.api_model:
+            problems.append("--base-url needs --api-model (the model's name on that server).")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"--dtype: '{self.dtype}' is not auto, float32 or bfloat16.")
+        for name in ("batch_size", "concurrency"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')}: must be >= 1.")
+        if problems:
+            raise ConfigError(problems, what="backend options")
+
+
+def make_backend(options: BackendOptions):
+    """An OpenAI-compatible HTTP backend (--base-url), or the local model."""
+    if options.base_url:
+        return OpenAIBackend(options.base_url, options.api_model, options.api_key_env, options.concurrency,
+                             options.timeout, options.max_retries)
+    from llmft.config import ModelConfig, PeftSettings
+    from llmft.model import load_model, load_tokenizer
+
+    model_cfg = ModelConfig(name_or_path=options.model, dtype=options.dtype)
+    backend = LocalBackend(load_model(model_cfg, PeftSettings(method="full")), load_tokenizer(model_cfg),
+                           options.batch_size)
+    backend.name = options.model
+    return backend
 
 
 class LocalBackend:
@@ -120,10 +163,10 @@ class OpenAIBackend:
                     return response.json()
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code not in self.RETRY_STATUS:
-                    raise BackendError(f"{url} answered {problem}")
+                    raise GenerationError(f"{url} answered {problem}")
                 wait = float(response.headers.get("Retry-After", wait))
             if attempt < self.max_retries:
                 self.retries += 1
                 log.warning("%s: %s; retrying in %.1f s (%d/%d)", url, problem, wait, attempt + 1, self.max_retries)
                 time.sleep(wait)
-        raise BackendError(f"{url} failed after {self.max_retries} retries: {problem}")
+        raise GenerationError(f"{url} failed after {self.max_retries} retries: {problem}")

@@ -9,32 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
-Messages = list[dict[str, Any]]
+from llmft.schema import Messages, RowError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool", "observation": "tool", "function_response": "tool"}
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
-
-
-class RowError(ValueError):
-    """One row that cannot be converted: which field, and what is wrong with it."""
-
-    def __init__(self, field: str | None, problem: str):
-        self.field, self.problem = field, problem
-        super().__init__(f"field '{field}': {problem}" if field else problem)
-
-
-@dataclass(frozen=True)
-class ColumnMap:
-    """Which columns hold the prompt, the answer and (optionally) a system prompt, for plain column data."""
-
-    prompt: str = "question"
-    completion: str = "answer"
-    system: str | None = None
 
 
 def _text(row: dict, field: str, required: bool = True) -> str:
@@ -109,11 +90,12 @@ def from_prompt_completion(row: dict) -> Messages:
     return [{"role": "user", "content": _text(row, "prompt")}, {"role": "assistant", "content": _text(row, "completion")}]
 
 
-def from_columns(row: dict, columns: ColumnMap) -> Messages:
-    """Plain columns mapped by flags, e.g. GSM8K's {question, answer}."""
-    messages = [{"role": "system", "content": _text(row, columns.system)}] if columns.system else []
-    return messages + [{"role": "user", "content": _text(row, columns.prompt)},
-                       {"role": "assistant", "content": _text(row, columns.completion)}]
+def from_columns(row: dict, prompt: str, completion: str, system: str | None = None) -> Messages:
+    """Plain columns named by the source's prompt_field, completion_field (and system_field), e.g. GSM8K's
+    {question, answer}."""
+    messages = [{"role": "system", "content": _text(row, system)}] if system else []
+    return messages + [{"role": "user", "content": _text(row, prompt)},
+                       {"role": "assistant", "content": _text(row, completion)}]
 
 
 # OASST message trees -------------------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from llmft.backends import Sampling
+from llmft.errors import ConfigError, DataError
+from llmft.schema import load_json_rows
+from llmft.synth.backends import BackendOptions, Sampling, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,42 @@ PROMPTS = {
 }
 
 
-class AugmentError(ValueError):
-    """Input rows that cannot be augmented, naming the file, row and field."""
+SAMPLING_DEFAULTS = {"max_new_tokens": 128}  # a rewritten request is short
 
 
 @dataclass
-class AugmentConfig:
-    mode: str = "paraphrase"
-    pivot: str = "French"
-    copies: int = 1
-    sampling: Sampling = field(default_factory=lambda: Sampling(max_new_tokens=128, temperature=0.7, top_p=0.9))
-    min_ratio: float = 0.3  # rewrite length / original length, in characters
-    max_ratio: float = 3.0
+class AugmentFiles:
+    data: str = field(metadata={"positional": True, "help": "JSONL file of rows with messages (or prompt/completion)."})
+    out: str = field(metadata={"help": "JSONL file: the source rows, then the new ones."})
+    only_new: bool = field(default=False, metadata={"help": "Write only the augmented rows."})
+
+
+@dataclass
+class AugmentSettings:
+    mode: str = field(default="paraphrase", metadata={"help": "paraphrase | backtranslate."})
+    pivot: str = field(default="French", metadata={"help": "backtranslate: the language to go through."})
+    copies: int = field(default=1, metadata={"help": "Rewrites per source row."})
+    min_ratio: float = field(default=0.3, metadata={"help": "Shortest kept rewrite, as a share of the original's "
+                                                            "length in characters."})
+    max_ratio: float = field(default=3.0, metadata={"help": "Longest kept rewrite, likewise."})
+
+    def __post_init__(self):
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode: '{self.mode}' is not {' or '.join(MODES)}.")
+        if self.copies < 1:
+            problems.append("copies: must be >= 1.")
+        if not 0 <= self.min_ratio < self.max_ratio:
+            problems.append(f"min_ratio {self.min_ratio} and max_ratio {self.max_ratio}: need 0 <= min < max.")
+        if problems:
+            raise ConfigError(problems, what="augmentation settings")
+
+
+@dataclass
+class AugmentConfig(AugmentSettings):
+    """The settings, with sampling and the batch size."""
+
+    sampling: Sampling = field(default_factory=lambda: Sampling(**SAMPLING_DEFAULTS))
     batch_size: int = 16
 
 
@@ -78,7 +104,7 @@ def _slots(row: dict[str, Any], where: str) -> list[tuple[str, int | None]]:
         return [("prompt", None)]
     if isinstance(row.get("prompt"), list):
         return [("prompt", i) for i, m in enumerate(row["prompt"]) if m["role"] == "user"]
-    raise AugmentError(f"{where}: no 'messages' and no 'prompt' field; convert the data first (llmft data convert).")
+    raise DataError(f"{where}: no 'messages' and no 'prompt' field; convert the data first (llmft data convert).")
 
 
 def _read(row: dict, slot: tuple[str, int | None]) -> str:
@@ -121,24 +147,9 @@ def augment_rows(rows: list[dict], backend, cfg: AugmentConfig, source: str = "d
     return new_rows, rejected
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise AugmentError(f"cannot read {path}: {err}") from err
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise AugmentError(f"{path} line {number}: not JSON ({err.msg}); fix or remove the line.") from err
-    return rows
-
-
 def augment_file(data: Path, out: Path, backend, cfg: AugmentConfig, only_new: bool = False) -> dict[str, Any]:
     """Write `out` (JSONL): the source rows (unless only_new), then the augmented ones. Returns the counts."""
-    rows = read_jsonl(data)
+    rows = load_json_rows(data)
     new_rows, rejected = augment_rows(rows, backend, cfg, str(data))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
@@ -149,3 +160,12 @@ def augment_file(data: Path, out: Path, backend, cfg: AugmentConfig, only_new: b
     log.info("augment: %d source rows -> %d new (%s rejected: %s)", len(rows), len(new_rows),
              sum(rejected.values()), ", ".join(f"{n} {k}" for k, n in rejected.items()) or "none")
     return summary
+
+
+def augment_command(files: AugmentFiles, settings: AugmentSettings, sampling: Sampling,
+                    backend_options: BackendOptions) -> None:
+    cfg = AugmentConfig(**asdict(settings), sampling=sampling, batch_size=backend_options.batch_size)
+    summary = augment_file(Path(files.data), Path(files.out), make_backend(backend_options), cfg, files.only_new)
+    rejected = ", ".join(f"{n} {k}" for k, n in summary["rejected"].items()) or "none"
+    print(f"{summary['source_rows']} source rows -> {summary['augmented_rows']} new rows (rejected: {rejected}); "
+          f"wrote {summary['written']} rows to {summary['out']}")

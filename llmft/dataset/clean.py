@@ -1,4 +1,4 @@
-"""Cleaning converted conversations: normalisation, shape checks, duplicates, and decontamination.
+"""Cleaning converted conversations: normalisation, duplicates, and decontamination (checks: `llmft.schema`).
 
 Each check returns what it found instead of dropping rows itself, so the caller counts every drop and its reason.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmft.formats import Messages
+from llmft.schema import Messages
 
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -38,41 +38,6 @@ def normalise_messages(messages: Messages, system_prompt: str | None = None) -> 
     if system_prompt and not (out and out[0].get("role") == "system"):
         out.insert(0, {"role": "system", "content": system_prompt})
     return out
-
-
-# Shape checks --------------------------------------------------------------------------------------------------
-
-
-def conversation_problems(messages: Messages) -> list[str]:
-    """What makes a conversation unfit to train on: empty turns, bad roles, not alternating, not ending on assistant.
-
-    System messages may only come first. A tool result may sit between an assistant turn that called the tool and
-    the assistant turn that uses it.
-    """
-    problems = []
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant", "tool"):
-            problems.append(f"messages[{i}].role: unknown role {role!r}")
-        elif role == "system" and i != 0:
-            problems.append(f"messages[{i}].role: a system message may only come first")
-        if not isinstance(content, str):
-            problems.append(f"messages[{i}].content: must be a string, got {type(content).__name__}")
-        elif not content.strip() and not message.get("tool_calls"):
-            problems.append(f"messages[{i}].content: empty")
-    turns = [(i, m.get("role")) for i, m in enumerate(messages) if m.get("role") != "system"]
-    if not turns:
-        return problems + ["messages: no user or assistant message"]
-    if turns[0][1] != "user":
-        problems.append(f"messages[{turns[0][0]}]: the conversation starts with '{turns[0][1]}', not 'user'")
-    for (_, prev), (i, role) in zip(turns, turns[1:]):
-        if role == prev and role in ("user", "assistant"):
-            problems.append(f"messages[{i}]: two '{role}' messages in a row (turns must alternate)")
-        if role == "tool" and prev not in ("assistant", "tool"):
-            problems.append(f"messages[{i}]: a tool result must follow an assistant tool call")
-    if turns[-1][1] != "assistant":
-        problems.append(f"messages[{turns[-1][0]}]: the conversation ends on '{turns[-1][1]}', not 'assistant'")
-    return problems
 
 
 # Duplicates ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""Raw rows from where users keep data: local JSON, JSONL, CSV and Parquet files or folders, and Hub datasets.
+
+Every reader streams (memory stays flat however large the file) and labels each row with where it came from,
+"file.jsonl, line 12", so every later error can name it. A line that is not valid JSON comes out as a
+`RowError` in place of its row (the JSON readers are the schema's own), for the caller to skip or stop on.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llmft.errors import DataError
+from llmft.schema import RowError, read_json, read_jsonl
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+Row = tuple[str, dict[str, Any] | RowError]
+
+
+def read_source(spec: str, split: str = "train") -> Iterator[Row]:
+    """Rows of a local file or folder, or of a Hub dataset id (`org/name`, split `split`), with their labels."""
+    path = Path(spec)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS) if path.is_dir() else [path]
+        if not files:
+            raise DataError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder.")
+        for file in files:
+            yield from read_file(file)
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+        yield from read_hub(spec, split)
+    else:
+        raise DataError(f"{spec}: no such file or folder (and not a Hub dataset id of the form org/name).")
+
+
+def read_file(path: Path) -> Iterator[Row]:
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if path.suffix not in readers:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}.")
+    yield from readers[path.suffix](path)
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield f"{path.name}, line {reader.line_num}", dict(row)
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path.name}, row {number}", row
+
+
+def read_hub(dataset_id: str, split: str) -> Iterator[Row]:
+    """A Hub dataset, streamed through `datasets.load_dataset(..., streaming=True)`."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        for number, row in enumerate(stream, start=1):
+            yield f"{dataset_id}[{split}], row {number}", row
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise DataError(f"{dataset_id}: cannot load this Hub dataset (split '{split}'): {err}") from err

@@ -1,0 +1,510 @@
+"""Evaluation: generation metrics on held-out prompts, during training (a Trainer callback) and after it
+(`llmft eval`), held-out loss, the forgetting check, and lm-evaluation-harness.
+
+Built-in metrics run offline through their own packages:
+  exact_match  normalised string equality after an answer extractor (0-1)
+  rouge_l      ROUGE-L F1, rouge_score package (0-1)
+  bleu, chrf   corpus BLEU and chrF, sacrebleu package (0-100, as sacrebleu reports them)
+`evaluate:ID` names any metric of the `evaluate` library (`evaluate.load(ID)`: a Hub id, or the path of a local
+metric script); it is loaded before anything runs, so an unreachable one fails at once.
+Answer extractors: none | gsm8k (the number after '####', else the last number) | last_number | regex:PATTERN.
+Every score is named as the Trainer names eval metrics: eval_exact_match, eval_rouge_l, eval_<metric>_<key>.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import string
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from llmft import run_dir
+from llmft.config import EVAL_METRICS, GenerationEval
+from llmft.errors import ConfigError, DataError
+from llmft.model import generate_texts
+from llmft.schema import kind_of, prompt_and_reference
+
+log = logging.getLogger(__name__)
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+EXTERNAL = "evaluate:"
+
+
+# Prompts and references ----------------------------------------------------------------------------------------
+
+
+def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` held-out rows as (prompt, reference): the conversation before its last assistant
+    message (or the prompt text), and that message."""
+    kind = kind_of(rows.column_names, "eval data")
+    items = []
+    for row in rows.select(range(min(limit, len(rows)))):
+        prompt, reference = prompt_and_reference(row, kind)
+        items.append({"prompt": prompt, "reference": reference})
+    return items
+
+
+def with_few_shot(items: list[dict[str, Any]], shots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat prompts preceded by worked examples as earlier user/assistant turns."""
+    turns = [m for shot in shots for m in (*shot["prompt"][-1:], {"role": "assistant", "content": shot["reference"]})]
+    return [{**it, "prompt": turns + list(it["prompt"])} for it in items]
+
+
+def eval_items(rows, settings: GenerationEval, shots=None) -> list[dict[str, Any]]:
+    """The generation eval's prompts: the first num_generate held-out rows, after few_shot rows of `shots`."""
+    if rows is None or not settings.num_generate:
+        return []
+    items = prompts_and_references(rows, settings.num_generate)
+    if settings.few_shot:
+        if shots is None:
+            raise DataError("eval.few_shot needs rows to take the worked examples from.")
+        items = with_few_shot(items, prompts_and_references(shots, settings.few_shot))
+    return items
+
+
+# Metrics -------------------------------------------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    """Lower case, no surrounding punctuation, single spaces: formatting noise is not what exact match tests."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.strip(string.punctuation + " ")
+
+
+def extract(text: str, extractor: str) -> str:
+    if extractor == "none":
+        return text
+    if extractor == "gsm8k" and "####" in text:
+        return text.split("####")[-1].strip().replace(",", "")
+    if extractor in ("gsm8k", "last_number"):
+        numbers = NUMBER.findall(text)
+        return numbers[-1].replace(",", "").rstrip(".") if numbers else ""
+    if extractor.startswith("regex:"):
+        match = re.search(extractor[len("regex:"):], text)
+        return (match.group(1) if match and match.groups() else match.group(0) if match else "")
+    raise ValueError(f"unknown answer extractor '{extractor}': use none, gsm8k, last_number or regex:PATTERN")
+
+
+def matches(prediction: str, reference: str, extractor: str = "none") -> bool:
+    """Exact match after extraction; an answer the extractor finds nothing in never matches."""
+    answer, expected = normalise(extract(prediction, extractor)), normalise(extract(reference, extractor))
+    return bool(answer) and answer == expected
+
+
+def load_metrics(names: list[str]) -> dict[str, Any]:
+    """The `evaluate:` metrics among `names`, loaded; a ConfigError naming the metric and the fix if one cannot be."""
+    loaded = {}
+    for name in names:
+        if name.startswith(EXTERNAL):
+            import evaluate
+
+            ident = name[len(EXTERNAL):]
+            try:
+                loaded[name] = evaluate.load(ident)
+            except Exception as err:  # evaluate raises many types (offline, missing script, bad module)
+                raise ConfigError([
+                    f"eval.metrics: cannot load the evaluate metric '{ident}' ({type(err).__name__}: {err}). "
+                    "evaluate.load fetches metric scripts from the Hugging Face Hub: run once with network access "
+                    f"(it is cached), or give the path of a local copy, evaluate:/path/to/{Path(ident).name}.py. "
+                    f"The built-in {', '.join(EVAL_METRICS)} work offline."], what="evaluation settings") from err
+    return loaded
+
+
+def external_scores(name: str, module, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """An evaluate metric's numbers, named <metric> (or <metric>_<key> for metrics returning several)."""
+    base = _word(Path(name[len(EXTERNAL):]).stem)
+    values = module.compute(predictions=predictions, references=references) or {}
+    numbers = {_word(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {(base if key == base else f"{base}_{key}"): v for key, v in numbers.items()}
+
+
+def _word(text: str) -> str:
+    return re.sub(r"\W+", "_", text).strip("_")
+
+
+def score(predictions: list[str], references: list[str], metrics: list[str], extractor: str = "none",
+          loaded: dict[str, Any] | None = None) -> dict[str, float]:
+    """Each metric's score (without the eval_ prefix). `loaded` holds the evaluate: metrics (load_metrics)."""
+    out: dict[str, float] = {}
+    if "exact_match" in metrics:
+        hits = [matches(p, r, extractor) for p, r in zip(predictions, references)]
+        out["exact_match"] = sum(hits) / len(hits)
+    if "rouge_l" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        out["rouge_l"] = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
+    if "bleu" in metrics or "chrf" in metrics:
+        import sacrebleu
+
+        if "bleu" in metrics:
+            out["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+        if "chrf" in metrics:
+            out["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
+    for name in metrics:
+        if name.startswith(EXTERNAL):
+            out.update(external_scores(name, (loaded or load_metrics([name]))[name], predictions, references))
+    return out
+
+
+# Generation ----------------------------------------------------------------------------------------------------
+
+
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list, max_new_tokens: int,
+             batch_size: int, desc: str = "Generating") -> list[str]:
+    """Greedy answers, batched; chat prompts go through the tokenizer's chat template, text prompts as they are."""
+    answers = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        batch = prompts[start : start + batch_size]
+        chat = not isinstance(batch[0], str)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p
+                 for p in batch]
+        answers += generate_texts(model, tokenizer, texts, max_new_tokens=max_new_tokens,
+                                  add_special_tokens=not chat)[0]
+    return answers
+
+
+@dataclass
+class Generated:
+    """The generation eval of one model: scores named eval_<metric>, and every answer for the sample tables."""
+
+    scores: dict[str, float]
+    answers: list[str]
+    correct: list[bool]
+
+
+def generation_eval(model, tokenizer, items: list[dict[str, Any]], settings: GenerationEval, desc: str = "Generating",
+                    loaded: dict[str, Any] | None = None) -> Generated:
+    """Greedy answers to `items`, scored with the settings' metrics and answer extractor."""
+    answers = generate(model, tokenizer, [it["prompt"] for it in items], settings.max_new_tokens,
+                       settings.generation_batch_size, desc)
+    references = [it["reference"] for it in items]
+    correct = [matches(a, r, settings.answer_extractor) for a, r in zip(answers, references)]
+    scores = score(answers, references, settings.metrics, settings.answer_extractor, loaded)
+    return Generated({f"eval_{k}": v for k, v in scores.items()}, answers, correct)
+
+
+def samples(items: list[dict[str, Any]], result: Generated, baseline: Generated | None = None) -> list[dict[str, Any]]:
+    """The sample records of the run directory's one shape: prompt, reference, answer, exact_match, and the
+    baseline's answer beside it when there is one."""
+    records = []
+    for i, it in enumerate(items):
+        record = {"prompt": prompt_text(it["prompt"]), "reference": it["reference"], "answer": result.answers[i],
+                  "exact_match": result.correct[i]}
+        if baseline is not None:
+            record.update(baseline_answer=baseline.answers[i], baseline_exact_match=baseline.correct[i])
+        records.append(record)
+    return records
+
+
+def prompt_text(prompt) -> str:
+    """The last user turn of a prompt, for display."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+# Forgetting check ----------------------------------------------------------------------------------------------
+
+
+def general_texts() -> list[str]:
+    """Paragraphs of general English shipped with llmft (written for it), for the forgetting check."""
+    text = resources.files("llmft").joinpath("resources/general_text.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
+    """Token-weighted perplexity of plain texts (no chat template)."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                    ignore_index=-100, reduction="sum")
+            total_nll += nll.item()
+            total_tokens += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+# The in-training hook ------------------------------------------------------------------------------------------
+
+
+class GenerationEvalCallback(TrainerCallback):
+    """At every Trainer evaluation: generate on fixed held-out prompts, score, check forgetting, write samples.
+
+    The scores join the Trainer's eval metrics (eval_exact_match, eval_rouge_l, eval_bleu, eval_chrf,
+    eval_forgetting_ppl_ratio), so `metric_for_best_model`, early stopping and the trackers see them. Generation
+    runs on the main process; the scores are broadcast so every process takes the same early-stopping decision.
+    """
+
+    def __init__(self, tokenizer, items: list[dict[str, Any]], cfg, out_dir: Path):
+        self.tokenizer, self.items, self.cfg, self.out_dir = tokenizer, items, cfg, out_dir
+        self.loaded = load_metrics(cfg.metrics) if items else {}  # before training: an unreachable metric fails now
+        self.trainer = None  # set after the Trainer is built, to log through it
+        self.texts = general_texts() if cfg.forgetting_check else []
+        self.base_ppl: float | None = None
+        self.last: Generated | None = None
+
+    def _forgetting(self, model) -> dict[str, float]:
+        if not self.texts:
+            return {}
+        ppl = perplexity(model, self.tokenizer, self.texts)
+        if self.base_ppl is None:  # the first measurement is the model before training
+            self.base_ppl = ppl
+        return {"eval_general_ppl": ppl, "eval_forgetting_ppl_ratio": ppl / self.base_ppl}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.texts and self.base_ppl is None and state.is_world_process_zero:
+            self._forgetting(model)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        new: dict[str, float] = {}
+        if state.is_world_process_zero:
+            if self.items:
+                self.last = generation_eval(model, self.tokenizer, self.items, self.cfg,
+                                            f"Generating (step {state.global_step})", self.loaded)
+                new.update(self.last.scores)
+                run_dir.write_jsonl(self.out_dir / run_dir.SAMPLES_DIR / f"step-{state.global_step}.jsonl",
+                                    samples(self.items, self.last))
+            new.update(self._forgetting(model))
+        new = _broadcast(new)
+        metrics.update(new)
+        if new and self.trainer is not None:
+            self.trainer.log(new)
+
+
+def _broadcast(values: dict[str, float]) -> dict[str, float]:
+    """Rank 0's values on every rank (a no-op in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    box = [values]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# Held-out loss -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def assistant_loss(model, tokenizer, rows: datasets.Dataset, max_length: int | None, overlong: str,
+                   batch_size: int = 8) -> float:
+    """Mean loss over the tokens that carry loss in training (assistant tokens), token-weighted; rows are
+    tokenized as training tokenizes them (same max_length and overlong policy)."""
+    from llmft.data import prepare_dataset
+
+    prepared, _ = prepare_dataset(rows, tokenizer, max_length, overlong, "eval data")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(prepared), batch_size):
+            batch = prepared[start : start + batch_size]
+            width = max(len(ids) for ids in batch["input_ids"])
+            ids = torch.full((len(batch["input_ids"]), width), tokenizer.pad_token_id)
+            labels = torch.full_like(ids, -100)
+            mask = torch.zeros_like(ids)
+            for i, (row_ids, row_labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
+                ids[i, : len(row_ids)], labels[i, : len(row_ids)] = torch.tensor(row_ids), torch.tensor(row_labels)
+                mask[i, : len(row_ids)] = 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+            targets = labels[:, 1:].to(model.device)
+            total += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                                       targets.reshape(-1), ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+# `llmft eval` ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOptions:
+    """`llmft eval`'s own options; the generation settings are GenerationEval's, shared with the recipe."""
+
+    target: str = field(metadata={"positional": True, "help": "A run directory (adapter or full model), or a model "
+                                                               "id, path or built-in name."})
+    baseline: str | None = field(default=None, metadata={
+        "help": "Evaluate this model the same way, side by side ('base' = the run's base model)."})
+    data: str | None = field(default=None, metadata={
+        "help": "Held-out data (messages or prompt/completion); default: the rows the run evaluated in training."})
+    few_shot_data: str | None = field(default=None, metadata={
+        "help": "Where few-shot examples come from (default: the run's, else --data)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest example for the loss (a run: its own)."})
+    overlong: str = field(default="drop", metadata={"help": "Longer examples: drop | truncate (a run: its own)."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N rows of the data."})
+    lm_eval_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-evaluation-harness tasks: standard ones (e.g. arc_easy, needs their data) or YAML tasks over "
+                "local files; shipped offline: llmft_dates (generative), llmft_facts_mc (multiple choice)."})
+    lm_eval_include: list[str] = field(default_factory=list, metadata={"help": "Folders of your own lm-eval task YAMLs."})
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "Only the first N examples of each task."})
+    lm_eval_chat_template: bool = field(default=True, metadata={
+        "help": "Feed lm-eval prompts through the model's chat template (--no-lm-eval-chat-template: plain text)."})
+    out: str | None = field(default=None, metadata={"help": "Where results go (default: the run directory, or "
+                                                            "eval_<model>/)."})
+
+    def __post_init__(self):
+        if self.overlong not in ("drop", "truncate"):
+            raise ConfigError([f"overlong: '{self.overlong}' is not drop or truncate."], what="the options of llmft eval")
+
+
+OPTIONS = [EvalOptions, GenerationEval]
+RENAMED = {"--batch-size": "--generation_batch_size", "--lm-eval-no-chat-template": "--no_lm_eval_chat_template"}
+
+
+def run_defaults(target: str) -> dict[str, Any]:
+    """A run's own evaluation settings (its eval: section, max_length and overlong policy), which `llmft eval RUN`
+    starts from; nothing for a model that is not a run."""
+    if not run_dir.is_run(Path(target)):
+        return {}
+    recipe = run_dir.read_run(Path(target)).recipe
+    shared = {f.name: getattr(recipe.eval, f.name) for f in fields(GenerationEval)}
+    return {**shared, "max_length": recipe.training.max_length, "overlong": recipe.data.overlong}
+
+
+def load_for_eval(target: str):
+    """(model, tokenizer, Run or None) for a run directory (adapter on its base, or full model) or a model."""
+    from llmft.config import ModelConfig, PeftSettings
+    from llmft.model import load_model, load_run_model, load_tokenizer
+
+    path = Path(target)
+    if run_dir.is_run(path):
+        run = run_dir.read_run(path)
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))  # the run's own tokenizer and template
+        return load_run_model(run), tokenizer, run
+    cfg = ModelConfig(name_or_path=target, dtype="float32")
+    return load_model(cfg, PeftSettings(method="full")), load_tokenizer(cfg), None
+
+
+def held_out(options: EvalOptions, run) -> tuple[str, datasets.Dataset]:
+    """(label, rows) to evaluate on: --data, else the rows the run evaluated in training."""
+    from llmft.data import load_rows
+
+    if options.data:
+        rows, label = load_rows(options.data), options.data
+    elif run is not None:
+        rows = run.eval_rows()
+        if rows is None:
+            raise DataError(f"{run.path} held out no data in training (no eval_data, eval_fraction 0): pass --data FILE.")
+        label = f"{run.path / run_dir.EVAL_SPLIT} (held out in training from {run.info.data['eval'].path})"
+    else:
+        raise DataError(f"{options.target} is not a run directory, so it has no held-out data: pass --data FILE.")
+    return label, rows.select(range(min(options.limit, len(rows)))) if options.limit else rows
+
+
+def shots_for(options: EvalOptions, settings: GenerationEval, run):
+    """The rows few-shot examples come from: --few_shot_data, the run's own, else the evaluated data."""
+    from llmft.data import load_rows
+
+    if not settings.few_shot:
+        return None
+    if options.few_shot_data:
+        return load_rows(options.few_shot_data)
+    if run is not None and run.few_shot_rows() is not None and not options.data:
+        return run.few_shot_rows()
+    return held_out(options, run)[1]
+
+
+def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings: GenerationEval,
+                   loaded: dict[str, Any]) -> tuple[dict[str, float], Generated | None]:
+    """Loss, generation metrics, general-text perplexity (and lm-eval) of one model, named eval_*; its answers."""
+    results = {"eval_loss": assistant_loss(model, tokenizer, rows, options.max_length, options.overlong,
+                                           settings.generation_batch_size)}
+    generated = generation_eval(model, tokenizer, items, settings, "Generating", loaded) if items else None
+    if generated:
+        results.update(generated.scores)
+    results["eval_general_ppl"] = perplexity(model, tokenizer, general_texts())
+    if options.lm_eval_tasks:  # last: merging an adapter changes the model object
+        results.update(lm_eval_results(model, tokenizer, options, settings.generation_batch_size))
+    return results, generated
+
+
+def evaluate_command(options: EvalOptions, settings: GenerationEval) -> None:
+    """`llmft eval`: a run or model (and a baseline) on held-out data; eval_results.json and eval_report.md."""
+    loaded = load_metrics(settings.metrics)
+    model, tokenizer, run = load_for_eval(options.target)
+    label, rows = held_out(options, run)
+    items = eval_items(rows, settings, shots_for(options, settings, run))
+    tuned, answers = evaluate_model(model, tokenizer, rows, items, options, settings, loaded)
+    baseline, base_answers, base_name = None, None, None
+    if options.baseline:
+        base_name = run.recipe.model.name_or_path if options.baseline == "base" and run else options.baseline
+        base_model, base_tokenizer, _ = load_for_eval(base_name)
+        baseline, base_answers = evaluate_model(base_model, base_tokenizer, rows, items, options, settings, loaded)
+    name = Path(options.target).name
+    out = Path(options.out) if options.out else Path(options.target) if run else Path(f"eval_{name}")
+    results = {"target": options.target, "data": label, "settings": {**asdict(options), **asdict(settings)},
+               "results": tuned, "baseline": baseline, "baseline_model": base_name,
+               "deltas": {k: tuned[k] - baseline[k] for k in tuned if k in baseline} if baseline else None,
+               "samples": samples(items, answers, base_answers) if answers else []}
+    report = "\n".join([f"# Evaluation of {name}", "", *run_dir.metrics_table(tuned, baseline, name, f"{base_name} (baseline)"),
+                        "", "Lower is better for eval_loss and eval_general_ppl; higher for the others.", ""])
+    paths = run_dir.write_eval_results(out, results, report)
+    print(report + f"\nSaved {paths[0]} and {paths[1]}")
+
+
+def lm_eval_results(model, tokenizer, options: EvalOptions, batch_size: int) -> dict[str, float]:
+    """lm-evaluation-harness on the loaded model: standard tasks, llmft's own, or YAML tasks over local files.
+
+    Task folders (llmft's shipped ones and --lm_eval_include) are copied with their `data_files` made absolute,
+    since lm-eval resolves them against the working directory. Scores come back as eval_lm_eval/TASK/METRIC.
+    """
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if hasattr(model, "merge_and_unload"):  # lm-eval takes a plain transformers model: merge the adapter in memory
+        model = model.merge_and_unload()
+    shipped = str(resources.files("llmft").joinpath("resources/lm_eval_tasks"))
+    with tempfile.TemporaryDirectory(prefix="llmft-lm-eval-") as tmp:
+        folders = [_resolve_task_files(Path(folder), Path(tmp) / str(i))
+                   for i, folder in enumerate([shipped, *options.lm_eval_include])]
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        output = simple_evaluate(model=lm, tasks=options.lm_eval_tasks, task_manager=TaskManager(include_path=folders),
+                                 limit=options.lm_eval_limit, apply_chat_template=options.lm_eval_chat_template,
+                                 log_samples=False)
+    scores = {}
+    for task, values in output["results"].items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and "stderr" not in key and key not in ("alias", "sample_len"):
+                scores[f"eval_lm_eval/{task}/{key.split(',')[0]}"] = float(value)
+    return scores
+
+
+def _resolve_task_files(folder: Path, target: Path) -> str:
+    """A copy of a task folder whose YAML files name their local data files by absolute path."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(folder, target)
+    for path in target.glob("*.yaml"):
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:  # lm-eval's own tags (!function ...): leave the file as it is
+            continue
+        files = ((spec or {}).get("dataset_kwargs") or {}).get("data_files")
+        if isinstance(files, dict):
+            spec["dataset_kwargs"]["data_files"] = {k: str((folder / v).resolve()) if not Path(v).is_absolute() else v
+                                                    for k, v in files.items()}
+            path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(target)

@@ -1,0 +1,62 @@
+"""The command line: light commands stay light, options parse from their dataclasses, old spellings still work."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from llmft.cli import COMMANDS
+from llmft.config import STAGES as STAGE_NAMES
+from llmft.evaluation import OPTIONS, RENAMED
+from llmft.parsing import parse
+from llmft.stages import STAGES
+from tests.helpers import write_jsonl
+
+
+def test_light_commands_import_neither_torch_nor_trl(tmp_path):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"task {i}", "output": "done"} for i in range(3)])
+    script = f"""
+import sys
+from llmft.cli import run
+try:
+    run(["data", "convert", "--help"])
+except SystemExit:
+    pass
+code = run(["data", "convert", {str(data)!r}, "--out", {str(tmp_path / "out")!r}, "--near-dedupe", "off"])
+print(code, sorted(m for m in ("torch", "trl", "transformers.modeling_utils") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stdout + done.stderr[-2000:]
+    assert (tmp_path / "out" / "train" / "state.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name, capsys):
+    argv = ["convert", "--help"] if name == "data" else ["--help"]
+    try:
+        COMMANDS[name](argv)()
+    except SystemExit as stop:  # argparse's help exits 0
+        assert stop.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_deprecated_eval_flags_still_work_and_say_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="llmft"):
+        options, settings = parse(OPTIONS, ["some/model", "--batch-size", "4", "--lm-eval-no-chat-template"],
+                                  "llmft eval", renamed=RENAMED)
+    assert settings.generation_batch_size == 4 and options.lm_eval_chat_template is False
+    assert "--batch-size is deprecated; use --generation_batch_size" in caplog.text
+
+
+def test_unknown_flags_name_the_closest_one():
+    from llmft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option '--num_generat'. Did you mean '--num_generate'?"):
+        parse(OPTIONS, ["m", "--num_generat", "3"], "llmft eval")
+
+
+def test_every_stage_in_the_table_is_a_recipe_stage():
+    assert set(STAGES) == set(STAGE_NAMES)
+    for stage in STAGES.values():
+        assert stage.trainer_class().__name__.endswith("Trainer")

@@ -1,0 +1,96 @@
+"""The run directory is the only input of every later stage: moved elsewhere, with its data deleted, it still
+evaluates, checks, merges and pushes, with the same numbers."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from llmft.cli import run as llmft
+from llmft.config import Recipe, TrainingConfig, load_recipe
+from llmft.run_dir import read_run
+from llmft.train import train
+from tests.conftest import LLMFT
+from tests.helpers import FakeHub, chat_rows, write_jsonl, write_recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A tiny LoRA run with a held-out split, few-shot examples and its own answer extractor."""
+    tmp = tmp_path_factory.mktemp("contract")
+    data = tmp / "data"
+    train_file = write_jsonl(data / "train.jsonl", chat_rows(12))
+    out = tmp / "first" / "run"
+    # A high learning rate on short, regular answers: the tiny model learns to end its turn (llmft check).
+    train(load_recipe(write_recipe(tmp / "r.yaml", tiny_model_dir, train_file, out,
+                                   training={"max_steps": 40, "learning_rate": 3e-2},
+                                   eval={"num_generate": 2, "few_shot": 1, "max_new_tokens": 4,
+                                         "answer_extractor": "last_number"})))
+    return out, data
+
+
+def test_a_moved_run_without_its_data_evaluates_checks_merges_and_pushes_the_same(trained, tmp_path, fake_hub,
+                                                                                 quiet_env):
+    first = tmp_path / "first" / "run"
+    shutil.copytree(trained[0], first)
+    assert llmft(["eval", str(first), "--baseline", "base"]) == 0
+    before = json.loads((first / "eval_results.json").read_text())
+    assert llmft(["merge", str(first), "--out", str(tmp_path / "merged-before")]) == 0
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first.parent)
+    shutil.rmtree(trained[1])  # the training data is gone: nothing may need it now
+    (moved / "eval_results.json").unlink()
+
+    assert llmft(["eval", str(moved), "--baseline", "base"]) == 0
+    after = json.loads((moved / "eval_results.json").read_text())
+    assert after["results"] == pytest.approx(before["results"], rel=1e-6)
+    assert after["baseline"] == pytest.approx(before["baseline"], rel=1e-6)
+    assert after["samples"] == before["samples"] and len(after["samples"]) == 2
+    # `llmft eval RUN` starts from the run's own eval settings.
+    assert (after["settings"]["num_generate"], after["settings"]["few_shot"], after["settings"]["answer_extractor"]) \
+        == (2, 1, "last_number")
+    # The held-out loss equals training's final one: the same rows, tokenized the same way.
+    assert after["results"]["eval_loss"] == pytest.approx(read_run(moved).metrics.after["eval_loss"], rel=1e-4)
+
+    assert llmft(["check", str(moved)]) == 0
+    assert llmft(["merge", str(moved), "--out", str(tmp_path / "merged-after")]) == 0
+    merged = [load_file(tmp_path / name / "model.safetensors") for name in ("merged-before", "merged-after")]
+    assert merged[0].keys() == merged[1].keys() and all(merged[0][k].equal(merged[1][k]) for k in merged[0])
+
+    env = {**quiet_env, "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([LLMFT, "push", str(moved), "--repo-id", "org/moved"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = FakeHub.files["README.md"].decode()
+    assert "eval_exact_match" in card and "(baseline)" in card  # the table comes from eval_results.json
+    assert {"adapter_model.safetensors", "run.json", "loss_curve.png"} <= set(FakeHub.files)
+
+
+def test_the_recipe_reads_back_as_dataclasses_even_where_its_settings_cannot_run(trained, tmp_path):
+    """A run trained on a GPU with DeepSpeed and bf16 is still readable on a CPU machine without either."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    values = yaml.safe_load((copy / "recipe.yaml").read_text())
+    values["training"].update(use_cpu=False, bf16=True, deepspeed="/nowhere/ds_zero3.json", not_a_key_any_more=1)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(values))
+    run = read_run(copy)
+    assert isinstance(run.recipe, Recipe) and isinstance(run.recipe.training, TrainingConfig)
+    assert run.recipe.training.deepspeed == "/nowhere/ds_zero3.json" and run.recipe.training.bf16
+    assert run.recipe.eval.few_shot == 1 and run.recipe.peft.method == "lora"
+    assert run.info.launch.global_batch_size == 2 and run.info.stage == "sft"
+
+
+def test_a_changed_eval_split_is_refused_with_the_fix(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    arrow = next((copy / "data" / "eval").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes() + b"\0")
+    from llmft.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="changed since training.*--data FILE"):
+        read_run(copy).eval_rows()
