@@ -23,7 +23,7 @@ demo: setup
 	$(PY) data_prep/make_demo_data.py --out data/demo
 	$(VENV)/bin/llmft train $(DEMO_RECIPE) --overwrite_output_dir true
 
-# Fine-tune vs from scratch at 3 data sizes on one token budget (~22 min on 2 CPU cores): report in reports/.
+# Fine-tune vs from scratch at 3 data sizes on one token budget (six training runs): report in reports/.
 compare: setup
 	$(PY) data_prep/make_demo_data.py --out data/demo
 	$(VENV)/bin/llmft compare recipes/smollm2-135m-instruct/compare/finetune.yaml \

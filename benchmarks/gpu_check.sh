@@ -6,8 +6,8 @@
 # process each where one GPU is all there is), and `llmft eval` of the GPU run. Models are random
 # Llama configs built locally (a tiny one, and ~0.5B parameters for speed), so nothing is downloaded.
 #
-# On a machine without internet, the Python packages llmft needs and the GPU machine lacks travel as wheels in
-# .whl/ (the script installs them first when the folder exists), for example, on a machine with pip access:
+# On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
+# .whl/ (the script installs them first when the folder exists), downloaded elsewhere, for example:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .whl trl==1.16.0 datasets==5.2.0 transformers==5.23.0 peft==0.21.2 datasketch ijson rouge-score
 # Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table.
@@ -62,12 +62,13 @@ config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_s
                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
 LlamaForCausalLM(config).save_pretrained(out / "llama-0.5b")
 tokenizer.save_pretrained(out / "llama-0.5b")
-rows = chat_rows(256)
-(out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+rows = chat_rows(272)
+(out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:256]))
+(out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[256:]))
 EOF
 
 RECIPE=recipes/smollm2-135m-instruct/lora/demo.yaml
-common=(--train_data "$OUT_DIR/train.jsonl" --eval_fraction 0.05 --max_steps 20 --max_length 256
+common=(--train_data "$OUT_DIR/train.jsonl" --eval_data "$OUT_DIR/eval.jsonl" --max_steps 20 --max_length 256
         --num_generate 4 --logging_steps 5 --overwrite_output_dir true --report_to none)
 step gpu_tests 240 $PY -m pytest -q -m gpu tests
 step lora_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
@@ -81,6 +82,6 @@ step zero3_lora 180 accelerate launch --config_file accelerate_configs/deepspeed
 step fsdp2_lora 180 accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 1 \
     -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/fsdp2"
 step eval_run 120 $PY -m llmft eval "$OUT_DIR/runs/lora" --baseline base --num_generate 4
-# Not yet here: tokens/s and MFU against plain TRL on the GPU (benchmarks/sft_throughput.py reads the embedded
+# Not in this script: tokens/s and MFU against plain TRL on the GPU (benchmarks/sft_throughput.py reads the embedded
 # model and ../shared/data, which a bare GPU machine lacks; it needs a --model and --data option first).
 cat "$SUMMARY"

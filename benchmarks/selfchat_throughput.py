@@ -2,7 +2,7 @@
 
     python benchmarks/selfchat_throughput.py [--seeds 16] [--batch-sizes 1 8 16 32] [--max-new-tokens 64]
 
-Runs `llmft.selfchat.generate` (roleplay mode, one round: the assistant answers each seed question) on the
+Runs `llmft.synth.selfchat.generate` (roleplay mode, one round: the assistant answers each seed question) on the
 embedded SmolLM2-135M-Instruct with the local backend, once per batch size, on the same seeds from
 data_prep/seeds/questions.txt. Greedy decoding so every batch size does the same work; the table shows the
 ratio to batch size 1.

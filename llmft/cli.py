@@ -179,12 +179,12 @@ def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    name = argv[0]
+    name = " ".join(argv[:2]) if argv[0] == "data" and len(argv) > 1 else argv[0]  # "data convert"
     _setup_logging()
     try:
-        command = COMMANDS.get(name)
+        command = COMMANDS.get(argv[0])
         if command is None:
-            raise _unknown(name, USAGE)
+            raise _unknown(argv[0], USAGE)
         command(argv[1:])()
     except Preempted as stop:
         if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step; one message is enough

@@ -269,7 +269,9 @@ class GenerationEval:
     answer_extractor: str = field(
         default="none", metadata={"help": "For exact match: none | gsm8k | last_number | regex:PATTERN."}
     )
-    few_shot: int = field(default=0, metadata={"help": "Worked examples (from the training data) before each prompt."})
+    few_shot: int = field(default=0, metadata={
+        "help": "Worked examples before each prompt: the first training rows in training (saved in the run); in "
+                "llmft eval, those, or --few-shot-data, or the first evaluated rows (then not asked themselves)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated (and scored) together."})
 
@@ -339,7 +341,7 @@ class HubConfig:
     gate_metrics: list[str] = field(
         default_factory=list,
         metadata={"help": "Metrics of eval_results.json on which `llmft push` refuses a model worse than its baseline "
-                          "(e.g. eval_loss exact_match)."},
+                          "(e.g. eval_loss eval_exact_match)."},
     )
     push: bool = field(default=False, metadata={"help": "Push the run at the end of training (main process only)."})
 

@@ -199,8 +199,9 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
     report.tokens = sum(len(ids) for ids in kept["input_ids"])
     report.trainable_tokens = sum(sum(t != IGNORE for t in labels) for labels in kept["labels"])
     if report.rows_out == 0:
-        raise DataError(f"{source}: no example left to train on ({report.summary('all')}). "
-                        "Raise training.max_length or set data.overlong: truncate.")
+        raise DataError(f"{source}: no example left ({report.summary('all')}). Raise the maximum length "
+                        "(training.max_length; llmft eval --max-length) or truncate instead of dropping "
+                        "(data.overlong: truncate; llmft eval --overlong truncate).")
     return kept, report
 
 

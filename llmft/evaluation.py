@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers as numbers_
 import re
 import string
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -53,7 +55,11 @@ def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str,
 
 
 def with_few_shot(items: list[dict[str, Any]], shots: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat prompts preceded by worked examples as earlier user/assistant turns."""
+    """Prompts preceded by worked examples: earlier user/assistant turns for chat prompts, earlier prompt and
+    answer paragraphs for plain-text prompts."""
+    if items and isinstance(items[0]["prompt"], str):
+        text = "".join(f"{shot['prompt']}{shot['reference']}\n\n" for shot in shots)
+        return [{**it, "prompt": text + it["prompt"]} for it in items]
     turns = [m for shot in shots for m in (*shot["prompt"][-1:], {"role": "assistant", "content": shot["reference"]})]
     return [{**it, "prompt": turns + list(it["prompt"])} for it in items]
 
@@ -107,22 +113,33 @@ def load_metrics(names: list[str]) -> dict[str, Any]:
             import evaluate
 
             ident = name[len(EXTERNAL):]
+            if external_name(name) in EVAL_METRICS:
+                raise ConfigError([f"eval.metrics: {name} would be scored as '{external_name(name)}', the name of a "
+                                   "built-in metric; use the built-in, or a copy of the script under another name."],
+                                  what="evaluation settings")
             try:
                 loaded[name] = evaluate.load(ident)
             except Exception as err:  # evaluate raises many types (offline, missing script, bad module)
                 raise ConfigError([
                     f"eval.metrics: cannot load the evaluate metric '{ident}' ({type(err).__name__}: {err}). "
                     "evaluate.load fetches metric scripts from the Hugging Face Hub: run once with network access "
-                    f"(it is cached), or give the path of a local copy, evaluate:/path/to/{Path(ident).name}.py. "
+                    f"(it is cached), or give the path of a local copy, evaluate:/path/to/{Path(ident).stem}.py. "
                     f"The built-in {', '.join(EVAL_METRICS)} work offline."], what="evaluation settings") from err
     return loaded
 
 
+def external_name(name: str) -> str:
+    """How an evaluate: metric's scores are named: the metric's file or Hub name (evaluate:x/my_metric.py ->
+    my_metric), and my_metric_<key> for each further number it returns."""
+    return _word(Path(name[len(EXTERNAL):]).stem)
+
+
 def external_scores(name: str, module, predictions: list[str], references: list[str]) -> dict[str, float]:
     """An evaluate metric's numbers, named <metric> (or <metric>_<key> for metrics returning several)."""
-    base = _word(Path(name[len(EXTERNAL):]).stem)
+    base = external_name(name)
     values = module.compute(predictions=predictions, references=references) or {}
-    numbers = {_word(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {_word(k): float(v) for k, v in values.items()
+               if isinstance(v, (numbers_.Real, np.generic)) and not isinstance(v, (bool, np.bool_))}
     return {(base if key == base else f"{base}_{key}"): v for key, v in numbers.items()}
 
 
@@ -253,9 +270,8 @@ class GenerationEvalCallback(TrainerCallback):
     runs on the main process; the scores are broadcast so every process takes the same early-stopping decision.
     """
 
-    def __init__(self, tokenizer, items: list[dict[str, Any]], cfg, out_dir: Path):
-        self.tokenizer, self.items, self.cfg, self.out_dir = tokenizer, items, cfg, out_dir
-        self.loaded = load_metrics(cfg.metrics) if items else {}  # before training: an unreachable metric fails now
+    def __init__(self, tokenizer, items: list[dict[str, Any]], cfg, out_dir: Path, loaded: dict[str, Any]):
+        self.tokenizer, self.items, self.cfg, self.out_dir, self.loaded = tokenizer, items, cfg, out_dir, loaded
         self.trainer = None  # set after the Trainer is built, to log through it
         self.texts = general_texts() if cfg.forgetting_check else []
         self.base_ppl: float | None = None
@@ -374,8 +390,10 @@ def run_defaults(target: str) -> dict[str, Any]:
     starts from; nothing for a model that is not a run."""
     if not run_dir.is_run(Path(target)):
         return {}
-    recipe = run_dir.read_run(Path(target)).recipe
+    run = run_dir.read_run(Path(target))
+    recipe = run.recipe
     shared = {f.name: getattr(recipe.eval, f.name) for f in fields(GenerationEval)}
+    shared["metrics"] = [run.metric(name) for name in recipe.eval.metrics]
     return {**shared, "max_length": recipe.training.max_length, "overlong": recipe.data.overlong}
 
 
@@ -409,17 +427,21 @@ def held_out(options: EvalOptions, run) -> tuple[str, datasets.Dataset]:
     return label, rows.select(range(min(options.limit, len(rows)))) if options.limit else rows
 
 
-def shots_for(options: EvalOptions, settings: GenerationEval, run):
-    """The rows few-shot examples come from: --few_shot_data, the run's own, else the evaluated data."""
+def shots_for(options: EvalOptions, settings: GenerationEval, run, rows) -> tuple[Any, Any]:
+    """(rows the few-shot examples come from, rows whose prompts are asked): --few-shot-data, else the training
+    rows the run showed, else the first rows of the evaluated data, which are then not asked themselves."""
     from llmft.data import load_rows
 
     if not settings.few_shot:
-        return None
+        return None, rows
     if options.few_shot_data:
-        return load_rows(options.few_shot_data)
-    if run is not None and run.few_shot_rows() is not None and not options.data:
-        return run.few_shot_rows()
-    return held_out(options, run)[1]
+        return load_rows(options.few_shot_data), rows
+    if run is not None and run.few_shot_rows() is not None:
+        return run.few_shot_rows(), rows
+    if len(rows) <= settings.few_shot:
+        raise DataError(f"--few-shot {settings.few_shot} takes every one of the {len(rows)} evaluated rows as an "
+                        "example: give --few-shot-data, or fewer shots.")
+    return rows.select(range(settings.few_shot)), rows.select(range(settings.few_shot, len(rows)))
 
 
 def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings: GenerationEval,
@@ -441,7 +463,8 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval) -> None:
     loaded = load_metrics(settings.metrics)
     model, tokenizer, run = load_for_eval(options.target)
     label, rows = held_out(options, run)
-    items = eval_items(rows, settings, shots_for(options, settings, run))
+    shots, asked = shots_for(options, settings, run, rows)
+    items = eval_items(asked, settings, shots)
     tuned, answers = evaluate_model(model, tokenizer, rows, items, options, settings, loaded)
     baseline, base_answers, base_name = None, None, None
     if options.baseline:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmft import run_dir
-from llmft.errors import HubError
+from llmft.errors import ConfigError, HubError
 from llmft.run_dir import Run, read_run, template_hash
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ class MergeOptions:
     out: str = field(metadata={"help": "Folder for the merged model."})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16."})
     max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError([f"--dtype: '{self.dtype}' is not float32 or bfloat16."], what="the options of llmft merge")
 
 
 @dataclass
@@ -117,7 +121,8 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     rows = info.eval_rows()
     items = prompts_and_references(rows, prompts) if rows is not None else [
         {"prompt": [{"role": "user", "content": "Hello!"}]}]
-    texts = [tokenizer.apply_chat_template(it["prompt"], tokenize=False, add_generation_prompt=True) for it in items]
+    texts = [it["prompt"] if isinstance(it["prompt"], str)  # plain prompt/completion text: no chat template
+             else tokenizer.apply_chat_template(it["prompt"], tokenize=False, add_generation_prompt=True) for it in items]
     ended = _ends_with_eot(model, tokenizer, texts, max_new_tokens)
     if not all(ended):
         problems.append(f"{ended.count(False)} of {len(ended)} answers did not stop at {tokenizer.eos_token!r} within "
@@ -159,7 +164,8 @@ def model_card(run: Path, repo_id: str) -> str:
     on_hub = "/" in base and not Path(base).exists() and not scratch
     data = ModelCardData(base_model=base if on_hub else None,
                          library_name="peft" if method != "full" else "transformers",
-                         tags=["llmft", *STAGES[meta.stage].tags, method], license=None, pipeline_tag="text-generation")
+                         tags=["llmft", *(STAGES[meta.stage].tags if meta.stage in STAGES else [meta.stage]), method],
+                         license=None, pipeline_tag="text-generation")
     origin = (" It was trained on llmft's embedded copy of that model (a Q4_1 GGUF, dequantized), whose weights "
               "differ slightly from the original's." if meta.base_model.name_or_path == EMBEDDED_MODEL else "")
     made = (f"A model trained from scratch (random initial weights) with the architecture and tokenizer of `{base}`, "
@@ -257,14 +263,24 @@ def push(run: Path, repo_id: str, private: bool = True, revision: str | None = N
 
     The token comes from huggingface_hub's usual places (HF_TOKEN, the login cache) and is never written.
     """
-    from huggingface_hub import HfApi
-
     problems = gate(run, gate_metrics or [])
     if problems and not force:
         raise HubError("regression gate: the tuned model is worse than its baseline on "
                        + "; ".join(problems) + ". Fix the run, or pass --force to push anyway.")
     check(run, merged)
     info = read_run(run)
+    try:
+        return _upload(run, info, repo_id, private, revision, merged)
+    except Exception as err:  # the Hub client's errors (HTTP, auth, URI) have many types; report, do not trace
+        if type(err).__module__.startswith(("huggingface_hub", "httpx", "requests")):
+            raise HubError(f"the Hub refused: {err}") from err
+        raise
+
+
+def _upload(run: Path, info: Run, repo_id: str, private: bool, revision: str | None, merged: Path | None) -> str:
+    """The run's files and model card, staged in a temporary folder, uploaded in one commit; the commit URL."""
+    from huggingface_hub import HfApi
+
     with tempfile.TemporaryDirectory(prefix="llmft-push-") as tmp:
         staging = Path(tmp)
         for path in (merged or run).iterdir():
@@ -305,11 +321,6 @@ def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOpt
     if not repo_id:
         raise HubError("no repository: pass --repo-id ORG/NAME or set hub.repo_id in the recipe.")
     gates = hub.gate_metrics if options.gate is None else options.gate
-    try:
-        url = push(run, repo_id, not options.public, options.revision,
-                   Path(artifact.merged) if artifact.merged else None, gates, options.force)
-    except Exception as err:  # the Hub client's errors (HTTP, auth, URI) have many types; report, do not trace
-        if type(err).__module__.startswith("huggingface_hub"):
-            raise HubError(f"the Hub refused: {err}") from err
-        raise
+    url = push(run, repo_id, not options.public, options.revision, Path(artifact.merged) if artifact.merged else None,
+               gates, options.force)
     print(f"pushed to {repo_id}: {url}")

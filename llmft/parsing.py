@@ -43,6 +43,73 @@ def unknown_keys(keys: Iterable[str], valid: Iterable[str], where: str) -> list[
     return [f"{where}unknown key '{key}'.{suggest(str(key), valid)}" for key in keys if key not in valid]
 
 
+def field_types(classes: Iterable[type]) -> dict[str, Any]:
+    """Each init field's resolved type, over several dataclasses."""
+    types_ = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        types_.update({f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init})
+    return types_
+
+
+def coerce(values: dict[str, Any], kinds: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """YAML values checked against their fields' types (a number written as a string, such as 1e-4, becomes one);
+    returns the values and a problem naming each key whose value does not fit."""
+    out, problems = {}, []
+    for key, value in values.items():
+        try:
+            out[key] = _coerce(kinds[key], value) if key in kinds else value
+        except (TypeError, ValueError):
+            problems.append(f"{where}{key}: {value!r} is not {_describe(kinds[key])}.")
+    return out, problems
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any or (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(value)
+        return [_coerce(args[0], v) for v in value] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(value)
+        number = kind(value)
+        if kind is int and isinstance(value, float) and value != number:
+            raise ValueError(value)
+        return number
+    if kind is str and not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _describe(kind: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return "a list"
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
 def read_yaml_mapping(path: str | Path, what: str = "settings file") -> dict[str, Any]:
     """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
     import yaml
@@ -154,10 +221,13 @@ def parse(classes: list[type], argv: list[str], prog: str, description: str | No
     problems = unknown_flags(unknown, [s for a in parser._actions for s in a.option_strings if s.startswith("--")])
     path = getattr(namespace, config_flag, None) if config_flag else None
     if path and not problems:
-        names = set().union(*(field_names(cls) for cls in classes)) - {config_flag}
+        kinds = field_types(classes)
+        kinds.pop(config_flag, None)
         raw = {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(path, "settings file").items()}
-        problems += unknown_keys(raw, names, f"{path}: ")
-        parser.set_defaults(**{k: v for k, v in raw.items() if k in names})
+        problems += unknown_keys(raw, kinds, f"{path}: ")
+        values, wrong = coerce({k: v for k, v in raw.items() if k in kinds}, kinds, f"{path}: ")
+        problems += wrong
+        parser.set_defaults(**values)
         namespace, _ = parser.parse_known_args(argv)
     built = build(classes, namespace, problems) if not problems else []
     if problems:

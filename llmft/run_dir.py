@@ -6,12 +6,14 @@ machine and the training data may be gone.
 run_dir/
   adapter_model.safetensors + adapter_config.json   (LoRA)  or  model*.safetensors + config.json  (full)
   tokenizer files + chat_template.jinja               the exact tokenizer and template used in training
-  recipe.yaml             the recipe as parsed, every value; `llmft train RUN/recipe.yaml` reruns it
+  recipe.yaml             the recipe as parsed, every value; `llmft train RUN/recipe.yaml --overwrite_output_dir
+                          true` reruns it
   run.json                RunInfo: stage, base model, data fingerprints and tokenisation counts, the values derived
                           at launch (batch arithmetic), versions, git SHA, hardware, timings
   metrics.json            Metrics: the Trainer's metrics of the evaluations before and after training, and of training
   data/eval/              the held-out rows evaluated in training (a `save_to_disk` dataset; sha256 in run.json)
   data/few_shot/          the training rows shown as worked examples, when eval.few_shot > 0
+  metrics/                copies of local `evaluate:` metric scripts named in eval.metrics
   eval_samples.jsonl      per held-out prompt: reference, answer after training, baseline_answer before it
   eval_samples/step-N.jsonl   the answers at each evaluation during training
   trainer_state.json      the Trainer's log history;  loss_curve.png  train and eval loss by step
@@ -50,6 +52,7 @@ EVAL_REPORT_FILE = "eval_report.md"
 LOSS_CURVE_FILE = "loss_curve.png"
 EVAL_SPLIT = "data/eval"
 FEW_SHOT_SPLIT = "data/few_shot"
+METRIC_SCRIPTS = "metrics"  # copies of the local `evaluate:` metric scripts the run was evaluated with
 LIBRARIES = ("llmft", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 # Files a complete run directory has, whatever the method.
 REQUIRED = (RECIPE_FILE, RUN_FILE, METRICS_FILE, STATE_FILE, "tokenizer_config.json")
@@ -162,7 +165,15 @@ class Run:
 
     def few_shot_rows(self):
         """The training rows shown as worked examples (None without eval.few_shot)."""
-        return self._rows(FEW_SHOT_SPLIT) if (self.path / FEW_SHOT_SPLIT).exists() else None
+        record = self.info.data.get("few_shot")
+        return self._rows(record.saved, record.saved_sha256) if record and record.saved else None
+
+    def metric(self, name: str) -> str:
+        """An eval.metrics entry as usable from this run directory: a local `evaluate:` script that is not where
+        the recipe says, but whose copy the run holds, points at the copy."""
+        script = Path(name[len("evaluate:"):]) if name.startswith("evaluate:") else None
+        copy = self.path / METRIC_SCRIPTS / script.name if script else None
+        return f"evaluate:{copy}" if copy and not script.exists() and copy.exists() else name
 
     def _rows(self, relative: str, sha256: str | None = None):
         import datasets
@@ -205,7 +216,7 @@ def read_run(out: Path) -> Run:
         metrics = Metrics(**json.loads((out / METRICS_FILE).read_text()))
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise RunDirError(f"{out}: run.json or metrics.json is not what this llmft writes ({err}); the run may "
-                          "come from an older llmft: retrain it with llmft train RUN/recipe.yaml.") from err
+                          "come from an older llmft: retrain it with llmft train RUN/recipe.yaml --output_dir NEW_DIR.") from err
     return Run(out, read_recipe_file(out / RECIPE_FILE), info, metrics)
 
 
@@ -240,13 +251,25 @@ def write_run(out: Path, recipe: Recipe, info: RunInfo, metrics: Metrics) -> Non
     """recipe.yaml (as parsed: rerunning it derives the same launch values again), run.json and metrics.json."""
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(
-        f"# Recipe of this run (from {recipe.source}); retrain with: llmft train {out / RECIPE_FILE}\n"
+        f"# Recipe of this run (from {recipe.source}); retrain with: llmft train {out / RECIPE_FILE} "
+        "--overwrite_output_dir true (or another --output_dir)\n"
         + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     )
     info = dataclasses.replace(info, versions=library_versions(), git_sha=git_sha(Path(__file__).parent),
                                hardware=hardware())
     (out / RUN_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2, default=str))
     (out / METRICS_FILE).write_text(json.dumps(dataclasses.asdict(metrics), indent=2))
+
+
+def save_metric_scripts(out: Path, metrics: list[str]) -> None:
+    """Copies of the local `evaluate:` metric scripts (a Hub id is not a file, and stays a name)."""
+    import shutil
+
+    for name in metrics:
+        script = Path(name[len("evaluate:"):]) if name.startswith("evaluate:") else None
+        if script and script.is_file():
+            (out / METRIC_SCRIPTS).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(script, out / METRIC_SCRIPTS / script.name)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

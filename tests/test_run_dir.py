@@ -14,7 +14,7 @@ from llmft.config import Recipe, TrainingConfig, load_recipe
 from llmft.run_dir import read_run
 from llmft.train import train
 from tests.conftest import LLMFT
-from tests.helpers import FakeHub, chat_rows, write_jsonl, write_recipe
+from tests.helpers import FIRST_CHAR_METRIC, FakeHub, chat_rows, write_jsonl, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,15 @@ def trained(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("contract")
     data = tmp / "data"
     train_file = write_jsonl(data / "train.jsonl", chat_rows(12))
+    metric = data / "first_char.py"  # a local evaluate metric: the run keeps a copy
+    metric.write_text(FIRST_CHAR_METRIC)
     out = tmp / "first" / "run"
     # A high learning rate on short, regular answers: the tiny model learns to end its turn (llmft check).
     train(load_recipe(write_recipe(tmp / "r.yaml", tiny_model_dir, train_file, out,
                                    training={"max_steps": 40, "learning_rate": 3e-2},
                                    eval={"num_generate": 2, "few_shot": 1, "max_new_tokens": 4,
-                                         "answer_extractor": "last_number"})))
+                                         "answer_extractor": "last_number",
+                                         "metrics": ["exact_match", f"evaluate:{metric}"]})))
     return out, data
 
 
@@ -49,6 +52,7 @@ def test_a_moved_run_without_its_data_evaluates_checks_merges_and_pushes_the_sam
     assert llmft(["eval", str(moved), "--baseline", "base"]) == 0
     after = json.loads((moved / "eval_results.json").read_text())
     assert after["results"] == pytest.approx(before["results"], rel=1e-6)
+    assert "eval_first_char" in after["results"]  # the run's copy of the metric script, its original deleted
     assert after["baseline"] == pytest.approx(before["baseline"], rel=1e-6)
     assert after["samples"] == before["samples"] and len(after["samples"]) == 2
     # `llmft eval RUN` starts from the run's own eval settings.

@@ -30,7 +30,7 @@ from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_colu
                                    oasst_paths)
 from llmft.dataset.sources import read_source
 from llmft.errors import ConfigError, DataError
-from llmft.parsing import field_names, read_yaml_mapping, unknown_keys
+from llmft.parsing import coerce, field_names, field_types, read_yaml_mapping, unknown_keys
 from llmft.schema import MAX_LISTED, RowError, conversation_problems, file_fingerprint
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,11 @@ class BuildOptions:
                                                                        "conversation has none."})
     dedupe: bool = field(default=True, metadata={"help": "Drop exact duplicates, case and spacing ignored "
                                                          "(--no-dedupe keeps them)."})
-    near_dedupe_threshold: str | None = field(
+    near_dedupe_threshold: float | str | None = field(
         default="0.85", metadata={"aliases": ["--near-dedupe"],
                                   "help": "MinHash Jaccard threshold for near duplicates, or off."})
     decontaminate: list[str] = field(default_factory=list, metadata={
-        "metavar": "EVAL", "help": "Eval sets (files or Hub ids) whose n-grams training rows must not share."})
+        "nargs": "*", "metavar": "EVAL", "help": "Eval sets (files or Hub ids) whose n-grams training rows must not share."})
     ngram: int = field(default=13, metadata={"help": "n-gram size for decontamination, in words."})
     test_fraction: float = field(default=0.0, metadata={"help": "Share of rows held out as test/."})
     seed: int = field(default=0, metadata={"help": "Seed of the mix and the split."})
@@ -182,22 +182,40 @@ def load_build_config(path: str, out: str | None = None) -> BuildConfig:
     """A build YAML as a BuildConfig; every unknown key (top level or in a source) names the closest valid key."""
     raw = read_yaml_mapping(path, "build file")
     problems = unknown_keys(raw, field_names(BuildConfig), f"{path}: ")
+    settings, wrong = coerce({k: v for k, v in raw.items() if k != "sources"}, field_types([BuildOptions]), f"{path}: ")
+    problems += wrong
     sources = raw.get("sources") or []
     if not isinstance(sources, list):
         problems.append(f"{path}: sources must be a list of mappings, each with at least 'path'.")
         sources = []
+    built = []
     for i, source in enumerate(sources):
-        if isinstance(source, dict):
-            problems += unknown_keys(source, field_names(Source), f"{path}: sources[{i}]: ")
-        else:
+        if not isinstance(source, dict):
             problems.append(f"{path}: sources[{i}] must be a mapping with at least 'path'.")
+            continue
+        where = f"{path}: sources[{i}]: "
+        problems += unknown_keys(source, field_names(Source), where)
+        values, wrong = coerce({k: v for k, v in source.items() if k in field_names(Source)}, field_types([Source]),
+                               where)
+        problems += wrong
+        if not wrong:
+            built += _construct(Source, values, problems)
     if problems:
         raise ConfigError(problems, source=path, what="build file")
-    values = {**raw, "sources": [Source(**s) for s in sources], **({"out": out} if out else {})}
+    values = {k: v for k, v in settings.items() if k in field_names(BuildOptions)}
+    config = _construct(BuildConfig, {**values, "sources": built, **({"out": out} if out else {})}, problems)
+    if problems:
+        raise ConfigError(problems, source=path, what="build file")
+    return config[0]
+
+
+def _construct(cls: type, values: dict[str, Any], problems: list[str]) -> list[Any]:
+    """[an instance], or [] with its validation problems added to `problems`."""
     try:
-        return BuildConfig(**values)
+        return [cls(**values)]
     except ConfigError as err:
-        raise ConfigError(err.problems, source=path, what="build file") from err
+        problems.extend(err.problems)
+        return []
 
 
 # Conversion ----------------------------------------------------------------------------------------------------

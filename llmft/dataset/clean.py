@@ -9,7 +9,6 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,10 +99,6 @@ class EvalIndex:
         for gram in shingles(text, self.n):
             if len(gram.split()) == self.n:  # texts shorter than n words give no n-gram, so cannot match
                 self.owners.setdefault(gram, eval_id)
-
-    def add_all(self, rows: Iterable[tuple[str, str]]) -> None:
-        for eval_id, text in rows:
-            self.add(eval_id, text)
 
     def hits(self, text: str) -> set[str]:
         """The eval rows this text shares an n-gram with."""

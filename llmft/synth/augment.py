@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llmft.errors import ConfigError, DataError
-from llmft.schema import load_json_rows
+from llmft.schema import MESSAGES, kind_of, load_json_rows, raise_problems, row_problems
 from llmft.synth.backends import BackendOptions, Sampling, make_backend
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,28 @@ def rejection(original: str, rewritten: str, cfg: AugmentConfig) -> str | None:
     return None
 
 
-def _slots(row: dict[str, Any], where: str) -> list[tuple[str, int | None]]:
-    """The places in a row that get rewritten: ("messages", i) for user turns, ("prompt", None) for a text prompt."""
-    if "messages" in row:
-        return [("messages", i) for i, m in enumerate(row["messages"]) if m["role"] == "user"]
-    if isinstance(row.get("prompt"), str):
-        return [("prompt", None)]
-    if isinstance(row.get("prompt"), list):
-        return [("prompt", i) for i, m in enumerate(row["prompt"]) if m["role"] == "user"]
-    raise DataError(f"{where}: no 'messages' and no 'prompt' field; convert the data first (llmft data convert).")
+def _slots(row: dict[str, Any], kind: str) -> list[tuple[str, int | None]]:
+    """The places in a valid row that get rewritten: ("messages", i) or ("prompt", i) for user turns, ("prompt",
+    None) for a text prompt."""
+    key = MESSAGES if kind == MESSAGES else "prompt"
+    if isinstance(row[key], str):
+        return [(key, None)]
+    return [(key, i) for i, m in enumerate(row[key]) if m["role"] == "user"]
+
+
+def _kinds(rows: list[dict], source: str) -> list[str]:
+    """Each row's kind (a file may mix messages and prompt/completion rows), after the schema's checks, as training
+    makes them; one DataError lists every bad row."""
+    kinds, problems = [], []
+    for number, row in enumerate(rows, 1):
+        try:
+            kinds.append(kind_of(row, f"row {number}"))
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        problems += [f"row {number}: {p}" for p in row_problems(row, kinds[-1])]
+    raise_problems(source, problems)
+    return kinds
 
 
 def _read(row: dict, slot: tuple[str, int | None]) -> str:
@@ -122,7 +135,7 @@ def _write(row: dict, slot: tuple[str, int | None], text: str) -> None:
 
 def augment_rows(rows: list[dict], backend, cfg: AugmentConfig, source: str = "data") -> tuple[list[dict], Counter]:
     """New rows (cfg.copies per source row at most), and the count of rows rejected by reason."""
-    slots = [_slots(row, f"{source} row {i + 1}") for i, row in enumerate(rows)]
+    slots = [_slots(row, kind) for row, kind in zip(rows, _kinds(rows, source))]
     new_rows, rejected = [], Counter()
     label = cfg.mode if cfg.mode == "paraphrase" else f"backtranslate:{cfg.pivot}"
     with tqdm(total=len(rows) * cfg.copies, desc=f"augment ({label})", unit="row") as bar:

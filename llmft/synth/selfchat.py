@@ -367,7 +367,7 @@ def config_dict(cfg: SelfChatConfig) -> dict[str, Any]:
 def selfchat_command(run: SelfChatRunOptions, settings: SelfChatSettings, sampling: Sampling,
                      backend_options: BackendOptions, command: str) -> None:
     """`llmft selfchat`: generate (resuming where a previous run stopped), filter, build the dataset."""
-    from llmft.parsing import read_yaml_mapping
+    from llmft.parsing import read_yaml_mapping, unknown_keys
 
     missing = [flag for flag, value in (("--seeds", run.seeds), ("--out", run.out)) if not value]
     if missing:
@@ -376,10 +376,11 @@ def selfchat_command(run: SelfChatRunOptions, settings: SelfChatSettings, sampli
     templates = dict(TEMPLATES)
     if run.templates:
         overrides = read_yaml_mapping(run.templates, "self-chat templates")
-        unknown = sorted(set(overrides) - set(templates))
-        if unknown:
-            raise ConfigError([f"{run.templates}: unknown templates {unknown}; the templates are "
-                               f"{', '.join(templates)}."], what="self-chat templates")
+        problems = unknown_keys(overrides, templates, f"{run.templates}: ")
+        problems += [f"{run.templates}: {k}: must be text with {{seed}}." for k, v in overrides.items()
+                     if k in templates and not isinstance(v, str)]
+        if problems:
+            raise ConfigError(problems, what="self-chat templates")
         templates.update(overrides)
     cfg = SelfChatConfig(**asdict(settings), sampling=sampling, templates=templates, batch_size=backend_options.batch_size)
     seeds = read_seeds(run.seeds, run.seed_column, run.seed_id_column, run.limit)

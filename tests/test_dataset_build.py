@@ -171,7 +171,7 @@ def test_shared_mix_build_runs_for_real(tmp_path, monkeypatch):
 
 
 def test_hub_dataset_ids_go_to_the_hub_and_fail_clearly_offline(tmp_path, quiet_env):
-    # No network here: this checks the Hub path is taken and its failure is reported, not a download.
+    # Offline (HF_HUB_OFFLINE): this checks the Hub path is taken and its failure is reported, not a download.
     result = subprocess.run([LLMFT, "data", "convert", "no-such-org/no-such-dataset", "--out", str(tmp_path / "o")],
                             capture_output=True, text=True, env=quiet_env)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -7,7 +7,7 @@ import pytest
 from llmft.config import load_recipe
 from llmft.evaluation import extract, score
 from llmft.train import train
-from tests.helpers import chat_rows, write_jsonl, write_recipe
+from tests.helpers import FIRST_CHAR_METRIC, chat_rows, write_jsonl, write_recipe
 
 
 @pytest.mark.parametrize("text, extractor, expected", [
@@ -170,25 +170,6 @@ def test_gsm8k_shaped_eval_with_extractor_and_few_shot(tmp_path, tiny_model_dir)
     assert results["settings"]["answer_extractor"] == "gsm8k" and results["results"]["eval_exact_match"] == 0.0
     answers = {json.loads(line)["answer"] for line in sample.read_text().splitlines()}
     assert all(s["reference"] in answers and "####" in s["reference"] for s in results["samples"])
-
-
-FIRST_CHAR_METRIC = '''"""Share of predictions whose first character is the reference's."""
-
-import datasets
-import evaluate
-
-
-class FirstChar(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__, citation="", inputs_description="predictions, references: strings",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}))
-
-    def _compute(self, predictions, references):
-        hits = [p[:1] == r[:1] for p, r in zip(predictions, references)]
-        return {"first_char": sum(hits) / len(hits), "count": len(hits)}
-'''
 
 
 def test_evaluate_library_metrics_by_path_in_scores_and_training_and_a_clear_error_offline(
