@@ -111,6 +111,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
     # Save the model, tokenizer and everything later stages need --------------------------------------------------
     trainer.save_model(str(out))
+    save_adapter_fp32(trainer, out)
     if trainer.is_world_process_zero():
         trainer.save_state()
         eval_record = None
@@ -148,6 +149,33 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                   f"{push(out, recipe.hub.repo_id, recipe.hub.private, gate_metrics=recipe.hub.gate_metrics)}")
     _end_process_group()
     return out
+
+
+def save_adapter_fp32(trainer, out: Path) -> None:
+    """Under DeepSpeed an adapter trains in the compute dtype (ZeRO keeps one dtype for every parameter), with fp32
+    master copies in the optimizer: write those, so the adapter is fp32 as in every other launch, instead of the
+    bf16 copy the Trainer saved. Collective under ZeRO-3 (each rank holds a slice): every rank calls it."""
+    if not (trainer.is_deepspeed_enabled and hasattr(trainer.model, "peft_config")):
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    masters = {}
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad:
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                masters[name] = full.detach().float().cpu()
+    if not trainer.is_world_process_zero() or not masters:
+        return
+    path = out / "adapter_model.safetensors"
+    adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model, state_dict=masters).items()}
+    if adapter.keys() != load_file(path).keys():  # not what peft wrote: keep peft's file rather than guess
+        log.warning("Kept the adapter as the Trainer saved it (%s): its fp32 master weights name other tensors.",
+                    next(iter(load_file(path).values())).dtype)
+        return
+    save_file(adapter, str(path), metadata={"format": "pt"})
 
 
 def tuning_callbacks(model, recipe: Recipe) -> list[TrainerCallback]:

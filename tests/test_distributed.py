@@ -58,14 +58,17 @@ def _launch(config, recipe, env, *extra):
 def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_model_dir, quiet_env, config, method):
     """ZeRO over gloo on CPUs. Under ZeRO-3 each process holds a slice of every weight; what is saved must be
     the whole tensors (ZeRO-3 + LoRA saving empty adapters: trl #4416, peft #2892). QLoRA shards its 4-bit base
-    because the packed weights are stored in the compute dtype, one dtype for every parameter."""
+    because the packed weights are stored in the compute dtype, one dtype for every parameter; it runs in bf16 on
+    every host here (the path `dtype: auto` takes where bf16 is native), and its adapter must still be saved in
+    fp32, from DeepSpeed's fp32 master weights."""
     from safetensors.torch import load_file
 
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, peft={"method": method},
                           training={"learning_rate": 1e-3 if method == "full" else 1e-2, "global_batch_size": 8})
-    result = _launch(config, recipe, quiet_env)
+    result = _launch(config, recipe, quiet_env,
+                     *(["--bf16", "true", "--dtype", "bfloat16"] if method == "qlora" else []))
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 per device x 2 processes, so 2 accumulation steps keep the recipe's global batch of 8.
     assert "Global batch 8 = 2 per device x 2 process(es) x 2 accumulation step(s)" in result.stderr
@@ -79,8 +82,9 @@ def test_deepspeed_runs_two_processes_and_saves_complete_weights(tmp_path, tiny_
         assert all(saved[k].shape == reference[k].shape for k in saved)
     assert saved and all(t.numel() > 0 for t in saved.values())
     if method == "qlora":
-        assert "Method qlora (4-bit base)" in result.stderr
-        assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in saved.values())  # fp32 adapters
+        assert "Method qlora (4-bit base)" in result.stderr and "bf16 compute True" in result.stderr
+    if method != "full":
+        assert all(t.dtype == __import__("torch").float32 for t in saved.values())  # fp32 adapters
     # What was saved loads as a user would load it, without DeepSpeed, and gives finite logits.
     from llmft.model import load_run_model
     from llmft.run_dir import read_run
