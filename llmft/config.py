@@ -26,6 +26,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "float32", "bfloat16")
 OVERLONG = ("drop", "truncate")
+REASONING = ("keep", "drop")
 EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")  # built in, offline; or evaluate:<metric id>
 EXTRACTORS = ("none", "gsm8k", "last_number")  # or regex:PATTERN
 STAGES = ("sft",)  # training.stage: the keys of llmft.stages.STAGES (a test keeps the two equal)
@@ -121,6 +122,12 @@ class DataConfig:
             "trainable token are dropped). Counts are logged either way."
         },
     )
+    reasoning: str = field(
+        default="keep",
+        metadata={"help": "Reasoning traces (a message's reasoning_content, or a <think> block opening its content): "
+                          "keep (trained, as the template renders them, else as a <think> block) or drop (removed "
+                          "from every conversation, in training and evaluation)."},
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
 
@@ -130,6 +137,8 @@ class DataConfig:
             problems.append("data.train_data is missing: point it at a .jsonl/.parquet file or a dataset directory.")
         if self.overlong not in OVERLONG:
             problems.append(f"data.overlong: '{self.overlong}' is not one of {', '.join(OVERLONG)}.")
+        if self.reasoning not in REASONING:
+            problems.append(f"data.reasoning: '{self.reasoning}' is not one of {', '.join(REASONING)}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"data.eval_fraction: {self.eval_fraction} must be in [0, 1).")
         _raise_if(problems)

@@ -1,9 +1,8 @@
 """Training data: load a split, check every row against the conversation schema, tokenize it with loss masks.
 
 Rows are `messages` or `prompt`/`completion` (`llmft.schema`). Loss falls on assistant tokens only, for any chat
-template: each assistant message's characters are found by rendering the conversation turn by turn (checked
-against the full rendering), and tokens whose characters start inside them carry labels. That covers the content
-and the end-of-turn token, and nothing the template adds between turns.
+template: `llmft.masking` finds each assistant message's characters in the rendering (content, tool calls,
+reasoning, end-of-turn token), and tokens whose characters start inside them carry labels.
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from llmft import masking
 from llmft.errors import DataError
 from llmft.schema import (MESSAGES, ROW, example, kind_of, load_json_rows, raise_problems, row_number,
                           rows_problems)
@@ -99,43 +100,31 @@ def number_rows(ds: datasets.Dataset) -> datasets.Dataset:
 # Tokenisation with loss masks ----------------------------------------------------------------------------------
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], first_trainable: int = 0):
-    """The rendered conversation and the character spans of the assistant messages from `first_trainable` on.
-
-    A span runs from the end of the generation prompt before the message to the end of the message's rendering,
-    less trailing whitespace, so it holds the content and the end-of-turn token but not the newline after it.
-    """
-    text = _render(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < first_trainable:
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
-        if not (through.startswith(before) and text.startswith(through)):
-            raise DataError(
-                "this chat template renders earlier turns differently once later turns follow, so the assistant "
-                "tokens cannot be located; train with a template that renders conversations incrementally."
-            )
-        spans.append((len(before), len(through.rstrip())))
-    return text, spans
-
-
-def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], first_trainable: int = 0):
-    """input_ids and labels (IGNORE outside assistant spans) for one conversation."""
+def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], first_trainable: int = 0,
+                      tools: list[dict] | None = None, reasoning: str = "keep") -> list[tuple[list[int], list[int]]]:
+    """[(input_ids, labels)] for one conversation: labels IGNORE outside the assistant spans its template's strategy
+    finds (`llmft.masking`); one pair, or one per assistant turn for templates trained turn by turn."""
     if not tokenizer.is_fast:
         raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; the loss mask "
                         "needs a fast (tokenizers-backed) one. Convert it or load it with use_fast=True.")
-    text, spans = assistant_spans(tokenizer, messages, first_trainable)
+    how = masking.masking_for(tokenizer)
+    if (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)) and not how.supports_tools:
+        raise DataError(f"the chat template of {tokenizer.name_or_path or 'this tokenizer'} does not render tool "
+                        "schemas, tool calls and tool results, so tool use cannot be trained with it. Use a model "
+                        "whose template supports tools, or leave the tool rows out.")
+    try:
+        prepared = masking.prepare(messages, how, reasoning, tokenizer.name_or_path)
+        rendered = masking.examples(tokenizer, how, prepared, tools, first_trainable)
+    except TemplateError as err:
+        raise DataError(f"the chat template of {tokenizer.name_or_path or 'this tokenizer'} refused this "
+                        f"conversation: {err}") from err
+    return [_label(tokenizer, text, spans) for text, spans in rendered]
+
+
+def _label(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE
-        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
+    labels = [token if any(start <= begin < end for start, end in spans) else IGNORE
+              for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
     return encoded["input_ids"], labels
 
 
@@ -146,26 +135,37 @@ def tokenize_text_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completi
     return prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids
 
 
-def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, kind: str):
+def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, kind: str, reasoning: str = "keep"):
+    """[(input_ids, labels)] for one row of either kind."""
     ex = example(row, kind)
     if ex.plain_text:
-        return tokenize_text_pair(tokenizer, row["prompt"], row["completion"])
-    return tokenize_messages(tokenizer, ex.messages, ex.first_trainable)
+        return [tokenize_text_pair(tokenizer, row["prompt"], row["completion"])]
+    return tokenize_messages(tokenizer, ex.messages, ex.first_trainable, ex.tools, reasoning)
 
 
-def _prepare(row, index, tokenizer, kind, max_length, overlong):
-    input_ids, labels = tokenize_row(row, tokenizer, kind)
+def _prepare(batch, indices, tokenizer, kind, max_length, overlong, reasoning):
+    """A batch of rows -> their examples (more than the rows when a template is trained turn by turn)."""
+    out = {"input_ids": [], "labels": [], "status": [], "example_id": []}
+    for index, values in zip(indices, zip(*batch.values())):
+        row = dict(zip(batch, values))
+        pairs = tokenize_row(row, tokenizer, kind, reasoning)
+        for turn, (input_ids, labels) in enumerate(pairs):
+            input_ids, labels, status = _fit(input_ids, labels, max_length, overlong)
+            name = _example_id(row, index) + (f", turn {turn + 1}" if len(pairs) > 1 else "")
+            for key, value in (("input_ids", input_ids), ("labels", labels), ("status", status), ("example_id", name)):
+                out[key].append(value)
+    return out
+
+
+def _fit(input_ids, labels, max_length, overlong):
     status = "ok"
     if max_length is not None and len(input_ids) > max_length:
         if overlong == "drop":
-            status = "longer than max_length (data.overlong: drop)"
-        else:
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-            status = "truncated"
-    if status != "longer than max_length (data.overlong: drop)" and all(t == IGNORE for t in labels):
+            return input_ids, labels, "longer than max_length (data.overlong: drop)"
+        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+    if all(t == IGNORE for t in labels):
         status = "no trainable token left after truncation" if status == "truncated" else "no trainable token"
-    return {"input_ids": input_ids, "labels": labels, "status": status,
-            "example_id": _example_id(row, index)}
+    return input_ids, labels, status
 
 
 def _example_id(row: dict[str, Any], index: int) -> str:
@@ -175,14 +175,16 @@ def _example_id(row: dict[str, Any], index: int) -> str:
 
 
 def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
-                    overlong: str, source: str, num_proc: int | None = None):
+                    overlong: str, source: str, num_proc: int | None = None, reasoning: str = "keep"):
     """Validate, tokenize and filter one split. Returns (dataset with input_ids/labels, TokenizeReport)."""
     kind = validate_rows(ds, source)
     try:
         mapped = ds.map(
             _prepare,
             with_indices=True,
-            fn_kwargs={"tokenizer": tokenizer, "kind": kind, "max_length": max_length, "overlong": overlong},
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "kind": kind, "max_length": max_length, "overlong": overlong,
+                       "reasoning": reasoning},
             remove_columns=ds.column_names,
             num_proc=num_proc,
             desc=f"Tokenizing {Path(source).name}",

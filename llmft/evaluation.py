@@ -33,7 +33,7 @@ from llmft import run_dir
 from llmft.config import EVAL_METRICS, GenerationEval
 from llmft.errors import ConfigError, DataError
 from llmft.model import generate_texts
-from llmft.schema import kind_of, prompt_and_reference
+from llmft.schema import clean_tools, kind_of, prompt_and_reference, without_reasoning
 
 log = logging.getLogger(__name__)
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -50,7 +50,7 @@ def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str,
     items = []
     for row in rows.select(range(min(limit, len(rows)))):
         prompt, reference = prompt_and_reference(row, kind)
-        items.append({"prompt": prompt, "reference": reference})
+        items.append({"prompt": prompt, "reference": reference, "tools": clean_tools(row.get("tools"))})
     return items
 
 
@@ -61,7 +61,13 @@ def with_few_shot(items: list[dict[str, Any]], shots: list[dict[str, Any]]) -> l
         text = "".join(f"{shot['prompt']}{shot['reference']}\n\n" for shot in shots)
         return [{**it, "prompt": text + it["prompt"]} for it in items]
     turns = [m for shot in shots for m in (*shot["prompt"][-1:], {"role": "assistant", "content": shot["reference"]})]
-    return [{**it, "prompt": turns + list(it["prompt"])} for it in items]
+    return [{**it, "prompt": _after_system(it["prompt"], turns)} for it in items]
+
+
+def _after_system(prompt: list[dict[str, Any]], turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The worked examples after the prompt's system message, if it has one (templates want the system first)."""
+    head = 1 if prompt and prompt[0]["role"] == "system" else 0
+    return list(prompt[:head]) + turns + list(prompt[head:])
 
 
 def eval_items(rows, settings: GenerationEval, shots=None) -> list[dict[str, Any]]:
@@ -175,16 +181,30 @@ def score(predictions: list[str], references: list[str], metrics: list[str], ext
 # Generation ----------------------------------------------------------------------------------------------------
 
 
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list, max_new_tokens: int,
-             batch_size: int, desc: str = "Generating") -> list[str]:
-    """Greedy answers, batched; chat prompts go through the tokenizer's chat template, text prompts as they are."""
+def prompt_texts(tokenizer: PreTrainedTokenizerBase, items: list[dict[str, Any]], reasoning: str = "keep") -> list[str]:
+    """Each item's prompt as the model sees it at inference: a chat prompt through the tokenizer's own template (with
+    the row's tools, and its history's reasoning as training had it), a plain-text prompt as it is."""
+    from llmft.masking import masking_for, prepare
+
+    texts = []
+    for it in items:
+        if isinstance(it["prompt"], str):
+            texts.append(it["prompt"])
+        else:
+            messages = prepare(it["prompt"], masking_for(tokenizer), reasoning, tokenizer.name_or_path)
+            texts.append(tokenizer.apply_chat_template(messages, tools=it.get("tools"), tokenize=False,
+                                                       add_generation_prompt=True))
+    return texts
+
+
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[dict[str, Any]],
+             max_new_tokens: int, batch_size: int, desc: str = "Generating", reasoning: str = "keep") -> list[str]:
+    """Greedy answers to the items' prompts, batched."""
     answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        batch = prompts[start : start + batch_size]
-        chat = not isinstance(batch[0], str)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if chat else p
-                 for p in batch]
-        answers += generate_texts(model, tokenizer, texts, max_new_tokens=max_new_tokens,
+    texts = prompt_texts(tokenizer, items, reasoning)
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+        chat = not isinstance(items[start]["prompt"], str)
+        answers += generate_texts(model, tokenizer, texts[start : start + batch_size], max_new_tokens=max_new_tokens,
                                   add_special_tokens=not chat)[0]
     return answers
 
@@ -199,13 +219,15 @@ class Generated:
 
 
 def generation_eval(model, tokenizer, items: list[dict[str, Any]], settings: GenerationEval, desc: str = "Generating",
-                    loaded: dict[str, Any] | None = None) -> Generated:
-    """Greedy answers to `items`, scored with the settings' metrics and answer extractor."""
-    answers = generate(model, tokenizer, [it["prompt"] for it in items], settings.max_new_tokens,
-                       settings.generation_batch_size, desc)
+                    loaded: dict[str, Any] | None = None, reasoning: str = "keep") -> Generated:
+    """Greedy answers to `items`, scored with the settings' metrics and answer extractor. Scores compare final
+    answers: a reasoning block the model writes first is not part of what is scored."""
+    answers = generate(model, tokenizer, items, settings.max_new_tokens, settings.generation_batch_size, desc,
+                       reasoning)
+    finals = [without_reasoning(a) for a in answers]
     references = [it["reference"] for it in items]
-    correct = [matches(a, r, settings.answer_extractor) for a, r in zip(answers, references)]
-    scores = score(answers, references, settings.metrics, settings.answer_extractor, loaded)
+    correct = [matches(a, r, settings.answer_extractor) for a, r in zip(finals, references)]
+    scores = score(finals, references, settings.metrics, settings.answer_extractor, loaded)
     return Generated({f"eval_{k}": v for k, v in scores.items()}, answers, correct)
 
 
@@ -270,8 +292,10 @@ class GenerationEvalCallback(TrainerCallback):
     runs on the main process; the scores are broadcast so every process takes the same early-stopping decision.
     """
 
-    def __init__(self, tokenizer, items: list[dict[str, Any]], cfg, out_dir: Path, loaded: dict[str, Any]):
+    def __init__(self, tokenizer, items: list[dict[str, Any]], cfg, out_dir: Path, loaded: dict[str, Any],
+                 reasoning: str = "keep"):
         self.tokenizer, self.items, self.cfg, self.out_dir, self.loaded = tokenizer, items, cfg, out_dir, loaded
+        self.reasoning = reasoning
         self.trainer = None  # set after the Trainer is built, to log through it
         self.texts = general_texts() if cfg.forgetting_check else []
         self.base_ppl: float | None = None
@@ -294,7 +318,7 @@ class GenerationEvalCallback(TrainerCallback):
         if state.is_world_process_zero:
             if self.items:
                 self.last = generation_eval(model, self.tokenizer, self.items, self.cfg,
-                                            f"Generating (step {state.global_step})", self.loaded)
+                                            f"Generating (step {state.global_step})", self.loaded, self.reasoning)
                 new.update(self.last.scores)
                 run_dir.write_jsonl(self.out_dir / run_dir.SAMPLES_DIR / f"step-{state.global_step}.jsonl",
                                     samples(self.items, self.last))
@@ -319,12 +343,12 @@ def _broadcast(values: dict[str, float]) -> dict[str, float]:
 
 @torch.no_grad()
 def assistant_loss(model, tokenizer, rows: datasets.Dataset, max_length: int | None, overlong: str,
-                   batch_size: int = 8) -> float:
+                   batch_size: int = 8, reasoning: str = "keep") -> float:
     """Mean loss over the tokens that carry loss in training (assistant tokens), token-weighted; rows are
     tokenized as training tokenizes them (same max_length and overlong policy)."""
     from llmft.data import prepare_dataset
 
-    prepared, _ = prepare_dataset(rows, tokenizer, max_length, overlong, "eval data")
+    prepared, _ = prepare_dataset(rows, tokenizer, max_length, overlong, "eval data", reasoning=reasoning)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -365,6 +389,8 @@ class EvalOptions:
         "help": "Where few-shot examples come from (default: the run's, else --data)."})
     max_length: int | None = field(default=1024, metadata={"help": "Longest example for the loss (a run: its own)."})
     overlong: str = field(default="drop", metadata={"help": "Longer examples: drop | truncate (a run: its own)."})
+    reasoning: str = field(default="keep", metadata={"help": "Reasoning traces in the data: keep | drop (a run: its "
+                                                             "own data.reasoning)."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N rows of the data."})
     lm_eval_tasks: list[str] = field(default_factory=list, metadata={
         "help": "lm-evaluation-harness tasks: standard ones (e.g. arc_easy, needs their data) or YAML tasks over "
@@ -377,8 +403,11 @@ class EvalOptions:
                                                             "eval_<model>/)."})
 
     def __post_init__(self):
-        if self.overlong not in ("drop", "truncate"):
-            raise ConfigError([f"overlong: '{self.overlong}' is not drop or truncate."], what="the options of llmft eval")
+        problems = [] if self.overlong in ("drop", "truncate") else [f"overlong: '{self.overlong}' is not drop or truncate."]
+        if self.reasoning not in ("keep", "drop"):
+            problems.append(f"reasoning: '{self.reasoning}' is not keep or drop.")
+        if problems:
+            raise ConfigError(problems, what="the options of llmft eval")
 
 
 OPTIONS = [EvalOptions, GenerationEval]
@@ -394,7 +423,8 @@ def run_defaults(target: str) -> dict[str, Any]:
     recipe = run.recipe
     shared = {f.name: getattr(recipe.eval, f.name) for f in fields(GenerationEval)}
     shared["metrics"] = [run.metric(name) for name in recipe.eval.metrics]
-    return {**shared, "max_length": recipe.training.max_length, "overlong": recipe.data.overlong}
+    return {**shared, "max_length": recipe.training.max_length, "overlong": recipe.data.overlong,
+            "reasoning": recipe.data.reasoning}
 
 
 def load_for_eval(target: str):
@@ -448,8 +478,9 @@ def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings
                    loaded: dict[str, Any]) -> tuple[dict[str, float], Generated | None]:
     """Loss, generation metrics, general-text perplexity (and lm-eval) of one model, named eval_*; its answers."""
     results = {"eval_loss": assistant_loss(model, tokenizer, rows, options.max_length, options.overlong,
-                                           settings.generation_batch_size)}
-    generated = generation_eval(model, tokenizer, items, settings, "Generating", loaded) if items else None
+                                           settings.generation_batch_size, options.reasoning)}
+    generated = generation_eval(model, tokenizer, items, settings, "Generating", loaded, options.reasoning) \
+        if items else None
     if generated:
         results.update(generated.scores)
     results["eval_general_ppl"] = perplexity(model, tokenizer, general_texts())

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmft import run_dir
-from llmft.errors import ConfigError, HubError
+from llmft.errors import ConfigError, DataError, HubError
 from llmft.run_dir import Run, read_run, template_hash
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     folder; by default the run's adapter is checked on its base.
     """
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.evaluation import prompts_and_references
+    from llmft.evaluation import prompt_texts, prompts_and_references
     from llmft.model import load_model, load_run_model, load_tokenizer
 
     info = read_run(run)
@@ -120,9 +120,9 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
         model = load_model(ModelConfig(name_or_path=str(artifact), dtype="float32"), PeftSettings(method="full"))
     rows = info.eval_rows()
     items = prompts_and_references(rows, prompts) if rows is not None else [
-        {"prompt": [{"role": "user", "content": "Hello!"}]}]
-    texts = [it["prompt"] if isinstance(it["prompt"], str)  # plain prompt/completion text: no chat template
-             else tokenizer.apply_chat_template(it["prompt"], tokenize=False, add_generation_prompt=True) for it in items]
+        {"prompt": [{"role": "user", "content": "Hello!"}], "reference": "Hello."}]
+    problems += _template_agreement(tokenizer, meta, items, info.recipe.data.reasoning)
+    texts = prompt_texts(tokenizer, items, info.recipe.data.reasoning)
     ended = _ends_with_eot(model, tokenizer, texts, max_new_tokens)
     if not all(ended):
         problems.append(f"{ended.count(False)} of {len(ended)} answers did not stop at {tokenizer.eos_token!r} within "
@@ -130,6 +130,28 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     if problems:
         raise HubError("train/serve check failed:\n  - " + "\n  - ".join(problems))
     return {"prompts": len(texts), "stopped_at_end_of_turn": sum(ended)}
+
+
+def _template_agreement(tokenizer, meta, items, reasoning: str) -> list[str]:
+    """Training's rendering of each held-out conversation before its answer is what the template serves."""
+    from llmft.masking import agreement, masking_for
+
+    how = masking_for(tokenizer)
+    problems = []
+    if meta.masking and meta.masking["strategy"] != how.strategy:
+        problems.append(f"the loss masks were found by {meta.masking['strategy']} in training, {how.strategy} now: "
+                        "the chat template or its tokenizer changed.")
+    for it in items:
+        if isinstance(it["prompt"], str):
+            continue  # plain text: no chat template
+        try:
+            differs = agreement(tokenizer, how, it["prompt"], it["reference"], it.get("tools"), reasoning)
+        except DataError as err:  # the template cannot render what training rendered
+            differs = str(err)
+        if differs:
+            problems.append(f"the chat template renders a held-out conversation differently in training and at "
+                            f"inference: {differs}.")
+    return problems
 
 
 @torch.no_grad()
@@ -180,6 +202,9 @@ def model_card(run: Path, repo_id: str) -> str:
     for key in ("learning_rate", "num_train_epochs", "max_steps", "max_length", "lr_scheduler_type", "seed"):
         lines.append(f"| {key} | {getattr(training, key)} |")
     lines.append(f"| examples per optimizer step | {launch.global_batch_size} ({launch.world_size} process(es)) |")
+    lines.append(f"| reasoning | {recipe.data.reasoning} |")
+    if meta.masking:
+        lines.append(f"| loss masks | {meta.masking['strategy']} ({meta.masking['reason']}) |")
     if method != "full":
         lines += [f"| lora {key} | {getattr(recipe.peft, key)} |" for key in ("r", "lora_alpha", "lora_dropout",
                                                                            "target_modules")]

@@ -109,6 +109,7 @@ class RunInfo:
     launch: Launch
     chat_template_sha256: str | None
     end_of_turn_token: str | None
+    masking: dict[str, Any] = field(default_factory=dict)  # llmft.masking.Masking.record(): how the loss was masked
     trainable_parameters: int = 0
     total_parameters: int = 0
     trainable_tensors: dict[str, Any] = field(default_factory=dict)

@@ -1,9 +1,11 @@
 """The one conversation schema every entry point uses: roles, validation, row -> messages, and the file readers.
 
 A training row is either
-  messages            [{role, content, tool_calls?, tool_call_id?, name?}, ...]
+  messages            [{role, content, tool_calls?, tool_call_id?, name?, reasoning_content?}, ...]
   prompt/completion   both strings (plain text, no chat template), or both lists of messages
-Roles are system, user, assistant and tool. `conversation_problems` is the only definition of a valid
+with an optional `tools` column: the OpenAI-format tool schemas the conversation may call. Roles are system, user,
+assistant and tool; an assistant message may carry `tool_calls` ([{type: function, function: {name, arguments}}])
+and its reasoning (`reasoning_content`, or a `<think>...</think>` block at the start of its content). `conversation_problems` is the only definition of a valid
 conversation: training, `llmft data report` and `llmft data convert` all call it; builds call it with
 `strict=True`, which adds the checks a clean dataset should pass but a training run can tolerate (alternating
 turns, ending on the assistant, no empty or misplaced messages). Light: no torch, no transformers.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ from llmft.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT_COMPLETION = "messages", "prompt_completion"
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use for a trace
+THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
 ROW = "_row"  # column holding a row's 1-based number in its source file (kept through shuffled splits)
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
 Messages = list[dict[str, Any]]
@@ -53,32 +58,87 @@ def kind_of(columns: set[str] | list[str], source: str) -> str:
 
 @dataclass(frozen=True)
 class Example:
-    """A row as one conversation. Assistant messages before `first_trainable` carry no loss (they belong to a
-    conversational prompt); `plain_text` rows (prompt/completion strings) are rendered without a chat template."""
+    """A row as one conversation, its messages cleaned (`clean_messages`). Assistant messages before
+    `first_trainable` carry no loss (they belong to a conversational prompt); `plain_text` rows (prompt/completion
+    strings) are rendered without a chat template; `tools` are the tool schemas the template is given."""
 
     messages: Messages
     first_trainable: int = 0
     plain_text: bool = False
+    tools: list[dict[str, Any]] | None = None
 
 
 def example(row: dict[str, Any], kind: str) -> Example:
+    tools = clean_tools(row.get("tools"))
     if kind == MESSAGES:
-        return Example(row[MESSAGES])
+        return Example(clean_messages(row[MESSAGES]), tools=tools)
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, str):
         return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
                        plain_text=True)
-    return Example(list(prompt) + list(completion), first_trainable=len(prompt))
+    return Example(clean_messages(list(prompt) + list(completion)), first_trainable=len(prompt), tools=tools)
+
+
+def clean_messages(messages: Messages) -> Messages:
+    """Messages as templates expect them: no field that is None (columnar storage gives every message every
+    field; templates test `'tool_calls' in message`), tool-call arguments as objects, not JSON text."""
+    return [_clean_message(m) for m in messages]
+
+
+def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in message.items() if v is not None}
+    if out.get("tool_calls"):
+        out["tool_calls"] = [_clean_call(call) for call in out["tool_calls"]]
+    elif "tool_calls" in out:
+        del out["tool_calls"]
+    return out
+
+
+def _clean_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"] or "{}")
+        except json.JSONDecodeError:
+            pass  # left as text; validation names it
+    return {**{k: v for k, v in call.items() if v is not None}, "type": call.get("type") or "function",
+            "function": function}
+
+
+def clean_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """A row's tool schemas in OpenAI's form ([{type: function, function: {name, description, parameters}}]), from
+    that form, a bare list of function schemas, or either as JSON text (ShareGPT exports); None when there are none."""
+    if isinstance(tools, str):
+        tools = json.loads(tools) if tools.strip() else None
+    if not tools:
+        return None
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def reasoning_of(message: dict[str, Any]) -> tuple[str | None, str]:
+    """(the message's reasoning trace, its content without one): from a reasoning field, or a leading <think> block."""
+    content = message.get("content") or ""
+    trace = next((message[f] for f in REASONING_FIELDS if message.get(f)), None)
+    match = THINK.match(content) if isinstance(content, str) else None
+    if match:
+        return trace or match.group(1).strip(), content[match.end():]
+    return trace, content
+
+
+def without_reasoning(text: str) -> str:
+    """A generated or reference answer without a leading <think> block: what answer metrics compare."""
+    match = THINK.match(text)
+    return text[match.end():] if match else text
 
 
 def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str, str]:
     """What a model is asked (the conversation before the last assistant message, or the prompt text) and the
-    answer it should give (that message)."""
+    answer it should give (that message's content, without its reasoning)."""
     ex = example(row, kind)
     if ex.plain_text:
         return row["prompt"], row["completion"]
     last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-    return ex.messages[:last], ex.messages[last]["content"]
+    return ex.messages[:last], reasoning_of(ex.messages[last])[1]
 
 
 # Validation ----------------------------------------------------------------------------------------------------
@@ -115,6 +175,8 @@ def _message_problems(message: Any, where: str, index: int, strict: bool) -> lis
     problems = []
     if role not in ROLES:
         problems.append(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}.")
+    if calls:
+        problems += _calls_problems(calls, f"{where}.tool_calls", role)
     if content is None and calls:
         return problems  # an assistant turn that only calls tools
     if not isinstance(content, str):
@@ -124,6 +186,45 @@ def _message_problems(message: Any, where: str, index: int, strict: bool) -> lis
                                                      if role == "assistant" else "."))
     if strict and role == "system" and index != 0:
         problems.append(f"{where}.role: a system message may only come first.")
+    return problems
+
+
+def _calls_problems(calls: Any, where: str, role: Any) -> list[str]:
+    if role != "assistant":
+        return [f"{where}: only assistant messages call tools."]
+    if not isinstance(calls, list):
+        return [f"{where}: must be a list of {{type: function, function: {{name, arguments}}}} objects."]
+    problems = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            problems.append(f"{where}[{i}].function.name: missing (a call is {{type: function, function: {{name, "
+                            "arguments}}}}).")
+            continue
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                problems.append(f"{where}[{i}].function.arguments: not valid JSON.")
+                continue
+        if arguments is not None and not isinstance(arguments, dict):
+            problems.append(f"{where}[{i}].function.arguments: must be an object of argument names and values.")
+    return problems
+
+
+def tools_problems(tools: Any) -> list[str]:
+    """Problems of a row's `tools` column (None or empty means no tools)."""
+    try:
+        cleaned = clean_tools(tools)
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        return ["tools: not a list of tool schemas (or its JSON text)."]
+    problems = []
+    for i, tool in enumerate(cleaned or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            problems.append(f"tools[{i}]: needs a function name ({{type: function, function: {{name, description, "
+                            "parameters}}}}).")
     return problems
 
 
@@ -145,8 +246,9 @@ def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[s
     missing = [f"{f}: missing." for f in fields if f not in row]
     if missing:
         return missing
+    tools = tools_problems(row.get("tools"))
     if kind == MESSAGES:
-        return conversation_problems(row[MESSAGES], strict)
+        return conversation_problems(row[MESSAGES], strict) + tools
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         return [] if completion.strip() else ["completion: empty: an empty answer teaches the model to say nothing."]
@@ -154,7 +256,7 @@ def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[s
         problems = conversation_problems(prompt + completion, strict, "prompt+completion")
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
             problems.append("completion: no assistant message.")
-        return problems
+        return problems + tools
     return ["prompt, completion: must both be strings or both be lists of messages."]
 
 

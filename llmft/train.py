@@ -19,6 +19,7 @@ from llmft.config import Recipe
 from llmft.data import load_splits
 from llmft.errors import LaunchError, Preempted
 from llmft.evaluation import GenerationEvalCallback, eval_items, load_metrics, samples
+from llmft.masking import masking_for
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
 from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
 from llmft.schema import file_fingerprint
@@ -42,6 +43,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
     # Load the tokenizer and the data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(recipe.model, args.trust_remote_code)
+    how = masking_for(tokenizer)
+    log.info("Loss masks for this chat template: %s", how.describe())
     data = recipe.data
     train_rows, eval_rows = load_splits(data.train_data, data.eval_data, data.eval_fraction, args.seed,
                                         data.max_train_examples, data.max_eval_examples)
@@ -71,7 +74,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     shots = train_rows.select(range(min(recipe.eval.few_shot, len(train_rows)))) if recipe.eval.few_shot else None
     evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots), recipe.eval, out,
-                                        loaded_metrics)
+                                        loaded_metrics, recipe.data.reasoning)
     callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
                  *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
@@ -132,7 +135,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                                        resolve_model_path(recipe.model.name_or_path), recipe.model.init),
             data={"train": DataRecord(**file_fingerprint(data.train_data), tokenized=train_report.to_dict()),
                   "eval": eval_record, "few_shot": few_shot_record},
-            launch=launch, chat_template_sha256=run_dir.template_hash(tokenizer.chat_template),
+            launch=launch, chat_template_sha256=run_dir.template_hash(tokenizer.chat_template), masking=how.record(),
             end_of_turn_token=tokenizer.eos_token, trainable_parameters=trainable, total_parameters=total,
             trainable_tensors=weight_check.report, frozen=frozen, param_groups=groups, resumed_from=resume,
             skipped_nonfinite_steps=guard.skipped, seconds=round(time.time() - started, 1))

@@ -86,10 +86,14 @@ def make_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
 
 def make_tiny_model_dir(path: Path, style: str = "chatml", layers: int = 2, intermediate: int = 64) -> Path:
     """A small random Llama (2 layers unless asked) and its tokenizer saved as a normal model directory."""
-    tokenizer = make_tokenizer(style)
+    return model_dir_for(make_tokenizer(style), path, layers, intermediate, positions=256)
+
+
+def model_dir_for(tokenizer, path: Path, layers: int = 1, intermediate: int = 64, positions: int = 4096) -> Path:
+    """A small random Llama sized to `tokenizer`, saved with it as a normal model directory."""
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=intermediate,
                          num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)

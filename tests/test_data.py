@@ -35,7 +35,7 @@ def _labelled_runs(input_ids, labels):
 @pytest.mark.parametrize("style", sorted(TEMPLATES))
 def test_loss_falls_on_each_assistant_message_and_its_end_of_turn(style):
     tokenizer = make_tokenizer(style)
-    input_ids, labels = tokenize_messages(tokenizer, CONVERSATION)
+    ((input_ids, labels),) = tokenize_messages(tokenizer, CONVERSATION)
     # The ids are exactly the template's full rendering, tokenized once.
     rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]

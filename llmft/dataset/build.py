@@ -31,7 +31,7 @@ from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_colu
 from llmft.dataset.sources import read_source
 from llmft.errors import ConfigError, DataError
 from llmft.parsing import coerce, field_names, field_types, read_yaml_mapping, unknown_keys
-from llmft.schema import MAX_LISTED, RowError, conversation_problems, file_fingerprint
+from llmft.schema import MAX_LISTED, RowError, clean_tools, conversation_problems, file_fingerprint, tools_problems
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,12 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
             counts["read"] += 1
             if not isinstance(result, RowError):
                 messages = normalise_messages(result, config.system_prompt) if config.normalise else result
-                found = conversation_problems(messages, strict=True)
+                raw_tools = raw.get("tools") if isinstance(raw, dict) else None
+                found = conversation_problems(messages, strict=True) + tools_problems(raw_tools)
                 if not found:
                     counts["kept"] += 1
-                    yield {"messages": messages, "source": source.label, "origin": where}
+                    yield {"messages": messages, "tools": clean_tools(raw_tools), "source": source.label,
+                           "origin": where}
                     continue
                 result = RowError(None, "; ".join(found))
             counts[_reason(result)] += 1
@@ -359,9 +361,9 @@ def _reason(error: RowError) -> str:
 def _features() -> datasets.Features:
     message = {"role": datasets.Value("string"), "content": datasets.Value("string"),
                "tool_calls": datasets.Json(), "tool_call_id": datasets.Value("string"),
-               "name": datasets.Value("string")}
-    return datasets.Features({"messages": datasets.List(message), "source": datasets.Value("string"),
-                              "origin": datasets.Value("string")})
+               "name": datasets.Value("string"), "reasoning_content": datasets.Value("string")}
+    return datasets.Features({"messages": datasets.List(message), "tools": datasets.Json(),
+                              "source": datasets.Value("string"), "origin": datasets.Value("string")})
 
 
 def _filter(ds: datasets.Dataset, config: BuildConfig):

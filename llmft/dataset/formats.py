@@ -7,14 +7,16 @@ where that is unambiguous.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
-from llmft.schema import Messages, RowError
+from llmft.schema import REASONING_FIELDS, Messages, RowError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
-                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+                  "tool": "tool", "observation": "tool", "function_response": "tool", "function_call": "assistant"}
+SHAREGPT_CALLS = ("function_call",)  # speakers whose value is a tool call: {"name": ..., "arguments": {...}}
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
@@ -62,8 +64,33 @@ def from_sharegpt(row: dict) -> Messages:
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str):
             raise RowError(f"{field}[{i}].value", f"must be a string, got {type(value).__name__}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+        if speaker in SHAREGPT_CALLS:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [_sharegpt_call(value, f"{field}[{i}]")]})
+        elif SHAREGPT_ROLES[speaker] == "tool":
+            messages.append({"role": "tool", "content": value, **_called_name(messages)})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return messages
+
+
+def _sharegpt_call(value: str, where: str) -> dict:
+    """A ShareGPT function_call value (JSON: {"name": ..., "arguments": {...}}) as an OpenAI tool call."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise RowError(f"{where}.value", f"a function call must be JSON {{name, arguments}}: {err.msg}") from err
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise RowError(f"{where}.value", "a function call must be a JSON object with a 'name'")
+    arguments = call.get("arguments", call.get("parameters", {}))
+    return {"type": "function", "function": {"name": call["name"], "arguments": arguments}}
+
+
+def _called_name(messages: Messages) -> dict:
+    """The name of the tool whose result this is: the latest call before it (templates label results by name)."""
+    for message in reversed(messages):
+        for call in reversed(message.get("tool_calls") or []):
+            return {"name": call["function"]["name"]}
+    return {}
 
 
 def from_openai(row: dict) -> Messages:
@@ -76,6 +103,9 @@ def from_openai(row: dict) -> Messages:
         if not isinstance(message, dict) or "role" not in message:
             raise RowError(f"messages[{i}]", "must be an object with 'role' and 'content'")
         kept = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+        trace = next((message[f] for f in REASONING_FIELDS if message.get(f)), None)
+        if trace is not None:
+            kept["reasoning_content"] = trace  # one name for the trace, whatever the data called it
         if kept.get("content") is None and kept.get("tool_calls"):
             kept["content"] = ""  # an assistant turn that only calls tools
         out.append(kept)

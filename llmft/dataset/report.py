@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llmft.data import IGNORE, load_rows, tokenize_row, validate_rows
 from llmft.errors import ConfigError
+from llmft.masking import masking_for
 from llmft.schema import example as as_example
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the tokens that carry loss in the rendered example
@@ -51,12 +52,13 @@ def report_command(options: ReportOptions) -> None:
         recipe = load_recipe(options.recipe)
         tokenizer = load_tokenizer(recipe.model, recipe.training.trust_remote_code)
         max_length, overlong = options.max_length or recipe.training.max_length, recipe.data.overlong
+        reasoning = recipe.data.reasoning
     else:
         tokenizer = load_tokenizer(ModelConfig(name_or_path=options.model))
-        max_length, overlong = options.max_length, "drop"
+        max_length, overlong, reasoning = options.max_length, "drop", "keep"
     dataset = Path(options.dataset)
     source = dataset / "train" if (dataset / "train" / "state.json").exists() else dataset
-    result = report(load_rows(str(source)), tokenizer, max_length, overlong, str(source))
+    result = report(load_rows(str(source)), tokenizer, max_length, overlong, str(source), reasoning)
     print(format_table(result))
     out = Path(options.out) if options.out else source.parent / f"{source.name.split('.')[0]}_report"
     paths = write(result, out)
@@ -64,43 +66,51 @@ def report_command(options: ReportOptions) -> None:
 
 
 def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, overlong: str,
-           source: str) -> dict[str, Any]:
-    """Length distribution, what max_length would drop or cut, loss share, per-role tokens, a rendered example."""
+           source: str, reasoning: str = "keep") -> dict[str, Any]:
+    """Length distribution, what max_length would drop or cut, loss share, per-role tokens, the masking strategy of
+    the chat template, and a rendered example (one with a tool call, when the data has any)."""
     kind = validate_rows(rows, source)
     lengths, trainable, role_tokens = [], [], Counter()
     over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
-    rendered = None
+    rendered, rendered_tools = None, None
     for row in tqdm(rows, desc="Tokenizing", unit="row"):
-        ids, labels = tokenize_row(row, tokenizer, kind)
-        n_train = sum(label != IGNORE for label in labels)
-        lengths.append(len(ids))
-        trainable.append(n_train)
-        zero_trainable += n_train == 0
-        for message in as_example(row, kind).messages:
-            role_tokens[message["role"]] += len(tokenizer(message["content"] or "", add_special_tokens=False)["input_ids"])
-        if max_length is not None and len(ids) > max_length:
-            over += 1
-            cut_tokens += len(ids) - max_length
-            kept_train = sum(label != IGNORE for label in labels[:max_length])
-            cut_trainable += n_train - kept_train
-            left_empty += kept_train == 0
-        if rendered is None and n_train:
-            rendered = render_mask(tokenizer, ids, labels)
+        conversation = as_example(row, kind)
+        for message in conversation.messages:
+            text = message.get("content") if isinstance(message.get("content"), str) else ""
+            role_tokens[message["role"]] += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        uses_tools = any(m.get("tool_calls") or m["role"] == "tool" for m in conversation.messages)
+        for ids, labels in tokenize_row(row, tokenizer, kind, reasoning):
+            n_train = sum(label != IGNORE for label in labels)
+            lengths.append(len(ids))
+            trainable.append(n_train)
+            zero_trainable += n_train == 0
+            if max_length is not None and len(ids) > max_length:
+                over += 1
+                cut_tokens += len(ids) - max_length
+                kept_train = sum(label != IGNORE for label in labels[:max_length])
+                cut_trainable += n_train - kept_train
+                left_empty += kept_train == 0
+            if n_train and rendered is None:
+                rendered = render_mask(tokenizer, ids, labels)
+            if n_train and uses_tools and rendered_tools is None:
+                rendered_tools = render_mask(tokenizer, ids, labels)
     total, total_train = sum(lengths), sum(trainable)
     arr = np.array(lengths)
+    how = masking_for(tokenizer)
     return {
-        "source": source, "schema": kind, "rows": len(lengths), "tokens": total,
+        "source": source, "schema": kind, "rows": len(rows), "examples": len(lengths), "tokens": total,
         "trainable_tokens": total_train, "loss_share": total_train / total if total else 0.0,
         "length": {"min": int(arr.min()), "mean": float(arr.mean()), "p50": int(np.percentile(arr, 50)),
                    "p90": int(np.percentile(arr, 90)), "p99": int(np.percentile(arr, 99)), "max": int(arr.max())},
-        "max_length": max_length, "overlong_policy": overlong,
+        "max_length": max_length, "overlong_policy": overlong, "reasoning": reasoning,
+        "masking": {**how.record(), "description": how.describe()},
         "over_max_length": {"rows": over, "tokens_cut_if_truncated": cut_tokens,
                             "trainable_tokens_cut_if_truncated": cut_trainable,
                             "rows_left_without_loss_if_truncated": left_empty},
         "zero_trainable_rows": zero_trainable,
         "role_content_tokens": dict(role_tokens),
         "template_tokens": total - sum(role_tokens.values()),
-        "example": rendered,
+        "example": rendered_tools or rendered,
         "lengths": lengths,
     }
 
@@ -120,7 +130,8 @@ def render_mask(tokenizer, ids: list[int], labels: list[int]) -> str:
 def format_table(r: dict[str, Any]) -> str:
     over = r["over_max_length"]
     rows = [
-        ("rows", f"{r['rows']:,}"),
+        ("rows", f"{r['rows']:,}" + (f" ({r['examples']:,} examples: one per assistant turn)"
+                                     if r["examples"] != r["rows"] else "")),
         ("tokens", f"{r['tokens']:,}"),
         ("tokens carrying loss", f"{r['trainable_tokens']:,} ({r['loss_share']:.1%})"),
         ("length min / p50 / p90 / p99 / max",
@@ -137,6 +148,7 @@ def format_table(r: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"Pre-flight report: {r['source']} ({r['schema']})", ""]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += ["", f"Loss masks: {r['masking']['description']}; reasoning: {r['reasoning']}."]
     if r["example"]:
         lines += ["", f"First example, rendered; loss on the tokens between {MARK_OPEN} and {MARK_CLOSE}:", "",
                   r["example"]]

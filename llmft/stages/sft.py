@@ -18,4 +18,5 @@ def trainer_class() -> type:
 def prepare(rows, tokenizer, recipe, source: str):
     """Validated rows -> (input_ids/labels dataset, TokenizeReport), with the recipe's max_length and overlong policy."""
     args = recipe.training
-    return prepare_dataset(rows, tokenizer, args.max_length, recipe.data.overlong, source, args.dataset_num_proc)
+    return prepare_dataset(rows, tokenizer, args.max_length, recipe.data.overlong, source, args.dataset_num_proc,
+                           recipe.data.reasoning)
