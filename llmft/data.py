@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from llmft import masking
@@ -30,22 +29,29 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 @dataclass
 class TokenizeReport:
-    """What tokenisation did to a split: rows in and out, and why any were dropped or cut."""
+    """What tokenisation did to a split: rows in and out, the examples they made (one per assistant turn where a
+    template is trained turn by turn), and why any were dropped or cut."""
 
     rows_in: int = 0
     rows_out: int = 0
+    examples: int = 0
+    split_by_turn: int = 0  # rows of an incremental template trained turn by turn (their rendering needed it)
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     tokens: int = 0
     trainable_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "truncated": self.truncated,
-                "dropped": dict(self.dropped), "tokens": self.tokens, "trainable_tokens": self.trainable_tokens}
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "examples": self.examples,
+                "split_by_turn": self.split_by_turn, "truncated": self.truncated, "dropped": dict(self.dropped),
+                "tokens": self.tokens, "trainable_tokens": self.trainable_tokens}
 
     def summary(self, name: str) -> str:
-        parts = [f"{name}: {self.rows_out}/{self.rows_in} examples kept, {self.tokens} tokens "
+        made = f" ({self.examples} examples)" if self.examples != self.rows_out else ""
+        parts = [f"{name}: {self.rows_out}/{self.rows_in} rows kept{made}, {self.tokens} tokens "
                  f"({self.trainable_tokens} carry loss)"]
+        if self.split_by_turn:
+            parts.append(f"{self.split_by_turn} rows trained turn by turn (their template rendered them so)")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         parts += [f"{n} dropped: {why}" for why, n in sorted(self.dropped.items())]
@@ -74,6 +80,10 @@ def load_rows(source: str) -> datasets.Dataset:
     for p in files:  # pyarrow's own error for a bad line names neither the file nor the line
         if p.suffix == ".jsonl":
             load_json_rows(p)
+    if kinds == {"json"}:
+        rows = [row for p in files for row in load_json_rows(p)]
+        if any(_calls_tools(row) for row in rows):
+            return _as_json_columns(rows)
     try:
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as err:  # pyarrow and datasets raise many types for bad files; all mean the same here
@@ -84,11 +94,26 @@ def load_rows(source: str) -> datasets.Dataset:
         raise DataError(f"{source}: cannot be read as a dataset: {err}") from err
 
 
+def _calls_tools(row: dict[str, Any]) -> bool:
+    conversation = [m for key in (MESSAGES, "prompt", "completion") if isinstance(row.get(key), list)
+                    for m in row[key]]
+    return bool(row.get("tools")) or any(isinstance(m, dict) and m.get("tool_calls") for m in conversation)
+
+
+def _as_json_columns(rows: list[dict[str, Any]]) -> datasets.Dataset:
+    """Rows kept exactly as written. Arrow would merge the keys of every tool call's arguments and every tool
+    schema across rows into one struct, giving each row the others' keys as nulls, which templates then render."""
+    columns = sorted(set().union(*rows))
+    features = datasets.Features({c: datasets.Json() for c in columns})
+    return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in rows], features=features)
+
+
 def validate_rows(ds: datasets.Dataset, source: str) -> str:
     """Check every row against the schema; one DataError lists the problems (rows 1-based). Returns the kind."""
     kind = kind_of(ds.column_names, source)
-    columns = [MESSAGES] if kind == MESSAGES else ["prompt", "completion"]
-    raise_problems(source, rows_problems(ds.select_columns(columns + ([ROW] if ROW in ds.column_names else [])), kind))
+    columns = ([MESSAGES] if kind == MESSAGES else ["prompt", "completion"]) + [
+        c for c in ("tools", ROW) if c in ds.column_names]
+    raise_problems(source, rows_problems(ds.select_columns(columns), kind))
     return kind
 
 
@@ -104,27 +129,36 @@ def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], 
                       tools: list[dict] | None = None, reasoning: str = "keep") -> list[tuple[list[int], list[int]]]:
     """[(input_ids, labels)] for one conversation: labels IGNORE outside the assistant spans its template's strategy
     finds (`llmft.masking`); one pair, or one per assistant turn for templates trained turn by turn."""
+    return encode_messages(tokenizer, messages, first_trainable, tools, reasoning)[0]
+
+
+def encode_messages(tokenizer, messages, first_trainable=0, tools=None, reasoning="keep"):
+    """(tokenize_messages' pairs, whether an incremental template needed this conversation trained turn by turn)."""
+    name = tokenizer.name_or_path or "this tokenizer"
     if not tokenizer.is_fast:
         raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; the loss mask "
                         "needs a fast (tokenizers-backed) one. Convert it or load it with use_fast=True.")
     how = masking.masking_for(tokenizer)
     if (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)) and not how.supports_tools:
-        raise DataError(f"the chat template of {tokenizer.name_or_path or 'this tokenizer'} does not render tool "
-                        "schemas, tool calls and tool results, so tool use cannot be trained with it. Use a model "
-                        "whose template supports tools, or leave the tool rows out.")
+        raise DataError(f"the chat template of {name} does not render tool schemas, tool calls and tool results, "
+                        "so tool use cannot be trained with it. Use a model whose template supports tools, or leave "
+                        "the tool rows out.")
+    prepared = masking.prepare(messages, how, reasoning, tokenizer.name_or_path)
     try:
-        prepared = masking.prepare(messages, how, reasoning, tokenizer.name_or_path)
-        rendered = masking.examples(tokenizer, how, prepared, tools, first_trainable)
-    except TemplateError as err:
-        raise DataError(f"the chat template of {tokenizer.name_or_path or 'this tokenizer'} refused this "
-                        f"conversation: {err}") from err
-    return [_label(tokenizer, text, spans) for text, spans in rendered]
+        rendered, split = masking.examples(tokenizer, how, prepared, tools, first_trainable)
+    except DataError:
+        raise
+    except Exception as err:  # jinja's TemplateError, and what templates raise on data they cannot take
+        raise DataError(f"the chat template of {name} refused this conversation: {type(err).__name__}: {err}") from err
+    return [_label(tokenizer, text, spans) for text, spans in rendered], split
 
 
 def _label(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
+    """Tokens with any character inside an answer's span carry loss (a token may straddle where an answer starts,
+    when the generation prompt ends inside it)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [token if any(start <= begin < end for start, end in spans) else IGNORE
-              for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    labels = [token if any(begin < end and finish > start for start, end in spans) else IGNORE
+              for token, (begin, finish) in zip(encoded["input_ids"], encoded["offset_mapping"])]
     return encoded["input_ids"], labels
 
 
@@ -137,32 +171,45 @@ def tokenize_text_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completi
 
 def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, kind: str, reasoning: str = "keep"):
     """[(input_ids, labels)] for one row of either kind."""
+    return _encode_row(row, tokenizer, kind, reasoning)[0]
+
+
+def _encode_row(row, tokenizer, kind, reasoning):
     ex = example(row, kind)
     if ex.plain_text:
-        return [tokenize_text_pair(tokenizer, row["prompt"], row["completion"])]
-    return tokenize_messages(tokenizer, ex.messages, ex.first_trainable, ex.tools, reasoning)
+        return [tokenize_text_pair(tokenizer, row["prompt"], row["completion"])], False
+    return encode_messages(tokenizer, ex.messages, ex.first_trainable, ex.tools, reasoning)
 
 
 def _prepare(batch, indices, tokenizer, kind, max_length, overlong, reasoning):
     """A batch of rows -> their examples (more than the rows when a template is trained turn by turn)."""
-    out = {"input_ids": [], "labels": [], "status": [], "example_id": []}
+    out = {"input_ids": [], "labels": [], "status": [], "example_id": [], "split": []}
     for index, values in zip(indices, zip(*batch.values())):
         row = dict(zip(batch, values))
-        pairs = tokenize_row(row, tokenizer, kind, reasoning)
+        try:
+            pairs, split = _encode_row(row, tokenizer, kind, reasoning)
+        except DataError as err:
+            raise DataError(f"{_example_id(row, index)}: {err}") from err
         for turn, (input_ids, labels) in enumerate(pairs):
             input_ids, labels, status = _fit(input_ids, labels, max_length, overlong)
             name = _example_id(row, index) + (f", turn {turn + 1}" if len(pairs) > 1 else "")
-            for key, value in (("input_ids", input_ids), ("labels", labels), ("status", status), ("example_id", name)):
+            for key, value in (("input_ids", input_ids), ("labels", labels), ("status", status),
+                               ("example_id", name), ("split", split and turn == 0)):
                 out[key].append(value)
     return out
 
 
 def _fit(input_ids, labels, max_length, overlong):
+    """An example within max_length: dropped, or truncated keeping whichever end holds more of its trained tokens
+    (the end, for an answer after a long history), with its status."""
     status = "ok"
     if max_length is not None and len(input_ids) > max_length:
         if overlong == "drop":
             return input_ids, labels, "longer than max_length (data.overlong: drop)"
-        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+        head = sum(t != IGNORE for t in labels[:max_length])
+        tail = sum(t != IGNORE for t in labels[-max_length:])
+        cut = slice(None, max_length) if head >= tail else slice(-max_length, None)
+        input_ids, labels, status = input_ids[cut], labels[cut], "truncated"
     if all(t == IGNORE for t in labels):
         status = "no trainable token left after truncation" if status == "truncated" else "no trainable token"
     return input_ids, labels, status
@@ -191,16 +238,17 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
         )
     except DataError as err:
         raise DataError(f"{source}: {err}") from err
-    report = TokenizeReport(rows_in=len(ds))
+    report = TokenizeReport(rows_in=len(ds), split_by_turn=sum(mapped["split"]))
     statuses = Counter(mapped["status"])
     report.truncated = statuses.pop("truncated", 0)
     statuses.pop("ok", None)
     report.dropped = statuses
-    kept = mapped.filter(lambda s: s in ("ok", "truncated"), input_columns="status").remove_columns("status")
-    report.rows_out = len(kept)
+    kept = mapped.filter(lambda s: s in ("ok", "truncated"), input_columns="status").remove_columns(["status", "split"])
+    report.examples = len(kept)
+    report.rows_out = len({name.split(", turn ")[0] for name in kept["example_id"]})
     report.tokens = sum(len(ids) for ids in kept["input_ids"])
     report.trainable_tokens = sum(sum(t != IGNORE for t in labels) for labels in kept["labels"])
-    if report.rows_out == 0:
+    if report.examples == 0:
         raise DataError(f"{source}: no example left ({report.summary('all')}). Raise the maximum length "
                         "(training.max_length; llmft eval --max-length) or truncate instead of dropping "
                         "(data.overlong: truncate; llmft eval --overlong truncate).")

@@ -44,13 +44,16 @@ EXTERNAL = "evaluate:"
 
 
 def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` held-out rows as (prompt, reference): the conversation before its last assistant
-    message (or the prompt text), and that message."""
+    """The first `limit` held-out rows with an answer to score, as (prompt, reference): the conversation before its
+    last assistant message (or the prompt text), and that message."""
     kind = kind_of(rows.column_names, "eval data")
     items = []
-    for row in rows.select(range(min(limit, len(rows)))):
+    for row in rows:
+        if len(items) == limit:
+            break
         prompt, reference = prompt_and_reference(row, kind)
-        items.append({"prompt": prompt, "reference": reference, "tools": clean_tools(row.get("tools"))})
+        if reference.strip():  # a conversation ending on a tool call has no answer text to score
+            items.append({"prompt": prompt, "reference": reference, "tools": clean_tools(row.get("tools"))})
     return items
 
 
@@ -443,10 +446,11 @@ def load_for_eval(target: str):
 
 def held_out(options: EvalOptions, run) -> tuple[str, datasets.Dataset]:
     """(label, rows) to evaluate on: --data, else the rows the run evaluated in training."""
-    from llmft.data import load_rows
+    from llmft.data import load_rows, validate_rows
 
     if options.data:
         rows, label = load_rows(options.data), options.data
+        validate_rows(rows, options.data)
     elif run is not None:
         rows = run.eval_rows()
         if rows is None:
@@ -460,12 +464,14 @@ def held_out(options: EvalOptions, run) -> tuple[str, datasets.Dataset]:
 def shots_for(options: EvalOptions, settings: GenerationEval, run, rows) -> tuple[Any, Any]:
     """(rows the few-shot examples come from, rows whose prompts are asked): --few-shot-data, else the training
     rows the run showed, else the first rows of the evaluated data, which are then not asked themselves."""
-    from llmft.data import load_rows
+    from llmft.data import load_rows, validate_rows
 
     if not settings.few_shot:
         return None, rows
     if options.few_shot_data:
-        return load_rows(options.few_shot_data), rows
+        shots = load_rows(options.few_shot_data)
+        validate_rows(shots, options.few_shot_data)
+        return shots, rows
     if run is not None and run.few_shot_rows() is not None:
         return run.few_shot_rows(), rows
     if len(rows) <= settings.few_shot:

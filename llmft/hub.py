@@ -138,9 +138,10 @@ def _template_agreement(tokenizer, meta, items, reasoning: str) -> list[str]:
 
     how = masking_for(tokenizer)
     problems = []
-    if meta.masking and meta.masking["strategy"] != how.strategy:
-        problems.append(f"the loss masks were found by {meta.masking['strategy']} in training, {how.strategy} now: "
-                        "the chat template or its tokenizer changed.")
+    if meta.masking and (meta.masking["strategy"], meta.masking["template_sha256"]) != (
+            how.strategy, how.record()["template_sha256"]):
+        problems.append(f"the loss masks were found by {meta.masking['strategy']} in training, {how.strategy} now, "
+                        "or with another training template: the chat template or its tokenizer changed.")
     for it in items:
         if isinstance(it["prompt"], str):
             continue  # plain text: no chat template

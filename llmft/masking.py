@@ -124,44 +124,62 @@ def _turns(tokenizer, messages: Messages, template: str, tools, first_trainable:
 def per_turn(tokenizer, messages: Messages, template: str, tools=None, first_trainable: int = 0):
     """[(text, [span])] for each assistant message: the conversation up to it as the template renders it with that
     message last, the loss on that message alone."""
+    prompt = _generation_prompt(tokenizer, template, tools)
     examples = []
     for _, before, through in _turns(tokenizer, messages, template, tools, first_trainable):
         # Where the answer departs from the generation prompt: its end, or earlier when the prompt pre-fills part of
-        # an answer that this one writes otherwise (Nemotron's '<think>\n' before an answer without reasoning).
+        # an answer that this one writes otherwise (Nemotron's '<think>\n' before an answer without reasoning),
+        # then past a turn header the template opens there itself (Gemma's '<|turn>model\n' after a tool result).
         start = len(os.path.commonprefix([before, through]))
-        examples.append((through, [(start, len(through.rstrip()))]))
+        start += len(os.path.commonprefix([prompt, through[start:]]))
+        text = through.rstrip()
+        if not _ends_special(tokenizer, text) and tokenizer.eos_token:
+            text += tokenizer.eos_token  # no end-of-turn token (GLM-4): the model must still learn to stop
+        examples.append((text, [(start, len(text))]))
     return examples
 
 
+def _ends_special(tokenizer, text: str) -> bool:
+    return any(text.endswith(token) for token in tokenizer.get_added_vocab())
+
+
 def markers(tokenizer, messages: Messages, template: str, tools=None, first_trainable: int = 0):
-    """(text, spans) from the training template's {% generation %} blocks, one per assistant message; the blocks
-    of a conversational prompt's own assistant messages are left out. A block that opens with what the generation
-    prompt already says (DeepSeek's '<｜Assistant｜>', and the '<think>\n' its R1 prompt pre-fills) starts after it:
-    the model is not the one writing that part."""
+    """(text, spans) from the training template's {% generation %} blocks (one or more per assistant message); the
+    blocks of a conversational prompt's own assistant messages are left out (TRL's training templates render a
+    conversation's start the same whatever follows, so those blocks end before the prompt's rendering does). A
+    block that opens with what the generation prompt already says (DeepSeek's '<｜Assistant｜>', and the '<think>\n'
+    its R1 prompt pre-fills) starts after it: the model is not the one writing that part."""
     text, spans = render_marked(tokenizer, messages, template, tools)
-    skip = sum(1 for m in messages[:first_trainable] if m["role"] == "assistant")
+    prompt_end = len(render_marked(tokenizer, messages[:first_trainable], template, tools)[0]) if first_trainable else 0
     prompt = _generation_prompt(tokenizer, template, tools)
-    return text, [(a + len(os.path.commonprefix([prompt, text[a:b]])), b) for a, b in spans[skip:]]
+    return text, [(a + len(os.path.commonprefix([prompt, text[a:b]])), b) for a, b in spans if a >= prompt_end]
+
+
+_PROMPTS: dict[tuple[str, str, str], str] = {}
 
 
 def _generation_prompt(tokenizer, template: str, tools=None) -> str:
-    """What the template adds to ask for an answer (e.g. '<|im_start|>assistant\n')."""
-    asked = [{"role": "user", "content": "Probe question one?"}]
-    plain = render(tokenizer, asked, template, tools)
-    prompted = render(tokenizer, asked, template, tools, generation_prompt=True)
-    return prompted[len(plain):] if prompted.startswith(plain) else ""
+    """What the template adds to ask for an answer (e.g. '<|im_start|>assistant\n'), remembered per template."""
+    key = (tokenizer.name_or_path, template, repr(tools))
+    if key not in _PROMPTS:
+        asked = [{"role": "user", "content": "Probe question one?"}]
+        plain = render(tokenizer, asked, template, tools)
+        prompted = render(tokenizer, asked, template, tools, generation_prompt=True)
+        _PROMPTS[key] = prompted[len(plain):] if prompted.startswith(plain) else ""
+    return _PROMPTS[key]
 
 
 def examples(tokenizer, masking: Masking, messages: Messages, tools=None, first_trainable: int = 0):
-    """[(text, spans)] of one conversation under its template's strategy (one item, or one per turn)."""
+    """([(text, spans)], whether the conversation had to be trained turn by turn though its template is incremental)
+    of one conversation under its template's strategy: one item, or one per assistant turn."""
     if masking.strategy == "generation_markers":
-        return [markers(tokenizer, messages, masking.template, tools, first_trainable)]
+        return [markers(tokenizer, messages, masking.template, tools, first_trainable)], False
     if masking.strategy == "per_turn":
-        return per_turn(tokenizer, messages, masking.template, tools, first_trainable)
+        return per_turn(tokenizer, messages, masking.template, tools, first_trainable), False
     try:
-        return [incremental(tokenizer, messages, masking.template, tools, first_trainable)]
+        return [incremental(tokenizer, messages, masking.template, tools, first_trainable)], False
     except NotIncremental:  # this conversation has something the probe had not: train it turn by turn
-        return per_turn(tokenizer, messages, masking.template, tools, first_trainable)
+        return per_turn(tokenizer, messages, masking.template, tools, first_trainable), True
 
 
 def prepare(messages: Messages, masking: Masking, reasoning: str, model: str = "") -> Messages:
@@ -183,7 +201,8 @@ def prepare(messages: Messages, masking: Masking, reasoning: str, model: str = "
         else:
             raise DataError(f"the chat template of {model or 'this tokenizer'} drops reasoning traces (neither "
                             "reasoning_content nor a <think> block survives its rendering), so they cannot be "
-                            "trained: set data.reasoning: drop to train the answers without them.")
+                            "trained: set data.reasoning: drop (llmft eval: --reasoning drop) to use the answers "
+                            "without them.")
     return out
 
 
@@ -191,13 +210,12 @@ def agreement(tokenizer, masking: Masking, prompt: Messages, answer: str, tools=
     """None when training renders the conversation before an answer as the tokenizer's own template renders it at
     inference (its generation prompt); else where and how the two differ."""
     messages = prepare([*prompt, {"role": "assistant", "content": answer}], masking, reasoning)
-    text, spans = examples(tokenizer, masking, messages, tools, first_trainable=len(prompt))[-1]
-    trained = text[: spans[-1][0]]
+    text, _ = examples(tokenizer, masking, messages, tools, first_trainable=len(prompt))[0][-1]
     served = render(tokenizer, messages[:-1], tokenizer.chat_template, tools, generation_prompt=True)
-    if served.startswith(trained):
+    if text.startswith(served):  # the trained answer continues exactly what inference shows the model
         return None
-    at = len(os.path.commonprefix([trained, served]))
-    return (f"training renders {trained[max(0, at - 40): at + 40]!r} where inference renders "
+    at = len(os.path.commonprefix([text, served]))
+    return (f"training renders {text[max(0, at - 40): at + 40]!r} where inference renders "
             f"{served[max(0, at - 40): at + 40]!r} (character {at})")
 
 
@@ -241,20 +259,21 @@ class _Probe:
         if training is None:
             return per_turn_masking
         name, text = training
-        marked = Masking("generation_markers", f"the template rewrites earlier turns; TRL's {name} marks the "
+        source = f"TRL's {name}" if name.endswith("_training") else "its own {% generation %} markers"
+        marked = Masking("generation_markers", f"the template rewrites earlier turns; {source} marks the "
                          "answers", text, training_template=name, reasoning=self._reasoning(text),
-                         supports_tools=self._supports_tools(text), system=system)
+                         supports_tools=self._supports_tools(text) and features["supports_tools"], system=system)
         if marked.reasoning and not self._marks_reasoning(marked, conversation):
-            return dataclasses.replace(per_turn_masking, reason=f"the template rewrites earlier turns and TRL's "
-                                       f"{name} drops their reasoning: each assistant turn is its own example")
+            return dataclasses.replace(per_turn_masking, reason=f"the template rewrites earlier turns and {source} "
+                                       "drops their reasoning: each assistant turn is its own example")
         if agreement(self.tokenizer, marked, conversation[:-1], conversation[-1]["content"],
                      reasoning="keep" if marked.reasoning else "drop") is None:
             return marked
         if marked.reasoning and per_turn_masking.reasoning is None:  # turn by turn would lose every trace
-            return dataclasses.replace(marked, reason=f"the template drops reasoning; TRL's {name} keeps it and "
+            return dataclasses.replace(marked, reason=f"the template drops reasoning; {source} keeps it and "
                                        "marks the answers (earlier turns render with their reasoning, unlike at "
                                        "inference: llmft check reports such conversations)")
-        return dataclasses.replace(per_turn_masking, reason=f"the template rewrites earlier turns and TRL's {name} "
+        return dataclasses.replace(per_turn_masking, reason=f"the template rewrites earlier turns and {source} "
                                    "renders them unlike inference: each assistant turn is its own example")
 
     def _renders(self, template: str, messages, tools=None) -> str | None:
@@ -295,7 +314,7 @@ def _trl_training_template(tokenizer) -> tuple[str, str] | None:
     except ValueError:  # TRL has no training version of this template
         return None
     if text is None:  # TRL finds the template already fit for training: its own markers
-        return "the template's own", tokenizer.chat_template
+        return "the template itself", tokenizer.chat_template
     folder = Path(chat_template_utils.__file__).parent / "chat_templates"
     name = next((p.stem for p in sorted(folder.glob("*_training.jinja")) if p.read_text(encoding="utf-8") == text),
                 "a training template")

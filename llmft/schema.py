@@ -96,6 +96,7 @@ def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def _clean_call(call: dict[str, Any]) -> dict[str, Any]:
     function = dict(call.get("function") or {})
+    function.setdefault("arguments", {})  # a call without arguments: templates serialise what is there
     if isinstance(function.get("arguments"), str):
         try:
             function["arguments"] = json.loads(function["arguments"] or "{}")
@@ -126,9 +127,13 @@ def reasoning_of(message: dict[str, Any]) -> tuple[str | None, str]:
 
 
 def without_reasoning(text: str) -> str:
-    """A generated or reference answer without a leading <think> block: what answer metrics compare."""
+    """A generated or reference answer without its reasoning: what answer metrics compare. The block may have lost
+    its opening <think> (pre-filled by the generation prompt, or decoded away as a special token)."""
     match = THINK.match(text)
-    return text[match.end():] if match else text
+    if match:
+        return text[match.end():]
+    close = text.find("</think>")
+    return text[close + len("</think>"):].lstrip() if close >= 0 and "<think>" not in text[:close] else text
 
 
 def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str, str]:

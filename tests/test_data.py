@@ -81,13 +81,15 @@ def test_overlong_examples_are_dropped_or_truncated_and_counted():
     assert max(len(ids) for ids in kept["input_ids"]) == 96
 
 
-def test_truncation_that_cuts_every_answer_drops_the_example():
+def test_truncation_keeps_the_end_that_holds_the_answer_or_drops_the_example():
     tokenizer = make_tokenizer("chatml")
-    rows = [{"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "Paris"}]}]
-    rows += chat_rows(1)
-    _, report = prepare_dataset(datasets.Dataset.from_list(rows), tokenizer, 64, "truncate", "mem")
-    assert report.rows_out == 1
+    long = {"role": "user", "content": "word " * 100}
+    rows = [{"messages": [long, {"role": "assistant", "content": "Paris"}]},  # the answer is in the last 64 tokens
+            {"messages": [long, {"role": "assistant", "content": "Paris"}, long]}]  # in neither end
+    kept, report = prepare_dataset(datasets.Dataset.from_list(rows), tokenizer, 64, "truncate", "mem")
+    assert report.rows_out == 1 and report.truncated == 1
     assert report.dropped == {"no trainable token left after truncation": 1}
+    assert tokenizer.decode(kept[0]["input_ids"]).endswith("Paris<|im_end|>\n")
 
 
 @pytest.mark.parametrize("messages, expected", [

@@ -19,9 +19,9 @@ from tests.helpers import make_tokenizer, model_dir_for, write_jsonl, write_reci
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 VISION = ("vl", "idefics", "llava", "smolvlm")  # image-text templates: llmft trains text conversations
-# The token that ends an assistant turn, per template; None where the next turn's header ends it (GLM-4).
+# The token that ends an assistant turn, per template (GLM-4 has none: llmft ends its answers with EOS).
 END_OF_TURN = {"cohere": "<|END_OF_TURN_TOKEN|>", "cohere2": "<|END_OF_TURN_TOKEN|>", "deepseek": "<｜end▁of▁sentence｜>",
-               "gemma4": "<turn|>", "diffusion_gemma": "<turn|>", "gemma": "<end_of_turn>", "glm4moe": None,
+               "gemma4": "<turn|>", "diffusion_gemma": "<turn|>", "gemma": "<end_of_turn>", "glm4moe": "<|endoftext|>",
                "gptoss": "<|return|>", "lfm2": "<|im_end|>", "llama3": "<|eot_id|>", "muse_glimmer": "<|eot|>",
                "nemotron": "<|im_end|>", "phi3": "<|end|>", "qwen": "<|im_end|>", "smollm2": "<|im_end|>"}
 SPECIAL = re.compile(r"<[|｜][^<>\s]{1,40}?[|｜]>|<start_of_turn>|<end_of_turn>|<think>|</think>|<\|[a-z_]+>|<[a-z_]+\|>")
@@ -120,6 +120,7 @@ def test_the_loss_mask_covers_each_answer_and_nothing_else(name, tools):
     messages, schemas = conversation(tokenizer, tools)
     examples = tokenize_messages(tokenizer, messages, tools=schemas)
     headers = _headers(tokenizer, messages, schemas, how)
+    specials = [t for t in tokenizer.get_added_vocab() if t in TEMPLATES[name]]
     seen = []
     for ids, labels in examples:
         text, masked = masked_spans(tokenizer, ids, labels)
@@ -135,13 +136,17 @@ def test_the_loss_mask_covers_each_answer_and_nothing_else(name, tools):
             for mark in marks:  # content, reasoning and tool-call arguments of the trained turn
                 assert any(set(range(at, at + len(mark))) <= masked for at in _positions(text, mark)), (mark, text)
             after = spots[-1]
-            if end is not None and answer.startswith("ANSWER"):
+            if answer.startswith("ANSWER"):
                 eot = text.find(end, after)
                 assert eot >= 0 and eot in masked, f"the end-of-turn token after {answer} carries no loss:\n{text}"
+            last = max(at for mark in marks for at in _positions(text, mark) if at in masked)
+            following = [at for token in specials for at in [text.find(token, last)] if at >= 0]
+            assert not following or min(following) in masked, f"the special token ending {answer}'s turn:\n{text}"
             start = min(i for i in masked if i <= after and all(j in masked for j in range(i, after)))
             for header in headers:
                 before = text.rfind(header, 0, start)
                 assert before < 0 or before not in masked, f"role header {header} carries loss:\n{text}"
+                assert not text.startswith(header, start), f"the trained turn opens with header {header}:\n{text}"
     assert sorted(set(seen)) == list(range(len(trained_turns(messages)))), f"untrained turns: {seen}"
 
 
@@ -169,8 +174,8 @@ def test_columnar_storage_renders_like_jsonl(name, tmp_path):
                                                                     and m["role"] != "tool"], "tools": None}]
     from_lists = datasets.Dataset.from_list([{"messages": json.dumps(r["messages"]), "tools": json.dumps(r["tools"])}
                                             for r in rows])
-    stored = from_lists.map(lambda r: {"messages": json.loads(r["messages"]), "tools": json.loads(r["tools"])},
-                            features=_features())
+    stored = from_lists.map(lambda r: {"messages": json.loads(r["messages"]), "tools": json.loads(r["tools"]),
+                                       "source": "test", "origin": "test"}, features=_features())
     stored.save_to_disk(str(tmp_path / "ds"))
     reloaded = datasets.load_from_disk(str(tmp_path / "ds"))
     assert reloaded[1]["messages"][0].get("tool_calls", "absent") is None  # the Nones are really there
@@ -180,12 +185,9 @@ def test_columnar_storage_renders_like_jsonl(name, tmp_path):
 
 
 def _features():
-    import datasets
+    from llmft.dataset.build import chat_features
 
-    message = {"role": datasets.Value("string"), "content": datasets.Value("string"), "tool_calls": datasets.Json(),
-               "tool_call_id": datasets.Value("string"), "name": datasets.Value("string"),
-               "reasoning_content": datasets.Value("string")}
-    return datasets.Features({"messages": datasets.List(message), "tools": datasets.Json()})
+    return chat_features()
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

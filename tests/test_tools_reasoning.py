@@ -82,8 +82,12 @@ def test_the_glaive_tool_calling_sample_converts_with_its_tools(tmp_path):
 
 
 def test_a_template_without_tool_support_is_refused_by_name(tmp_path):
-    tokenizer, _ = tokenizer_for("gemma3")  # renders no tools, raises on tool messages
-    with pytest.raises(DataError, match="does not render tool schemas, tool calls and tool results"):
+    from llmft.config import ModelConfig
+    from llmft.model import load_tokenizer
+
+    model_dir, _ = _qwen_model(tmp_path, "gemma3")  # renders no tools, raises on tool messages
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    with pytest.raises(DataError, match=f"the chat template of {model_dir} does not render tool schemas, tool calls"):
         tokenize_messages(tokenizer, from_sharegpt(SHAREGPT_ROW))
 
 
@@ -163,3 +167,31 @@ def test_the_model_recipes_train_on_a_tiny_model_with_their_template_and_pass_ch
     # A template changed after training is caught.
     tokenizer.chat_template = tokenizer.chat_template.replace("assistant", "helper")
     assert _template_agreement(tokenizer, saved.info, items, saved.recipe.data.reasoning)
+
+
+def test_jsonl_tool_rows_keep_their_own_argument_keys_and_bad_tools_are_named(tmp_path):
+    """Arrow would give each row's tool-call arguments the keys of every other row's (as nulls)."""
+    from llmft.data import load_rows, prepare_dataset
+
+    def call(arguments):
+        return {"messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "tool", "name": "f", "content": "done"}, {"role": "assistant", "content": "Done."}]}
+
+    path = write_jsonl(tmp_path / "calls.jsonl", [call({"city": "Paris"}), call({"word": "probe"})])
+    rows = load_rows(str(path))
+    assert rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    tokenizer, _ = tokenizer_for("qwen2_5")
+    prepared, _ = prepare_dataset(rows, tokenizer, None, "drop", str(path))
+    assert "word" not in tokenizer.decode(prepared[0]["input_ids"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**call({"city": "Paris"}), "tools": "[{not json"}])
+    with pytest.raises(DataError, match=r"(?s)bad.jsonl.*row 1: tools: not a list of tool schemas"):
+        prepare_dataset(load_rows(str(bad)), tokenizer, None, "drop", str(bad))
+
+
+def test_answers_are_scored_without_reasoning_even_when_the_prompt_opened_the_block():
+    from llmft.schema import without_reasoning
+
+    assert without_reasoning("<think>\nsum\n</think>\n\n42") == "42"
+    assert without_reasoning("sum them\n</think>\n\n42") == "42"  # '<think>\n' was the generation prompt's
+    assert without_reasoning("42") == "42"

@@ -334,7 +334,7 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
 
     try:
         ds = datasets.Dataset.from_generator(generate, cache_dir=cache,
-                                             features=_features(), split=datasets.Split.TRAIN)
+                                             features=chat_features(), split=datasets.Split.TRAIN)
     except datasets.exceptions.DatasetGenerationError as err:  # raised inside the generator, wrapped by datasets
         if isinstance(err.__cause__, DataError):
             raise err.__cause__ from err
@@ -342,7 +342,7 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
     except ValueError:  # datasets refuses a generator that yielded nothing
         if counts["kept"]:
             raise
-        ds = datasets.Dataset.from_dict({name: [] for name in _features()}, features=_features())
+        ds = datasets.Dataset.from_dict({name: [] for name in chat_features()}, features=chat_features())
     if problems and config.on_error == "fail":
         listed = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
@@ -358,7 +358,8 @@ def _reason(error: RowError) -> str:
     return re.sub(r"\[\d+\]| at column \d+", "", text)
 
 
-def _features() -> datasets.Features:
+def chat_features() -> datasets.Features:
+    """The columns of a built dataset: tool calls and tools as JSON, so that rows keep exactly their own keys."""
     message = {"role": datasets.Value("string"), "content": datasets.Value("string"),
                "tool_calls": datasets.Json(), "tool_call_id": datasets.Value("string"),
                "name": datasets.Value("string"), "reasoning_content": datasets.Value("string")}
