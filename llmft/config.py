@@ -38,6 +38,29 @@ INIT_LINEAR = ("model", "xavier", "he")
 UNFREEZE_BY = ("steps", "epochs")
 
 
+def range_problems(section: str, obj: Any, bounds: dict[str, tuple[float, bool]]) -> list[str]:
+    """A problem for each numeric setting below its floor: bounds map a field to (floor, floor allowed?); None
+    always passes (it means "not set")."""
+    problems = []
+    for name, (floor, inclusive) in bounds.items():
+        value = getattr(obj, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value < floor or (value == floor and not inclusive)):
+            problems.append(f"{section}.{name}: {value} must be {'>=' if inclusive else '>'} {floor:g}.")
+    return problems
+
+
+POSITIVE, NON_NEGATIVE = (0, False), (0, True)
+TRAINING_BOUNDS = {
+    "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "learning_rate": NON_NEGATIVE, "num_train_epochs": NON_NEGATIVE,
+    "max_length": POSITIVE, "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE,
+    "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEGATIVE,
+    "dataloader_num_workers": NON_NEGATIVE, "save_total_limit": POSITIVE, "eval_accumulation_steps": POSITIVE,
+    "neftune_noise_alpha": NON_NEGATIVE,
+}
+
+
 def _raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError(problems)
@@ -141,6 +164,7 @@ class DataConfig:
             problems.append(f"data.reasoning: '{self.reasoning}' is not one of {', '.join(REASONING)}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"data.eval_fraction: {self.eval_fraction} must be in [0, 1).")
+        problems += range_problems("data", self, {"max_train_examples": POSITIVE, "max_eval_examples": POSITIVE})
         _raise_if(problems)
 
 
@@ -179,6 +203,7 @@ class PeftSettings:
             problems.append(f"peft.quant_type: '{self.quant_type}' is not one of {', '.join(QUANT_TYPES)}.")
         if self.r <= 0:
             problems.append(f"peft.r: {self.r} must be a positive integer (8-64 is usual).")
+        problems += range_problems("peft", self, {"lora_alpha": POSITIVE})
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"peft.lora_dropout: {self.lora_dropout} must be in [0, 1).")
         if isinstance(self.target_modules, str):
@@ -426,6 +451,10 @@ class TrainingConfig(SFTConfig):
             problems.append("training.fp16: fp16 is not supported; use bf16: true (or false for fp32).")
         if not self.output_dir:
             problems.append("training.output_dir is missing: set where the run directory goes.")
+        problems += range_problems("training", self, TRAINING_BOUNDS)
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"training.max_steps: {self.max_steps} must be a positive number of steps, or -1 (train "
+                            "num_train_epochs).")
         _raise_if(problems)
         super().__post_init__()
 

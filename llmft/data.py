@@ -61,11 +61,22 @@ class TokenizeReport:
 # Loading -------------------------------------------------------------------------------------------------------
 
 
+def built_splits(source: str) -> tuple[Path, Path | None] | None:
+    """(train/, test/ or None) when `source` is the folder `llmft data convert|build` wrote, else None."""
+    path = Path(source)
+    if (path / "manifest.json").is_file() and (path / "train").is_dir():
+        return path / "train", (path / "test" if (path / "test").is_dir() else None)
+    return None
+
+
 def load_rows(source: str) -> datasets.Dataset:
-    """Rows from a `save_to_disk` directory, a .jsonl/.json/.parquet file, or a folder of such files."""
+    """Rows from a `save_to_disk` directory, the folder `llmft data convert|build` wrote (its train/ split), a
+    .jsonl/.json/.parquet file, or a folder of such files."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or directory. Give a .jsonl/.json/.parquet file or a dataset dir.")
+    if built_splits(source):
+        path = built_splits(source)[0]
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -77,32 +88,21 @@ def load_rows(source: str) -> datasets.Dataset:
     kinds = {FILE_TYPES.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:
         raise DataError(f"{source}: expected .jsonl, .json or .parquet files of one kind, found {[p.name for p in files]}.")
-    for p in files:  # pyarrow's own error for a bad line names neither the file nor the line
-        if p.suffix == ".jsonl":
-            load_json_rows(p)
-    if kinds == {"json"}:
+    if kinds == {"json"}:  # read here: errors name the file and line, and rows keep exactly their own keys
         rows = [row for p in files for row in load_json_rows(p)]
-        if any(_calls_tools(row) for row in rows):
-            return _as_json_columns(rows)
+        if not rows:
+            raise DataError(f"{source}: no rows (the file is empty).")
+        return _as_json_columns(rows)
     try:
-        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-    except Exception as err:  # pyarrow and datasets raise many types for bad files; all mean the same here
-        for p in files:  # arrow refuses mixed types (an int content among strings): find the rows in Python
-            if p.suffix == ".jsonl":
-                rows = load_json_rows(p)
-                raise_problems(str(p), rows_problems(rows, kind_of(set().union(*rows), str(p))))
-        raise DataError(f"{source}: cannot be read as a dataset: {err}") from err
-
-
-def _calls_tools(row: dict[str, Any]) -> bool:
-    conversation = [m for key in (MESSAGES, "prompt", "completion") if isinstance(row.get(key), list)
-                    for m in row[key]]
-    return bool(row.get("tools")) or any(isinstance(m, dict) and m.get("tool_calls") for m in conversation)
+        return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
+    except Exception as err:  # pyarrow raises many types for bad files; all mean the same here
+        raise DataError(f"{source}: cannot be read as a Parquet dataset: {err}") from err
 
 
 def _as_json_columns(rows: list[dict[str, Any]]) -> datasets.Dataset:
-    """Rows kept exactly as written. Arrow would merge the keys of every tool call's arguments and every tool
-    schema across rows into one struct, giving each row the others' keys as nulls, which templates then render."""
+    """Rows kept exactly as written: Arrow's own inference would merge the keys of every message, tool call and
+    tool schema across rows into one struct, giving each row the others' keys as nulls (which templates render),
+    and refuses a column whose type varies between rows."""
     columns = sorted(set().union(*rows))
     features = datasets.Features({c: datasets.Json() for c in columns})
     return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in rows], features=features)
@@ -257,8 +257,13 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
 
 def load_splits(train_source: str, eval_source: str | None, eval_fraction: float, seed: int,
                 max_train: int | None = None, max_eval: int | None = None):
-    """Raw train and eval rows (eval None when there is none): eval_source, else a seeded share of train."""
+    """Raw train and eval rows (eval None when there is none): eval_source, else the test/ split of a built dataset
+    given as train_source, else a seeded share of train."""
     train = number_rows(load_rows(train_source))
+    built = built_splits(train_source)
+    if not eval_source and built and built[1] is not None:
+        log.info("%s is a built dataset: training on its train/ split, evaluating on its test/ split", train_source)
+        eval_source = str(built[1])
     evaluation = number_rows(load_rows(eval_source)) if eval_source else None
     if evaluation is None and eval_fraction > 0:
         if len(train) < 2:

@@ -312,19 +312,27 @@ class GenerationEvalCallback(TrainerCallback):
             self.base_ppl = ppl
         return {"eval_general_ppl": ppl, "eval_forgetting_ppl_ratio": ppl / self.base_ppl}
 
+    def _runs_here(self, state) -> bool:
+        """Rank 0 generates while the others wait; under ZeRO-3 or FSDP every rank holds only a slice of each weight,
+        so every rank must run the same forward passes (greedy decoding: they all get the same answers)."""
+        from llmft.model import sharded_training
+
+        return state.is_world_process_zero or sharded_training()
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.texts and self.base_ppl is None and state.is_world_process_zero:
+        if self.texts and self.base_ppl is None and self._runs_here(state):
             self._forgetting(model)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         new: dict[str, float] = {}
-        if state.is_world_process_zero:
+        if self._runs_here(state):
             if self.items:
                 self.last = generation_eval(model, self.tokenizer, self.items, self.cfg,
                                             f"Generating (step {state.global_step})", self.loaded, self.reasoning)
                 new.update(self.last.scores)
-                run_dir.write_jsonl(self.out_dir / run_dir.SAMPLES_DIR / f"step-{state.global_step}.jsonl",
-                                    samples(self.items, self.last))
+                if state.is_world_process_zero:
+                    run_dir.write_jsonl(self.out_dir / run_dir.SAMPLES_DIR / f"step-{state.global_step}.jsonl",
+                                        samples(self.items, self.last))
             new.update(self._forgetting(model))
         new = _broadcast(new)
         metrics.update(new)
@@ -436,6 +444,10 @@ def load_for_eval(target: str):
     from llmft.model import load_model, load_run_model, load_tokenizer
 
     path = Path(target)
+    if path.is_dir() and not run_dir.is_run(path) and not (path / "config.json").exists():
+        raise DataError(f"{target} is neither a run directory (run.json, recipe.yaml, metrics.json, the weights: "
+                        "what llmft train writes) nor a model folder (config.json). Give one of those, a Hub id, "
+                        "or smollm2-135m-instruct.")
     if run_dir.is_run(path):
         run = run_dir.read_run(path)
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))  # the run's own tokenizer and template

@@ -26,6 +26,7 @@ PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.j
                 "chat_template.jinja", "special_tokens_map.json", run_dir.RECIPE_FILE, run_dir.RUN_FILE,
                 run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE, run_dir.EVAL_REPORT_FILE, run_dir.STATE_FILE,
                 run_dir.LOSS_CURVE_FILE)
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # formats whose loading can run code
 RUN_RECORDS = (run_dir.RECIPE_FILE, run_dir.RUN_FILE, run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE,
                run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE)
 
@@ -61,6 +62,8 @@ class PushOptions:
         "nargs": "*", "help": "Gating metrics (default: the recipe's hub.gate_metrics), e.g. eval_loss "
                               "eval_exact_match; --gate alone: none."})
     force: bool = field(default=False, metadata={"help": "Push even when the gate finds a regression."})
+    allow_pickles: bool = field(default=False, metadata={
+        "help": "Also upload pickle files of a --merged folder (.bin, .pt, .pkl...: loading them can run code)."})
 
 
 # Merge ---------------------------------------------------------------------------------------------------------
@@ -284,7 +287,7 @@ def gate(run: Path, metrics: list[str]) -> list[str]:
 
 
 def push(run: Path, repo_id: str, private: bool = True, revision: str | None = None, merged: Path | None = None,
-         gate_metrics: list[str] | None = None, force: bool = False) -> str:
+         gate_metrics: list[str] | None = None, force: bool = False, allow_pickles: bool = False) -> str:
     """Check, gate, write the card and upload the adapter (or a merged model) with its tokenizer; the commit URL.
 
     The token comes from huggingface_hub's usual places (HF_TOKEN, the login cache) and is never written.
@@ -296,22 +299,29 @@ def push(run: Path, repo_id: str, private: bool = True, revision: str | None = N
     check(run, merged)
     info = read_run(run)
     try:
-        return _upload(run, info, repo_id, private, revision, merged)
+        return _upload(run, info, repo_id, private, revision, merged, allow_pickles)
     except Exception as err:  # the Hub client's errors (HTTP, auth, URI) have many types; report, do not trace
         if type(err).__module__.startswith(("huggingface_hub", "httpx", "requests")):
             raise HubError(f"the Hub refused: {err}") from err
         raise
 
 
-def _upload(run: Path, info: Run, repo_id: str, private: bool, revision: str | None, merged: Path | None) -> str:
-    """The run's files and model card, staged in a temporary folder, uploaded in one commit; the commit URL."""
+def _upload(run: Path, info: Run, repo_id: str, private: bool, revision: str | None, merged: Path | None,
+            allow_pickles: bool = False) -> str:
+    """The run's files (never its training_args.bin pickle) or the merged model's (without pickles unless allowed)
+    and the model card, staged in a temporary folder, uploaded in one commit; the commit URL."""
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory(prefix="llmft-push-") as tmp:
         staging = Path(tmp)
         for path in (merged or run).iterdir():
-            if path.is_file() and (merged is not None or path.name in PUSHED_FILES):
+            wanted = path.name in PUSHED_FILES if merged is None else (
+                allow_pickles or not path.name.endswith(PICKLES))
+            if path.is_file() and wanted:
                 shutil.copy2(path, staging / path.name)
+            elif path.is_file() and merged is not None:
+                log.warning("Not pushing %s: a pickle, which can run code when loaded (--allow-pickles to push it).",
+                            path.name)
         for name in RUN_RECORDS if merged is not None else ():
             if (run / name).exists():
                 shutil.copy2(run / name, staging / name)
@@ -348,5 +358,5 @@ def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOpt
         raise HubError("no repository: pass --repo-id ORG/NAME or set hub.repo_id in the recipe.")
     gates = hub.gate_metrics if options.gate is None else options.gate
     url = push(run, repo_id, not options.public, options.revision, Path(artifact.merged) if artifact.merged else None,
-               gates, options.force)
+               gates, options.force, options.allow_pickles)
     print(f"pushed to {repo_id}: {url}")

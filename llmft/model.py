@@ -73,8 +73,19 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A path or Hub id `from_pretrained` understands; the embedded default's name maps to its cached copy."""
-    return str(embedded_model_dir()) if name_or_path == EMBEDDED_MODEL else name_or_path
+    """A path or Hub id `from_pretrained` understands; the embedded default's name maps to its cached copy. A name
+    that can only be a local path (./x, /x, ~/x, a/b/c) must exist and hold a model."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not any((path / f).exists() for f in ("config.json", "tokenizer_config.json")):
+        raise ModelError(f"{name_or_path} is a folder but not a model (no config.json or tokenizer_config.json in "
+                         "it). Give a model folder, a Hub id (org/name), or " + f"'{EMBEDDED_MODEL}'.")
+    local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or name_or_path.endswith("/")
+    if local and not path.exists():
+        raise ModelError(f"{name_or_path}: no such model folder. Give a path to a model folder (with config.json), "
+                         f"a Hub id (org/name), or '{EMBEDDED_MODEL}'.")
+    return str(path) if path.exists() else name_or_path
 
 
 def load_tokenizer(cfg: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -225,11 +225,17 @@ def read_run(out: Path) -> Run:
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished run unless asked to: runs are evidence and should not vanish."""
+    """Refuse to write over a finished run unless asked to (runs are evidence and should not vanish), and find out
+    now, not after loading data and model, if the folder cannot be made."""
     if (out / RUN_FILE).exists() and not overwrite:
         raise RunDirError(
             f"{out} already holds a finished run. Choose another --output_dir, or pass --overwrite_output_dir true."
         )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder should be, no permission, read-only disk
+        raise RunDirError(f"cannot make the output folder {out}: {err.strerror or err}. Choose another "
+                          "--output_dir.") from err
 
 
 def save_rows(out: Path, relative: str, rows) -> tuple[str, str]:

@@ -287,13 +287,23 @@ def rows_problems(rows, kind: str, strict: bool = False) -> list[str]:
 # Readers -------------------------------------------------------------------------------------------------------
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a file
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
-    """(where, row) for every non-blank line, "file.jsonl, line 12"; a bad line comes as a RowError in its place."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """(where, row) for every non-blank line, "file.jsonl, line 12"; a bad line (not UTF-8, not JSON, not an object)
+    comes as a RowError in its place."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path.name}, line {number}"
+            try:
+                line = (raw[len(BOM):] if number == 1 and raw.startswith(BOM) else raw).decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, RowError(None, f"not UTF-8 text (byte {err.start + 1} of the line): save the file as "
+                                            "UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path.name}, line {number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -307,20 +317,23 @@ def read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     import ijson
 
     with path.open("rb") as f:
-        first = f.read(1024).lstrip()[:1]
+        head = f.read(1024)
+    skip = len(BOM) if head.startswith(BOM) else 0
+    first = head[skip:].lstrip()[:1]
     if first == b"{":  # one object per line, as many tools write '.json'
         yield from read_jsonl(path)
         return
     if first != b"[":
-        raise DataError(f"{path}: expected a JSON array of objects (or one object per line).")
+        raise DataError(f"{path}: expected a JSON array of objects (or one object per line), in UTF-8.")
     number = 0
     with path.open("rb") as f:
+        f.seek(skip)
         try:
             for number, row in enumerate(ijson.items(f, "item", use_float=True), start=1):
                 where = f"{path.name}, row {number}"
                 yield where, row if isinstance(row, dict) else RowError(None, f"not a JSON object: {type(row).__name__}")
-        except ijson.JSONError as err:
-            raise DataError(f"{path}: not valid JSON after row {number}: {err}") from err
+        except (ijson.JSONError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not valid UTF-8 JSON after row {number}: {err}") from err
 
 
 def load_json_rows(path: Path) -> list[dict[str, Any]]:

@@ -213,29 +213,54 @@ def _end_process_group() -> None:
 def check_launch(world_size: int) -> None:
     """Refuse the one silent trap of multi-process CPU launches.
 
-    `accelerate launch --cpu --num_processes N` starts ONE process whatever N is (accelerate's simple launcher),
-    so the user would get a single-process run while believing in N. The launcher's own command line is the only
-    place N survives, so read it from the parent process.
+    `accelerate launch --cpu --num_processes N`, and a config file with `distributed_type: MULTI_CPU`, start ONE
+    process whatever N is (accelerate's simple launcher), so the user would get a single-process run while
+    believing in N. The launcher's own command line (and the config file it names) is the only place N survives,
+    so read it from the parent process.
     """
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or world_size > 1:
+    if world_size > 1:
         return
     try:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # not Linux: nothing to read, nothing to check
         return
     requested = 1
-    for i, arg in enumerate(parent):
-        name, _, value = arg.partition("=")
-        if name in ("--num_processes", "--num-processes"):
-            value = value or (parent[i + 1] if i + 1 < len(parent) else "1")
-            requested = int(value) if value.isdigit() else 1
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        requested = _launcher_flag(parent, "num_processes", 1)
+    config = _launcher_flag(parent, "config_file", None)
+    if config is not None:
+        requested = max(requested, _multi_cpu_processes(config))
     if requested > 1:
         raise LaunchError(
-            f"accelerate launch --cpu --num_processes {requested} started a single process (accelerate runs CPU "
-            "jobs through its one-process launcher). For real multi-process training on CPUs use:\n"
+            f"accelerate launch asked for {requested} CPU processes (--cpu, or a MULTI_CPU config file) and started a "
+            "single one (accelerate runs CPU jobs through its one-process launcher). For real multi-process training on CPUs use:\n"
             "  accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m llmft train RECIPE\n"
             f"  or: torchrun --nproc_per_node {requested} -m llmft train RECIPE"
         )
+
+
+def _launcher_flag(argv: list[str], name: str, default):
+    """The value of --name (or --name-with-dashes) on a launcher's command line: an int where it is a number."""
+    for i, arg in enumerate(argv):
+        flag, equals, value = arg.partition("=")
+        if flag in (f"--{name}", f"--{name.replace('_', '-')}"):
+            value = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else value or default
+    return default
+
+
+def _multi_cpu_processes(config: str) -> int:
+    """num_processes of an accelerate config file whose distributed_type is MULTI_CPU (the one-process route)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(config).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return 1
+    if not isinstance(values, dict) or values.get("distributed_type") != "MULTI_CPU":
+        return 1
+    processes = values.get("num_processes", 1)
+    return processes if isinstance(processes, int) else 1
 
 
 def check_sharding(trainer) -> None:

@@ -33,15 +33,19 @@ def test_accelerate_cpu_ddp_config_runs_two_real_processes(tmp_path, tiny_model_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run", "train.jsonl"]
 
 
-def test_accelerate_cpu_flag_with_two_processes_is_refused_not_run_as_one(tmp_path, tiny_model_dir, quiet_env):
+@pytest.mark.parametrize("launch", ["cpu_flag", "multi_cpu_config"])
+def test_accelerate_cpu_launches_of_two_processes_are_refused_not_run_as_one(tmp_path, tiny_model_dir, quiet_env,
+                                                                             launch):
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run")
-    result = subprocess.run(
-        [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "-m", "llmft", "train", str(recipe)],
-        capture_output=True, text=True, env=quiet_env, timeout=300,
-    )
-    assert result.returncode != 0
-    assert "started a single process" in result.stderr and "accelerate_configs/cpu_ddp.yaml" in result.stderr
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_machines: 1\n"
+                      "machine_rank: 0\nnum_processes: 2\nmixed_precision: 'no'\nuse_cpu: true\n")
+    how = ["--cpu", "--num_processes", "2"] if launch == "cpu_flag" else ["--config_file", str(config)]
+    result = subprocess.run([ACCELERATE, "launch", *how, "-m", "llmft", "train", str(recipe)],
+                            capture_output=True, text=True, env=quiet_env, timeout=300)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "started a single one" in result.stderr and "accelerate_configs/cpu_ddp.yaml" in result.stderr
     assert not (tmp_path / "run" / "run.json").exists()
 
 
@@ -133,3 +137,21 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_with_one_checkpoin
     run = json.loads((out / "run.json").read_text())
     assert run["resumed_from"] == str(saved[0]) and run["launch"]["world_size"] == 2
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 2
+
+
+def test_zero3_generation_metrics_run_on_every_rank_and_finish(tmp_path, tiny_model_dir, quiet_env):
+    """Under ZeRO-3 a forward pass needs every rank (each holds a slice of every weight): generation on rank 0
+    alone hung for good. Every rank now generates; the run must finish well inside the timeout."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          training={"max_steps": 2, "global_batch_size": 4},
+                          eval={"num_generate": 2, "max_new_tokens": 3, "forgetting_check": True})
+    result = subprocess.run(
+        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"), "-m",
+         "llmft", "train", str(recipe)], capture_output=True, text=True, env={**quiet_env, "OMP_NUM_THREADS": "1"},
+        timeout=120)  # a hang fails here, not in CI's global limit
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out / "metrics.json").read_text())["after"]
+    assert "eval_exact_match" in after and "eval_forgetting_ppl_ratio" in after
+    assert (out / "eval_samples.jsonl").exists()

@@ -90,7 +90,8 @@ def test_oasst_flat_rows_assemble_into_the_same_tree():
         {"message_id": "a1", "parent_id": "r", "text": "Second best", "role": "assistant", "rank": 1},
         {"message_id": "a2", "parent_id": "r", "text": "Best answer", "role": "assistant", "rank": 0},
     ]
-    (tree,) = oasst_flat_to_trees(flat)
+    (tree,), orphans = oasst_flat_to_trees(flat)
+    assert orphans == []
     assert [[m["content"] for m in p] for p in oasst_paths(tree, best_only=True)] == [["Root question", "Best answer"]]
     with pytest.raises(RowError, match="expected 'prompter' or 'assistant'"):
         oasst_paths({"text": "x", "role": "moderator"}, best_only=False)

@@ -107,3 +107,19 @@ def test_training_pushes_at_the_end_when_the_recipe_says_so(tmp_path, tiny_model
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Pushed to org/from-training" in result.stdout
     assert "adapter_model.safetensors" in FakeHub.files and "README.md" in FakeHub.files
+
+
+def test_push_never_sends_a_pickle_unless_asked(run, tmp_path, fake_hub, quiet_env):
+    """A run holds training_args.bin (the Trainer's pickle); a merged folder may hold .bin weights. Neither is
+    uploaded unless --allow-pickles asks for the merged folder's."""
+    assert (run / "training_args.bin").exists()
+    merged = merge(run, tmp_path / "merged")
+    (merged / "pytorch_model.bin").write_bytes(b"not really weights")
+    env = {**quiet_env, "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0"}
+    for extra, expected in (([], False), (["--allow-pickles"], True)):
+        FakeHub.files.clear()
+        result = subprocess.run([LLMFT, "push", str(run), "--repo-id", "org/tiny", "--gate", "--merged", str(merged),
+                                 *extra], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("pytorch_model.bin" in FakeHub.files) is expected
+        assert "training_args.bin" not in FakeHub.files and "model.safetensors" in FakeHub.files

@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from llmft.checkpoint import MARKER, resume_point
-from llmft.errors import CheckpointError
 from llmft.config import load_recipe
+from llmft.errors import CheckpointError
 from llmft.train import train
 from tests.conftest import LLMFT
 from tests.helpers import REPO, chat_rows, write_jsonl, write_recipe
@@ -133,3 +133,26 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_with_a_resume
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["resumed_from"] == str(saved[0]) and run["trainable_tensors"]["changed"] > 0
+
+
+def test_resuming_unpickles_nothing(tmp_path, tiny_model_dir):
+    """Checkpoints hold pickles (optimizer, RNG states): they load with torch.load(weights_only=True), which never
+    runs pickle's class lookup. An audit hook counts every real unpickling of a class in the resumed run."""
+    out = tmp_path / "run"
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(10))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          training={"max_steps": 2, "save_strategy": "steps", "save_steps": 2})
+    train(load_recipe(recipe))
+    script = f"""
+import sys
+found = []
+sys.addaudithook(lambda event, args: found.append(args) if event == "pickle.find_class" else None)
+from llmft.cli import run
+code = run(["train", {str(recipe)!r}, "--max_steps", "4", "--overwrite_output_dir", "false"])
+print("RESULT", code, found)
+"""
+    (out / "run.json").unlink()  # a stopped run: resume_from_checkpoint auto picks checkpoint-2 up
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    last = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert last == ["RESULT 0 []"], done.stdout[-1000:] + done.stderr[-2000:]
+    assert "Resuming from" in done.stderr

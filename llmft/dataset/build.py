@@ -26,8 +26,8 @@ from typing import Any
 import datasets
 
 from llmft.dataset.clean import EvalIndex, NearDuplicateFinder, conversation_text, exact_key, normalise_messages
-from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, oasst_flat_to_trees,
-                                   oasst_paths)
+from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, from_sharegpt,
+                                   oasst_flat_to_trees, oasst_paths, trim_to_answer)
 from llmft.dataset.sources import read_source
 from llmft.errors import ConfigError, DataError
 from llmft.parsing import coerce, field_names, field_types, read_yaml_mapping, unknown_keys
@@ -50,10 +50,24 @@ class SourceOptions:
     completion_field: str = field(default="answer", metadata={"help": "format columns: the answer column."})
     system_field: str | None = field(default=None, metadata={"help": "format columns: a system prompt column."})
     oasst_best_only: bool = field(default=False, metadata={"help": "OASST: the best-ranked path of each tree only."})
+    role_map: list[str] = field(default_factory=list, metadata={
+        "metavar": "SPEAKER=ROLE", "help": "ShareGPT: speakers beyond the documented ones (human, gpt, system, "
+                                           "observation, function_call...), e.g. bing=assistant."})
 
     def __post_init__(self):
+        problems = []
         if self.format is not None and self.format not in FORMATS:
-            raise ConfigError([f"format: '{self.format}' is not one of {', '.join(FORMATS)}."], what="data source")
+            problems.append(f"format: '{self.format}' is not one of {', '.join(FORMATS)}.")
+        for entry in self.role_map:
+            speaker, equals, role = entry.partition("=")
+            if not (speaker and equals and role in ("user", "assistant", "system", "tool")):
+                problems.append(f"role_map: '{entry}' is not SPEAKER=ROLE with ROLE user, assistant, system or tool.")
+        if problems:
+            raise ConfigError(problems, what="data source")
+
+    @property
+    def roles(self) -> dict[str, str]:
+        return dict(entry.split("=", 1) for entry in self.role_map)
 
 
 @dataclass(kw_only=True)
@@ -94,8 +108,8 @@ class BuildOptions:
                                                             "(--no-normalise keeps text as is)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Add this system message where a "
                                                                        "conversation has none."})
-    dedupe: bool = field(default=True, metadata={"help": "Drop exact duplicates, case and spacing ignored "
-                                                         "(--no-dedupe keeps them)."})
+    dedupe: bool = field(default=True, metadata={"help": "Drop duplicates: exact ones (case and spacing ignored), "
+                                                         "and near ones (--near-dedupe). --no-dedupe keeps both."})
     near_dedupe_threshold: float | str | None = field(
         default="0.85", metadata={"aliases": ["--near-dedupe"],
                                   "help": "MinHash Jaccard threshold for near duplicates, or off."})
@@ -174,8 +188,22 @@ def build_command(options: BuildFileOptions, command: str) -> None:
 
 
 def _print_outputs(manifest: dict[str, Any]) -> None:
-    for name, output in manifest["output"].items():
-        print(f"{name}: {output['rows']} rows -> {output['path']}")
+    """What happened to the rows (every drop counted), then where the splits went."""
+    sources, steps = manifest["sources"], manifest["steps"]
+    rejected = sum(sum(s["rejected"].values()) for s in sources)
+    adjusted = Counter()
+    for s in sources:
+        adjusted.update(s["adjusted"])
+    lines = [f"{sum(s['read'] for s in sources)} rows read from {len(sources)} source(s); "
+             f"{rejected} rejected" + (" (reasons in rejects.jsonl and manifest.json)" if rejected else ""),
+             f"duplicates dropped: {steps['dedupe']['exact']} exact, {steps['dedupe']['near']} near; "
+             f"contaminated rows dropped: {steps['decontaminate']['dropped']}"]
+    lines += [f"{n} {what}" for what, n in adjusted.items()]
+    unused = sum(m["available"] - m["used"] for m in steps["mix"].values())
+    if unused:
+        lines.append(f"{unused} clean rows left out by the mix (fraction/count)")
+    lines += [f"{name}: {output['rows']} rows -> {output['path']}" for name, output in manifest["output"].items()]
+    print("\n".join(lines))
 
 
 def load_build_config(path: str, out: str | None = None) -> BuildConfig:
@@ -234,15 +262,18 @@ def source_format(source: Source) -> str | None:
         raise DataError(f"{source.path}: {err}") from err
 
 
-def convert_rows(source: Source, fmt: str | None) -> Iterator:
-    """(where, messages or RowError, raw row) for every conversation of a source in format `fmt`."""
+def convert_rows(source: Source, fmt: str | None, notes: Counter | None = None) -> Iterator:
+    """(where, messages or RowError, raw row) for every conversation of a source in format `fmt`; `notes` counts
+    what conversion changed without rejecting (OASST threads cut after their last answer)."""
     if fmt is None:
         return iter(())
     rows = read_source(source.path, source.split)
     if fmt == "oasst":
-        return _convert_oasst(rows, source)
+        return _convert_oasst(rows, source, Counter() if notes is None else notes)
     if fmt == "columns":
         convert = lambda r: from_columns(r, source.prompt_field, source.completion_field, source.system_field)  # noqa: E731
+    elif fmt == "sharegpt":
+        convert = lambda r: from_sharegpt(r, source.roles)  # noqa: E731
     else:
         convert = CONVERTERS[fmt]
     return _convert(rows, convert)
@@ -259,21 +290,43 @@ def _convert(rows, convert):
             yield where, err, row
 
 
-def _convert_oasst(rows, source: Source):
-    """Nested trees convert row by row; flat message rows must be assembled into trees first."""
+def _convert_oasst(rows, source: Source, notes: Counter):
+    """Nested trees convert row by row; flat message rows are assembled into trees first. Every thread is cut after
+    its last assistant reply (real exports end many threads on an unanswered prompter message), and a thread that
+    becomes the same as one already taken is not taken twice; `notes` counts both."""
     rows = list(rows)  # trees span rows: the whole file is needed (OASST exports are modest in size)
     flat = [r for _, r in rows if isinstance(r, dict) and "message_id" in r]
     trees = [(w, r["prompt"]) for w, r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), dict)]
+    for where, row in rows:
+        if isinstance(row, RowError):
+            yield where, row, None
+        elif "message_id" not in row and not isinstance(row.get("prompt"), dict):
+            yield where, RowError(None, "neither an OASST tree (message_tree_id, prompt: {text, role, replies}) nor "
+                                        "an OASST message (message_id, parent_id, role, text)"), row
     if flat:
-        trees += [(f"{source.label}, tree {i + 1}", t) for i, t in enumerate(oasst_flat_to_trees(flat))]
-    for where, error in ((w, r) for w, r in rows if isinstance(r, RowError)):
-        yield where, error, None
+        nested, orphans = oasst_flat_to_trees(flat)
+        trees += [(f"{source.label}, tree {i + 1}", t) for i, t in enumerate(nested)]
+        for message_id in orphans:
+            yield f"{source.label}, message {message_id}", RowError("parent_id", "names no message in the file"), None
+    seen: set[str] = set()
     for where, tree in trees:
         try:
-            for k, path in enumerate(oasst_paths(tree, source.oasst_best_only)):
-                yield f"{where}, path {k + 1}", path, None
+            paths = oasst_paths(tree, source.oasst_best_only)
         except RowError as err:
             yield where, err, tree
+            continue
+        for k, path in enumerate(paths):
+            thread = trim_to_answer(path)
+            if thread is None:
+                yield f"{where}, path {k + 1}", RowError(None, "no assistant reply in this thread"), None
+                continue
+            notes["threads cut after their last assistant reply"] += len(thread) < len(path)
+            key = json.dumps(thread, sort_keys=True)
+            if key in seen:
+                notes["threads the same as another once cut"] += 1
+                continue
+            seen.add(key)
+            yield f"{where}, path {k + 1}", thread, None
 
 
 # The build -----------------------------------------------------------------------------------------------------
@@ -311,11 +364,11 @@ def build(config: BuildConfig, command: str = "") -> dict[str, Any]:
 
 def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
     """(format, dataset of the source's valid conversations, counts); bad rows are listed, or skipped and counted."""
-    counts, problems = Counter(), []
+    counts, notes, problems = Counter(), Counter(), []
     fmt = source_format(source)
 
     def generate():
-        for where, result, raw in convert_rows(source, fmt):
+        for where, result, raw in convert_rows(source, fmt, notes):
             counts["read"] += 1
             if not isinstance(result, RowError):
                 messages = normalise_messages(result, config.system_prompt) if config.normalise else result
@@ -348,8 +401,11 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError(f"{source.path}: {len(problems)} row(s) cannot be used:\n  {listed}{more}\n"
                         "Fix them, or pass --on-error skip to leave them out (they go to rejects.jsonl).")
+    if not counts["read"]:
+        raise DataError(f"{source.path}: no rows (the file is empty, or holds no conversation).")
     log.info("%s (%s): %d read, %d kept", source.label, fmt, counts["read"], counts["kept"])
-    return fmt, ds, {"read": counts.pop("read", 0), "kept": counts.pop("kept", 0), "rejected": dict(counts)}
+    return fmt, ds, {"read": counts.pop("read", 0), "kept": counts.pop("kept", 0), "rejected": dict(counts),
+                     "adjusted": {k: v for k, v in notes.items() if v}}
 
 
 def _reason(error: RowError) -> str:
@@ -369,8 +425,8 @@ def chat_features() -> datasets.Features:
 
 def _filter(ds: datasets.Dataset, config: BuildConfig):
     """Exact duplicates, near duplicates and contaminated rows out, in one pass; counts and examples kept."""
-    index = _eval_index(config)
-    near = NearDuplicateFinder(config.near_threshold) if config.near_threshold else None
+    index, unreadable = _eval_index(config)
+    near = NearDuplicateFinder(config.near_threshold) if config.near_threshold and config.dedupe else None
     first_seen: dict[str, str] = {}
     dropped, pairs, hits = Counter(), [], {}
 
@@ -403,20 +459,28 @@ def _filter(ds: datasets.Dataset, config: BuildConfig):
              "decontaminate": {"dropped": dropped["contaminated"], "ngram": config.ngram,
                                "eval_sets": config.decontaminate,
                                "eval_rows_hit": sorted({e for found in hits.values() for e in found}),
-                               "train_rows_dropped": dict(list(hits.items())[:MAX_LISTED])}}
+                               "train_rows_dropped": dict(list(hits.items())[:MAX_LISTED]),
+                               "unreadable_eval_rows": len(unreadable), "unreadable_examples": unreadable[:MAX_LISTED]}}
     return kept, steps
 
 
-def _eval_index(config: BuildConfig) -> EvalIndex | None:
+def _eval_index(config: BuildConfig) -> tuple[EvalIndex | None, list[str]]:
+    """The n-grams of every eval set, and the eval rows that could not be read (counted, and warned about: their
+    n-grams are not checked)."""
     if not config.decontaminate:
-        return None
-    index = EvalIndex(config.ngram)
+        return None, []
+    index, unreadable = EvalIndex(config.ngram), []
     for spec in config.decontaminate:
         source = Source(path=spec)
         for where, result, _ in convert_rows(source, source_format(source)):
-            if not isinstance(result, RowError):
+            if isinstance(result, RowError):
+                unreadable.append(f"{where}: {result}")
+            else:
                 index.add(where, conversation_text(result))
-    return index
+    if unreadable:
+        log.warning("%d eval row(s) could not be read, so training rows are not checked against them (first: %s)",
+                    len(unreadable), unreadable[0])
+    return index, unreadable
 
 
 def _mix(ds: datasets.Dataset, config: BuildConfig):
@@ -462,9 +526,12 @@ def data_card(manifest: dict[str, Any]) -> str:
         sha = s["fingerprint"].get("sha256", s["fingerprint"].get("hub_dataset", ""))[:12]
         rejected = sum(s["rejected"].values())
         lines.append(f"| {s['name']} | {s['format']} | {sha} | {s['read']} | {s['kept']} | {rejected} |")
-    reasons = Counter()
+    reasons, adjusted = Counter(), Counter()
     for s in manifest["sources"]:
         reasons.update(s["rejected"])
+        adjusted.update(s.get("adjusted", {}))
+    if adjusted:
+        lines += ["", "Changed on the way in:", ""] + [f"- {n} x {what}" for what, n in adjusted.most_common()]
     if reasons:
         lines += ["", "Rejected rows, by reason (details in rejects.jsonl):", ""]
         lines += [f"- {n} x {why}" for why, n in reasons.most_common()]

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from llmft.schema import REASONING_FIELDS, Messages, RowError
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+# The speaker names ShareGPT-style data documents; any other is an error (or mapped with the source's role_map).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "tool": "tool", "observation": "tool", "function_response": "tool", "function_call": "assistant"}
 SHAREGPT_CALLS = ("function_call",)  # speakers whose value is a tool call: {"name": ..., "arguments": {...}}
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -48,8 +48,10 @@ def from_alpaca(row: dict) -> Messages:
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def from_sharegpt(row: dict) -> Messages:
-    """{conversations: [{from: human|gpt|system|..., value}]}; `user`/`assistant` role names work too."""
+def from_sharegpt(row: dict, role_map: dict[str, str] | None = None) -> Messages:
+    """{conversations: [{from: human|gpt|system|..., value}]}; `user`/`assistant` role names work too, and the
+    speakers `role_map` names (e.g. {"bing": "assistant"})."""
+    roles = {**SHAREGPT_ROLES, **(role_map or {})}
     field = "conversations" if "conversations" in row else "messages"
     turns = row.get(field)
     if not isinstance(turns, list) or not turns:
@@ -59,17 +61,18 @@ def from_sharegpt(row: dict) -> Messages:
         if not isinstance(turn, dict):
             raise RowError(f"{field}[{i}]", "must be an object with 'from' and 'value'")
         speaker = turn.get("from", turn.get("role"))
-        if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"{field}[{i}].from", f"unknown speaker {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+        if speaker not in roles:
+            raise RowError(f"{field}[{i}].from", f"unknown speaker {speaker!r}; expected one of {sorted(roles)} (map "
+                                                 "others with --role-map SPEAKER=ROLE)")
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str):
             raise RowError(f"{field}[{i}].value", f"must be a string, got {type(value).__name__}")
         if speaker in SHAREGPT_CALLS:
             messages.append({"role": "assistant", "content": "", "tool_calls": [_sharegpt_call(value, f"{field}[{i}]")]})
-        elif SHAREGPT_ROLES[speaker] == "tool":
+        elif roles[speaker] == "tool":
             messages.append({"role": "tool", "content": value, **_called_name(messages)})
         else:
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+            messages.append({"role": roles[speaker], "content": value})
     return messages
 
 
@@ -152,18 +155,29 @@ def oasst_paths(root: dict, best_only: bool) -> list[Messages]:
     return list(walk(root, [], "prompt"))
 
 
-def oasst_flat_to_trees(rows: Iterable[dict]) -> list[dict]:
-    """Flat OASST rows (message_id, parent_id, text, role, rank) as nested trees, one per root message."""
+def oasst_flat_to_trees(rows: Iterable[dict]) -> tuple[list[dict], list[str]]:
+    """Flat OASST rows (message_id, parent_id, text, role, rank) as nested trees, one per root message; and the ids
+    of orphans, messages whose parent is not in the rows (their threads cannot be rebuilt)."""
     nodes, children = {}, defaultdict(list)
     for row in rows:
         node = {"text": row.get("text"), "role": row.get("role"), "rank": row.get("rank"),
                 "deleted": row.get("deleted", False), "replies": []}
         nodes[row["message_id"]] = node
         children[row.get("parent_id")].append(row["message_id"])
+    orphans = []
     for parent, kids in children.items():
         if parent in nodes:
             nodes[parent]["replies"] = [nodes[k] for k in kids]
-    return [nodes[k] for k in children.get(None, [])]
+        elif parent is not None:
+            orphans += kids
+    return [nodes[k] for k in children.get(None, [])], orphans
+
+
+def trim_to_answer(path: Messages) -> Messages | None:
+    """An OASST thread up to its last assistant reply (a prompter message nobody answered teaches nothing), or None
+    when no assistant replied at all."""
+    last = max((i for i, m in enumerate(path) if m["role"] == "assistant"), default=None)
+    return None if last is None else path[: last + 1]
 
 
 # Detection -----------------------------------------------------------------------------------------------------

@@ -42,10 +42,19 @@ def read_file(path: Path) -> Iterator[Row]:
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
+    """Rows by the header's names; a row with more fields than the header is a RowError, not silently cut."""
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         reader = csv.DictReader(f)
-        for row in reader:
-            yield f"{path.name}, line {reader.line_num}", dict(row)
+        try:
+            for row in reader:
+                where = f"{path.name}, line {reader.line_num}"
+                extra = row.pop(None, None)  # DictReader files surplus fields under the key None
+                yield where, RowError(None, f"{len(extra)} more field(s) than the header's {len(reader.fieldnames)}"
+                                            " (an unquoted comma?)") if extra else row
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}, after line {reader.line_num}: not UTF-8 text; save the file as UTF-8.") from err
+        except csv.Error as err:
+            raise DataError(f"{path}, line {reader.line_num}: not valid CSV: {err}") from err
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
