@@ -33,6 +33,45 @@ def test_accelerate_cpu_ddp_config_runs_two_real_processes(tmp_path, tiny_model_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run", "train.jsonl"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_node_config_trains_over_two_machines(tmp_path, tiny_model_dir, quiet_env):
+    """accelerate_configs/multi_node.yaml as its header says to run it, once per machine with its --machine_rank:
+    here two "machines" on one host, sharing a filesystem like cluster nodes do. The rendezvous, the split of the
+    data over both and the one writer of the run directory (global rank 0, not each node's first process) are
+    the real ones; what differs on a cluster is only the network in between."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          data={"eval_fraction": 0.0}, training={"max_steps": -1, "num_train_epochs": 1})
+    port = str(_free_port())
+    nodes = [subprocess.Popen(
+        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "multi_node.yaml"),
+         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+         "--num_processes", "2", "-m", "llmft", "train", str(recipe)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**quiet_env, "OMP_NUM_THREADS": "1"},
+    ) for rank in (0, 1)]
+    try:
+        results = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    run = json.loads((out / "run.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert run["launch"]["world_size"] == 2
+    assert state["global_step"] == 2 and state["epoch"] == 1.0  # each machine trained on half the data
+    assert run["trainable_tensors"]["changed"] == run["trainable_tensors"]["total"] > 0
+    assert [stdout.count("llmft: run finished") for stdout, _ in results] == [1, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run", "train.jsonl"]
+
+
 @pytest.mark.parametrize("launch", ["cpu_flag", "multi_cpu_config"])
 def test_accelerate_cpu_launches_of_two_processes_are_refused_not_run_as_one(tmp_path, tiny_model_dir, quiet_env,
                                                                              launch):

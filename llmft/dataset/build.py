@@ -290,16 +290,26 @@ def _convert(rows, convert):
             yield where, err, row
 
 
+def _bad_ids(row: dict) -> str | None:
+    """The id field of a flat OASST message that is not an id (a list, an object...), or None."""
+    if not isinstance(row["message_id"], (str, int)) or isinstance(row["message_id"], bool):
+        return "message_id"
+    parent = row.get("parent_id")
+    return None if parent is None or isinstance(parent, (str, int)) and not isinstance(parent, bool) else "parent_id"
+
+
 def _convert_oasst(rows, source: Source, notes: Counter):
     """Nested trees convert row by row; flat message rows are assembled into trees first. Every thread is cut after
     its last assistant reply (real exports end many threads on an unanswered prompter message), and a thread that
     becomes the same as one already taken is not taken twice; `notes` counts both."""
     rows = list(rows)  # trees span rows: the whole file is needed (OASST exports are modest in size)
-    flat = [r for _, r in rows if isinstance(r, dict) and "message_id" in r]
+    flat = [r for _, r in rows if isinstance(r, dict) and "message_id" in r and not _bad_ids(r)]
     trees = [(w, r["prompt"]) for w, r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), dict)]
     for where, row in rows:
         if isinstance(row, RowError):
             yield where, row, None
+        elif "message_id" in row and _bad_ids(row):
+            yield where, RowError(_bad_ids(row), "must be a string id"), row
         elif "message_id" not in row and not isinstance(row.get("prompt"), dict):
             yield where, RowError(None, "neither an OASST tree (message_tree_id, prompt: {text, role, replies}) nor "
                                         "an OASST message (message_id, parent_id, role, text)"), row
@@ -335,7 +345,10 @@ def _convert_oasst(rows, source: Source, notes: Counter):
 def build(config: BuildConfig, command: str = "") -> dict[str, Any]:
     """Run a build end to end; returns the manifest (also written to the output directory)."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where the folder should be, no permission, read-only disk
+        raise DataError(f"cannot make the output folder {out}: {err.strerror or err}. Choose another --out.") from err
     manifest: dict[str, Any] = {"command": command, "seed": config.seed, "config": dataclasses.asdict(config),
                                 "sources": [], "steps": {}}
     with tempfile.TemporaryDirectory(prefix="llmft-build-") as cache, (out / "rejects.jsonl").open("w") as rejects:

@@ -61,7 +61,7 @@ def from_sharegpt(row: dict, role_map: dict[str, str] | None = None) -> Messages
         if not isinstance(turn, dict):
             raise RowError(f"{field}[{i}]", "must be an object with 'from' and 'value'")
         speaker = turn.get("from", turn.get("role"))
-        if speaker not in roles:
+        if not isinstance(speaker, str) or speaker not in roles:
             raise RowError(f"{field}[{i}].from", f"unknown speaker {speaker!r}; expected one of {sorted(roles)} (map "
                                                  "others with --role-map SPEAKER=ROLE)")
         value = turn.get("value", turn.get("content"))
@@ -140,19 +140,31 @@ def oasst_paths(root: dict, best_only: bool) -> list[Messages]:
     Ranks follow OASST: a lower `rank` is better; replies without a rank come after ranked ones.
     """
     def walk(node: dict, path: Messages, where: str) -> Iterator[Messages]:
-        role = OASST_ROLES.get(node.get("role"))
-        if role is None:
-            raise RowError(f"{where}.role", f"expected 'prompter' or 'assistant', got {node.get('role')!r}")
-        path = path + [{"role": role, "content": _text(node, "text")}]
-        replies = [r for r in node.get("replies") or [] if not r.get("deleted")]
+        if not isinstance(node, dict):
+            raise RowError(where, f"must be a message object {{text, role, replies}}, got {type(node).__name__}")
+        role = node.get("role")
+        if not isinstance(role, str) or role not in OASST_ROLES:
+            raise RowError(f"{where}.role", f"expected 'prompter' or 'assistant', got {role!r}")
+        path = path + [{"role": OASST_ROLES[role], "content": _text(node, "text")}]
+        replies = node.get("replies") or []
+        if not isinstance(replies, list):
+            raise RowError(f"{where}.replies", f"must be a list of messages, got {type(replies).__name__}")
+        replies = [r for r in replies if not (isinstance(r, dict) and r.get("deleted"))]
         if best_only and replies:
-            replies = [min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0))]
+            replies = [min(replies, key=_rank)]
         if not replies:
             yield path
         for i, reply in enumerate(replies):
             yield from walk(reply, path, f"{where}.replies[{i}]")
 
     return list(walk(root, [], "prompt"))
+
+
+def _rank(reply) -> tuple[bool, float]:
+    """Sort key of a reply: ranked ones first, lower rank better (a rank that is not a number counts as unranked)."""
+    rank = reply.get("rank") if isinstance(reply, dict) else None
+    usable = isinstance(rank, (int, float)) and not isinstance(rank, bool) and rank == rank
+    return (not usable, rank if usable else 0)
 
 
 def oasst_flat_to_trees(rows: Iterable[dict]) -> tuple[list[dict], list[str]]:

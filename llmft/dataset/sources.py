@@ -58,10 +58,15 @@ def _read_csv(path: Path) -> Iterator[Row]:
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err}); re-export it, or convert it to JSON lines.") from err
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in parquet.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             number += 1
             yield f"{path.name}, row {number}", row
