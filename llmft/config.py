@@ -9,6 +9,7 @@ anywhere are errors that name the closest valid key, and every problem found is 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,8 +45,11 @@ def range_problems(section: str, obj: Any, bounds: dict[str, tuple[float, bool]]
     problems = []
     for name, (floor, inclusive) in bounds.items():
         value = getattr(obj, name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                value < floor or (value == floor and not inclusive)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value):  # nan passes every comparison, so it is checked first
+            problems.append(f"{section}.{name}: {value} is not a finite number.")
+        elif value < floor or (value == floor and not inclusive):
             problems.append(f"{section}.{name}: {value} must be {'>=' if inclusive else '>'} {floor:g}.")
     return problems
 
@@ -577,6 +581,17 @@ def _flags() -> list[str]:
     return [f"--{key}" for key in _all_keys()]
 
 
+def _where(problem: str, sections: dict[str, dict[str, Any]], cli: list[str]) -> str:
+    """A value argparse refused, named where it came from: the command line, or the recipe's section.key."""
+    match = re.match(r"argument --([\w]+)", problem)
+    key = match.group(1) if match else None
+    given_on_cli = key is not None and any(a.split("=", 1)[0] in (f"--{key}", f"--{key.replace('_', '-')}") for a in cli)
+    owner = next((name for name, values in sections.items() if key in values), None)
+    if key is None or given_on_cli or owner is None:
+        return f"command line: {problem}"
+    return f"{owner}.{key}: {problem.split(': ', 1)[-1]}"
+
+
 def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recipe:
     """Parse a recipe file and command-line overrides (CLI > YAML > default) into a validated `Recipe`."""
     path = Path(path)
@@ -595,7 +610,7 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
     try:
         namespace, unknown = parser.parse_known_args([str(path), *cli])
     except ConfigError as err:
-        raise ConfigError([f"command line: {p}" for p in err.problems] + problems, source=str(path)) from err
+        raise ConfigError([_where(p, sections, cli) for p in err.problems] + problems, source=str(path)) from err
     problems += [f"command line: {p}" for p in unknown_flags(unknown, _flags())]
     built = dict(zip(SECTIONS, build(SECTIONS.values(), namespace, problems)))
     if not problems:

@@ -78,7 +78,11 @@ def load_rows(source: str) -> datasets.Dataset:
     if built_splits(source):
         path = built_splits(source)[0]
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as err:  # a half-copied folder: a shard or its index missing
+            raise DataError(f"{path}: an incomplete saved dataset ({type(err).__name__}: {err}). Copy the whole "
+                            "folder again, or rebuild it with llmft data convert|build.") from err
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
                 raise DataError(f"{source}: a DatasetDict without a 'train' split (has {list(loaded)}).")

@@ -173,6 +173,9 @@ def conversation_problems(messages: Any, strict: bool = False, name: str = MESSA
     return problems
 
 
+TEXT_FIELDS = ("name", "tool_call_id", "reasoning_content")  # optional message fields that must be text
+
+
 def _message_problems(message: Any, where: str, index: int, strict: bool) -> list[str]:
     if not isinstance(message, dict):
         return [f"{where}: not an object with 'role' and 'content'."]
@@ -182,6 +185,10 @@ def _message_problems(message: Any, where: str, index: int, strict: bool) -> lis
         problems.append(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}.")
     if calls:
         problems += _calls_problems(calls, f"{where}.tool_calls", role)
+    for key in TEXT_FIELDS:  # stored as text columns: a number or object would be turned into a string silently
+        value = message.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{where}.{key}: must be a string, got {type(value).__name__}.")
     if content is None and calls:
         return problems  # an assistant turn that only calls tools
     if not isinstance(content, str):
@@ -290,29 +297,50 @@ def rows_problems(rows, kind: str, strict: bool = False) -> list[str]:
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a file
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
-    """(where, row) for every non-blank line, "file.jsonl, line 12"; a bad line (not UTF-8, not JSON, not an object)
-    comes as a RowError in its place."""
+def read_jsonl(path: Path, name: str | None = None) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+    """(where, row) for every non-blank line, "file.jsonl, line 12" (`name` in place of the file's name); a bad line
+    (not UTF-8, not JSON, not an object, text JSON allows but UTF-8 cannot hold) comes as a RowError in its place."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
-            where = f"{path.name}, line {number}"
+            where = f"{name or path.name}, line {number}"
             try:
-                line = (raw[len(BOM):] if number == 1 and raw.startswith(BOM) else raw).decode("utf-8")
+                line = (raw[len(BOM):] if number == 1 and raw.startswith(BOM) else raw).decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 yield where, RowError(None, f"not UTF-8 text (byte {err.start + 1} of the line): save the file as "
                                             "UTF-8")
                 continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, RowError(None, f"not valid JSON: {err.msg} at column {err.colno}")
-                continue
-            yield where, row if isinstance(row, dict) else RowError(None, f"not a JSON object: {type(row).__name__}")
+            if line.strip():
+                yield where, _parse_line(line)
 
 
-def read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+def _parse_line(line: str) -> dict[str, Any] | RowError:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return RowError(None, f"not valid JSON: {err.msg} at column {err.colno}")
+    except RecursionError:
+        return RowError(None, "not usable: JSON nested too deeply")
+    if not isinstance(row, dict):
+        return RowError(None, f"not a JSON object: {type(row).__name__}")
+    if "\\u" in line and _lone_surrogate(row):
+        return RowError(None, "holds a \\uD800-\\uDFFF escape that is half of a character (a text cut in the "
+                              "middle of an emoji?): UTF-8 cannot store it")
+    return row
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a \\ud800-style escape left half a character in the row (valid JSON, but no UTF-8 file or Arrow
+    column can hold it)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except RecursionError:
+        return False
+    return False
+
+
+def read_json(path: Path, name: str | None = None) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     """A JSON array of objects, streamed item by item with ijson (a JSON-lines file named .json works too)."""
     import ijson
 
@@ -320,8 +348,9 @@ def read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
         head = f.read(1024)
     skip = len(BOM) if head.startswith(BOM) else 0
     first = head[skip:].lstrip()[:1]
-    if first == b"{":  # one object per line, as many tools write '.json'
-        yield from read_jsonl(path)
+    if first == b"{":  # one object per line, as many tools write '.json'; or one object for the whole file
+        _refuse_single_object(path, head[skip:])
+        yield from read_jsonl(path, name)
         return
     if first != b"[":
         raise DataError(f"{path}: expected a JSON array of objects (or one object per line), in UTF-8.")
@@ -330,23 +359,58 @@ def read_json(path: Path) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
         f.seek(skip)
         try:
             for number, row in enumerate(ijson.items(f, "item", use_float=True), start=1):
-                where = f"{path.name}, row {number}"
-                yield where, row if isinstance(row, dict) else RowError(None, f"not a JSON object: {type(row).__name__}")
-        except (ijson.JSONError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not valid UTF-8 JSON after row {number}: {err}") from err
+                where = f"{name or path.name}, row {number}"
+                if not isinstance(row, dict):
+                    row = RowError(None, f"not a JSON object: {type(row).__name__}")
+                elif _lone_surrogate(row):
+                    row = RowError(None, "holds a \\uD800-\\uDFFF escape that is half of a character: UTF-8 "
+                                         "cannot store it")
+                yield where, row
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text after row {number}; save the file as UTF-8.") from err
+        except ijson.JSONError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"{path}: not valid JSON after row {number} (cut short?): {reason}. A broken JSON array "
+                            "cannot be read past the break; fix it, or write one object per line (.jsonl) so that "
+                            "a bad line can be skipped.") from err
+
+
+def _refuse_single_object(path: Path, head: bytes) -> None:
+    """A '.json' file holding one object over several lines (e.g. {"data": [rows]}) is not rows: say so, with its
+    keys, instead of reporting each of its lines as broken JSON."""
+    first_line = head.split(b"\n", 1)[0]
+    try:
+        json.loads(first_line)
+        return  # the first line is an object: JSON lines
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        pass
+    try:
+        whole = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return  # broken JSON lines: each line is reported
+    if isinstance(whole, dict):
+        lists = [k for k, v in whole.items() if isinstance(v, list)]
+        hint = f" Its rows may be the list under '{lists[0]}': save that list as the file." if lists else ""
+        raise DataError(f"{path}: one JSON object (keys: {', '.join(map(str, list(whole)[:8]))}), not rows: expected "
+                        f"a JSON array of objects, or one object per line.{hint}")
 
 
 def load_json_rows(path: Path) -> list[dict[str, Any]]:
-    """Every row of a .jsonl or .json file; a DataError naming the first line or row that is not a JSON object."""
-    rows = []
+    """Every row of a .jsonl or .json file; a DataError listing every line or row that is not a usable object."""
+    rows, bad = [], []
     reader = read_jsonl if path.suffix == ".jsonl" else read_json
     try:
         for where, row in reader(path):
             if isinstance(row, RowError):
-                raise DataError(f"{where}: {row}. Fix or remove it.")
-            rows.append(row)
+                bad.append(f"{where}: {row}")
+            else:
+                rows.append(row)
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}.") from err
+    if bad:
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(f"{path}: {len(bad)} line(s) or row(s) cannot be read:\n  " + "\n  ".join(bad[:20]) + more
+                        + "\nFix or remove them (llmft data convert --on-error skip writes a clean copy).")
     return rows
 
 

@@ -51,17 +51,23 @@ def test_multi_node_config_trains_over_two_machines(tmp_path, tiny_model_dir, qu
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
                           data={"eval_fraction": 0.0}, training={"max_steps": -1, "num_train_epochs": 1})
     port = str(_free_port())
-    nodes = [subprocess.Popen(
-        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "multi_node.yaml"),
-         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-         "--num_processes", "2", "-m", "llmft", "train", str(recipe)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**quiet_env, "OMP_NUM_THREADS": "1"},
-    ) for rank in (0, 1)]
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"  # outside tmp_path, whose contents are checked below
+    logs.mkdir()
+    nodes = []
+    for rank in (0, 1):  # output to files: two pipes read one after the other could fill and block a node
+        with open(logs / f"{rank}.out", "w") as stdout, open(logs / f"{rank}.err", "w") as stderr:
+            nodes.append(subprocess.Popen(
+                [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "multi_node.yaml"),
+                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                 "--num_processes", "2", "-m", "llmft", "train", str(recipe)],
+                stdout=stdout, stderr=stderr, env={**quiet_env, "OMP_NUM_THREADS": "1"}))
     try:
-        results = [node.communicate(timeout=600) for node in nodes]
+        for node in nodes:
+            node.wait(timeout=600)
     finally:
         for node in nodes:
             node.kill()
+    results = [((logs / f"{r}.out").read_text(), (logs / f"{r}.err").read_text()) for r in (0, 1)]
     assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     run = json.loads((out / "run.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
@@ -189,7 +195,7 @@ def test_zero3_generation_metrics_run_on_every_rank_and_finish(tmp_path, tiny_mo
     result = subprocess.run(
         [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"), "-m",
          "llmft", "train", str(recipe)], capture_output=True, text=True, env={**quiet_env, "OMP_NUM_THREADS": "1"},
-        timeout=120)  # a hang fails here, not in CI's global limit
+        timeout=300)  # a hang fails here (a run takes ~40 s), not in CI's global limit
     assert result.returncode == 0, result.stderr[-3000:]
     after = json.loads((out / "metrics.json").read_text())["after"]
     assert "eval_exact_match" in after and "eval_forgetting_ppl_ratio" in after

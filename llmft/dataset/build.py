@@ -11,8 +11,10 @@ Rows stream from the sources into Arrow files, so memory does not grow with the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -26,10 +28,10 @@ from typing import Any
 import datasets
 
 from llmft.dataset.clean import EvalIndex, NearDuplicateFinder, conversation_text, exact_key, normalise_messages
-from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, from_sharegpt,
+from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, from_sharegpt, oasst_deleted,
                                    oasst_flat_to_trees, oasst_paths, trim_to_answer)
 from llmft.dataset.sources import read_source
-from llmft.errors import ConfigError, DataError
+from llmft.errors import ConfigError, DataError, LlmftError
 from llmft.parsing import coerce, field_names, field_types, read_yaml_mapping, unknown_keys
 from llmft.schema import MAX_LISTED, RowError, clean_tools, conversation_problems, file_fingerprint, tools_problems
 
@@ -153,6 +155,9 @@ class BuildConfig(BuildOptions):
     def __post_init__(self):
         super().__post_init__()
         problems = [] if self.sources else ["sources: none given: list at least one file, folder or Hub id."]
+        labels = Counter(source.label for source in self.sources)
+        problems += [f"sources: {n} sources are labelled '{label}': give each a distinct name (name: ...), so that "
+                     "rows and the mix can say which source they come from." for label, n in labels.items() if n > 1]
         if not self.out:
             problems.append("out: missing: the folder the dataset is written to.")
         if problems:
@@ -178,7 +183,9 @@ def convert_command(sources: ConvertOptions, source: SourceOptions, options: Bui
     if not options.out:
         raise ConfigError(["--out: missing: the folder the dataset is written to."], what="the options of llmft data convert")
     read = dataclasses.asdict(source)
-    config = BuildConfig(**dataclasses.asdict(options), sources=[Source(**read, path=p) for p in sources.sources])
+    names = Counter(Path(p).name for p in sources.sources)  # two a/train.jsonl, b/train.jsonl: label by path
+    config = BuildConfig(**dataclasses.asdict(options), sources=[
+        Source(**read, path=p, name=p if names[Path(p).name] > 1 else None) for p in sources.sources])
     _print_outputs(build(config, command))
 
 
@@ -199,6 +206,10 @@ def _print_outputs(manifest: dict[str, Any]) -> None:
              f"duplicates dropped: {steps['dedupe']['exact']} exact, {steps['dedupe']['near']} near; "
              f"contaminated rows dropped: {steps['decontaminate']['dropped']}"]
     lines += [f"{n} {what}" for what, n in adjusted.items()]
+    unreadable = steps["decontaminate"]["unreadable_eval_rows"]
+    if unreadable:
+        lines.append(f"{unreadable} eval row(s) could not be read, so training rows are not checked against them "
+                     f"(first: {steps['decontaminate']['unreadable_examples'][0]})")
     unused = sum(m["available"] - m["used"] for m in steps["mix"].values())
     if unused:
         lines.append(f"{unused} clean rows left out by the mix (fraction/count)")
@@ -249,15 +260,24 @@ def _construct(cls: type, values: dict[str, Any], problems: list[str]) -> list[A
 # Conversion ----------------------------------------------------------------------------------------------------
 
 
+DETECT_WITHIN = 100  # rows read to find the first readable one, whose keys say the format
+
+
 def source_format(source: Source) -> str | None:
-    """The source's format: as given, or detected from its first row (None for an empty source)."""
+    """The source's format: as given, or detected from its first readable row (a broken first line must not decide
+    the format of the good rows after it); None for an empty source."""
     if source.format is not None:
         return source.format
-    first = next(read_source(source.path, source.split), None)
+    first = None
+    for first in itertools.islice(read_source(source.path, source.split, source.label), DETECT_WITHIN):
+        if isinstance(first[1], dict):
+            break
     if first is None:
         return None
+    if not isinstance(first[1], dict):
+        return "openai"  # nothing readable to detect from: the rows are reported as they are
     try:
-        return detect_format(first[1]) if isinstance(first[1], dict) else "openai"
+        return detect_format(first[1])
     except ValueError as err:
         raise DataError(f"{source.path}: {err}") from err
 
@@ -267,7 +287,7 @@ def convert_rows(source: Source, fmt: str | None, notes: Counter | None = None) 
     what conversion changed without rejecting (OASST threads cut after their last answer)."""
     if fmt is None:
         return iter(())
-    rows = read_source(source.path, source.split)
+    rows = read_source(source.path, source.split, source.label)
     if fmt == "oasst":
         return _convert_oasst(rows, source, Counter() if notes is None else notes)
     if fmt == "columns":
@@ -314,12 +334,13 @@ def _convert_oasst(rows, source: Source, notes: Counter):
             yield where, RowError(None, "neither an OASST tree (message_tree_id, prompt: {text, role, replies}) nor "
                                         "an OASST message (message_id, parent_id, role, text)"), row
     if flat:
-        nested, orphans = oasst_flat_to_trees(flat)
+        nested, unplaced = oasst_flat_to_trees(flat)
         trees += [(f"{source.label}, tree {i + 1}", t) for i, t in enumerate(nested)]
-        for message_id in orphans:
-            yield f"{source.label}, message {message_id}", RowError("parent_id", "names no message in the file"), None
+        for message_id, problem in unplaced:
+            yield f"{source.label}, message {message_id}", problem, None
     seen: set[str] = set()
     for where, tree in trees:
+        notes["deleted replies left out"] += oasst_deleted(tree)
         try:
             paths = oasst_paths(tree, source.oasst_best_only)
         except RowError as err:
@@ -402,9 +423,11 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
         ds = datasets.Dataset.from_generator(generate, cache_dir=cache,
                                              features=chat_features(), split=datasets.Split.TRAIN)
     except datasets.exceptions.DatasetGenerationError as err:  # raised inside the generator, wrapped by datasets
-        if isinstance(err.__cause__, DataError):
+        if isinstance(err.__cause__, LlmftError):
             raise err.__cause__ from err
-        raise DataError(f"{source.path}: {err.__cause__ or err}") from err
+        if isinstance(err.__cause__, OSError):
+            raise DataError(f"cannot read {source.path}: {err.__cause__}") from err
+        raise  # anything else is a bug in llmft, not bad input: keep its traceback
     except ValueError:  # datasets refuses a generator that yielded nothing
         if counts["kept"]:
             raise
@@ -521,6 +544,10 @@ def _split(ds: datasets.Dataset, config: BuildConfig) -> dict[str, datasets.Data
         raise DataError("no rows left after cleaning; see rejects.jsonl and the counts in manifest.json.")
     if not config.test_fraction:
         return {"train": ds}
+    test = math.ceil(config.test_fraction * len(ds))  # how datasets sizes the test split
+    if test >= len(ds):
+        raise DataError(f"--test-fraction {config.test_fraction} of {len(ds)} clean row(s) leaves no row to train on: "
+                        "lower it, or add rows.")
     parts = ds.train_test_split(test_size=config.test_fraction, seed=config.seed)
     return {"train": parts["train"], "test": parts["test"]}
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from llmft.schema import REASONING_FIELDS, Messages, RowError
 
@@ -137,27 +138,48 @@ def from_columns(row: dict, prompt: str, completion: str, system: str | None = N
 def oasst_paths(root: dict, best_only: bool) -> list[Messages]:
     """Every root-to-leaf conversation of a nested tree ({text, role, replies: [...]}), or only the best-ranked one.
 
-    Ranks follow OASST: a lower `rank` is better; replies without a rank come after ranked ones.
+    Ranks follow OASST: a lower `rank` is better; replies without a rank come after ranked ones. Replies marked
+    `deleted: true` are left out (`oasst_deleted` counts them). Walked with a stack, not recursion: a tree may be
+    as deep as its JSON allows.
     """
-    def walk(node: dict, path: Messages, where: str) -> Iterator[Messages]:
+    paths, stack = [], [(root, [], "prompt")]
+    while stack:
+        node, path, where = stack.pop()
         if not isinstance(node, dict):
             raise RowError(where, f"must be a message object {{text, role, replies}}, got {type(node).__name__}")
         role = node.get("role")
         if not isinstance(role, str) or role not in OASST_ROLES:
             raise RowError(f"{where}.role", f"expected 'prompter' or 'assistant', got {role!r}")
         path = path + [{"role": OASST_ROLES[role], "content": _text(node, "text")}]
-        replies = node.get("replies") or []
-        if not isinstance(replies, list):
-            raise RowError(f"{where}.replies", f"must be a list of messages, got {type(replies).__name__}")
-        replies = [r for r in replies if not (isinstance(r, dict) and r.get("deleted"))]
+        replies = _replies(node, where)
         if best_only and replies:
-            replies = [min(replies, key=_rank)]
+            replies = [min(replies, key=lambda pair: _rank(pair[1]))]
         if not replies:
-            yield path
-        for i, reply in enumerate(replies):
-            yield from walk(reply, path, f"{where}.replies[{i}]")
+            paths.append(path)
+        stack += [(reply, path, f"{where}.replies[{i}]") for i, reply in reversed(replies)]
+    return paths
 
-    return list(walk(root, [], "prompt"))
+
+def _replies(node: dict, where: str) -> list[tuple[int, Any]]:
+    """(index, reply) of a node's replies that are not deleted."""
+    replies = node.get("replies") or []
+    if not isinstance(replies, list):
+        raise RowError(f"{where}.replies", f"must be a list of messages, got {type(replies).__name__}")
+    return [(i, r) for i, r in enumerate(replies) if not (isinstance(r, dict) and r.get("deleted") is True)]
+
+
+def oasst_deleted(root: Any) -> int:
+    """Replies marked deleted anywhere in a tree (left out of its conversations, and counted)."""
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        replies = node.get("replies") if isinstance(node, dict) else None
+        for reply in replies if isinstance(replies, list) else []:
+            if isinstance(reply, dict) and reply.get("deleted") is True:
+                count += 1
+            else:
+                stack.append(reply)
+    return count
 
 
 def _rank(reply) -> tuple[bool, float]:
@@ -167,22 +189,46 @@ def _rank(reply) -> tuple[bool, float]:
     return (not usable, rank if usable else 0)
 
 
-def oasst_flat_to_trees(rows: Iterable[dict]) -> tuple[list[dict], list[str]]:
-    """Flat OASST rows (message_id, parent_id, text, role, rank) as nested trees, one per root message; and the ids
-    of orphans, messages whose parent is not in the rows (their threads cannot be rebuilt)."""
-    nodes, children = {}, defaultdict(list)
+def oasst_flat_to_trees(rows: Iterable[dict]) -> tuple[list[dict], list[tuple[str, RowError]]]:
+    """Flat OASST rows (message_id, parent_id, text, role, rank) as nested trees, one per root message; and the
+    messages that cannot be placed, each with why: a repeated id, a parent that is not in the rows (the orphan's
+    whole thread is left out), or a cycle of parent ids that no root reaches."""
+    nodes, children, parents, problems = {}, defaultdict(list), {}, []
     for row in rows:
-        node = {"text": row.get("text"), "role": row.get("role"), "rank": row.get("rank"),
-                "deleted": row.get("deleted", False), "replies": []}
-        nodes[row["message_id"]] = node
-        children[row.get("parent_id")].append(row["message_id"])
-    orphans = []
+        message_id = row["message_id"]
+        if message_id in nodes:
+            problems.append((message_id, RowError("message_id", "repeats an earlier message's id (the first one is "
+                                                                "kept)")))
+            continue
+        nodes[message_id] = {"text": row.get("text"), "role": row.get("role"), "rank": row.get("rank"),
+                             "deleted": row.get("deleted", False) is True, "replies": []}
+        parents[message_id] = row.get("parent_id")
+        children[row.get("parent_id")].append(message_id)
     for parent, kids in children.items():
         if parent in nodes:
             nodes[parent]["replies"] = [nodes[k] for k in kids]
-        elif parent is not None:
-            orphans += kids
-    return [nodes[k] for k in children.get(None, [])], orphans
+    roots = children.get(None, [])
+    reached = _below(roots, children)
+    for message_id, parent in parents.items():
+        if parent is not None and parent not in nodes:
+            size = len(_below([message_id], children))
+            problems.append((message_id, RowError("parent_id", f"names no message in the file (its thread of {size} "
+                                                               "message(s) is left out)")))
+            reached |= _below([message_id], children)
+    problems += [(m, RowError("parent_id", "is part of a cycle of parent ids: no root message above it"))
+                 for m in parents if m not in reached]
+    return [nodes[k] for k in roots], problems
+
+
+def _below(ids: list, children: dict) -> set:
+    """The ids given and every message under them."""
+    seen, stack = set(), list(ids)
+    while stack:
+        message_id = stack.pop()
+        if message_id not in seen:
+            seen.add(message_id)
+            stack += children.get(message_id, [])
+    return seen
 
 
 def trim_to_answer(path: Messages) -> Messages | None:

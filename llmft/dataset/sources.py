@@ -19,45 +19,61 @@ EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 Row = tuple[str, dict[str, Any] | RowError]
 
 
-def read_source(spec: str, split: str = "train") -> Iterator[Row]:
-    """Rows of a local file or folder, or of a Hub dataset id (`org/name`, split `split`), with their labels."""
+def read_source(spec: str, split: str = "train", label: str | None = None) -> Iterator[Row]:
+    """Rows of a local file or folder, or of a Hub dataset id (`org/name`, split `split`), each with where it came
+    from: "LABEL, line 12" for a file (LABEL defaults to its name), "LABEL/sub/file.jsonl, line 12" for a folder's
+    files (so two train.jsonl in different subfolders stay apart)."""
     path = Path(spec)
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS) if path.is_dir() else [path]
+        if not path.is_dir():
+            yield from read_file(path, label)
+            return
+        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
         if not files:
             raise DataError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder.")
         for file in files:
-            yield from read_file(file)
-    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+            yield from read_file(file, f"{label or path.name}/{file.relative_to(path)}")
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")) and Path(spec).suffix not in EXTENSIONS:
         yield from read_hub(spec, split)
     else:
         raise DataError(f"{spec}: no such file or folder (and not a Hub dataset id of the form org/name).")
 
 
-def read_file(path: Path) -> Iterator[Row]:
+def read_file(path: Path, name: str | None = None) -> Iterator[Row]:
+    """Rows of one file, labelled with `name` (default: the file's name)."""
     readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}.")
-    yield from readers[path.suffix](path)
+    try:
+        yield from readers[path.suffix](path, name)
+    except OSError as err:  # no permission, a vanished file, a read error
+        raise DataError(f"cannot read {path}: {err.strerror or err}.") from err
 
 
-def _read_csv(path: Path) -> Iterator[Row]:
-    """Rows by the header's names; a row with more fields than the header is a RowError, not silently cut."""
+def _read_csv(path: Path, name: str | None = None) -> Iterator[Row]:
+    """Rows by the header's names; a row with more or fewer fields than the header is a RowError, not silently cut
+    or padded."""
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         reader = csv.DictReader(f)
         try:
             for row in reader:
-                where = f"{path.name}, line {reader.line_num}"
+                where = f"{name or path.name}, line {reader.line_num}"
                 extra = row.pop(None, None)  # DictReader files surplus fields under the key None
-                yield where, RowError(None, f"{len(extra)} more field(s) than the header's {len(reader.fieldnames)}"
-                                            " (an unquoted comma?)") if extra else row
+                missing = sum(value is None for value in row.values())  # and fills missing ones with None
+                if extra:
+                    row = RowError(None, f"{len(extra)} more field(s) than the header's {len(reader.fieldnames)} "
+                                         "(an unquoted comma?)")
+                elif missing:
+                    row = RowError(None, f"{missing} field(s) fewer than the header's {len(reader.fieldnames)}")
+                yield where, row
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}, after line {reader.line_num}: not UTF-8 text; save the file as UTF-8.") from err
+            raise DataError(f"{path}, after line {reader.line_num}: not UTF-8 text; save the file as UTF-8. (A file "
+                            "that cannot be decoded cannot be read past that point, also with --on-error skip.)") from err
         except csv.Error as err:
             raise DataError(f"{path}, line {reader.line_num}: not valid CSV: {err}") from err
 
 
-def _read_parquet(path: Path) -> Iterator[Row]:
+def _read_parquet(path: Path, name: str | None = None) -> Iterator[Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -66,10 +82,13 @@ def _read_parquet(path: Path) -> Iterator[Row]:
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file ({err}); re-export it, or convert it to JSON lines.") from err
     number = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{path.name}, row {number}", row
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{name or path.name}, row {number}", row
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: the Parquet file breaks after row {number} ({err}); re-export it.") from err
 
 
 def read_hub(dataset_id: str, split: str) -> Iterator[Row]:
