@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import SFTConfig
+from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 from llmft.errors import ConfigError
 from llmft.hardware import cuda_available, fast_bf16_available
@@ -30,7 +30,7 @@ OVERLONG = ("drop", "truncate")
 REASONING = ("keep", "drop")
 EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")  # built in, offline; or evaluate:<metric id>
 EXTRACTORS = ("none", "gsm8k", "last_number")  # or regex:PATTERN
-STAGES = ("sft",)  # training.stage: the keys of llmft.stages.STAGES (a test keeps the two equal)
+STAGES = ("sft", "dpo", "kto", "reward")  # training.stage: the keys of llmft.stages.STAGES (a test keeps them equal)
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 ON_NONFINITE = ("stop", "skip")
@@ -389,12 +389,13 @@ class HubConfig:
 
 
 @dataclass
-class TrainingConfig(SFTConfig):
-    """`trl.SFTConfig` with llmft's defaults; every TRL and Trainer argument keeps its usual name."""
+class LlmftTraining:
+    """llmft's settings and defaults, added to the TRL config of every stage (each stage's training section is that
+    config with these: every TRL and Trainer argument keeps its usual name)."""
 
     _argument_group_name = "training"
 
-    stage: str = field(default="sft", metadata={"help": f"Training stage: {' | '.join(STAGES)} (supervised fine-tuning)."})
+    stage: str = field(default="sft", metadata={"help": f"Training stage: {' | '.join(STAGES)}."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (2e-4 suits LoRA; ~2e-5 full)."})
     max_length: int | None = field(default=1024, metadata={"help": "Longest example in tokens (see data.overlong)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
@@ -463,6 +464,38 @@ class TrainingConfig(SFTConfig):
         super().__post_init__()
 
 
+@dataclass
+class TrainingConfig(LlmftTraining, SFTConfig):
+    """Supervised fine-tuning: `trl.SFTConfig` with llmft's settings."""
+
+
+@dataclass
+class DPOTrainingConfig(LlmftTraining, DPOConfig):
+    """Direct preference optimisation and its variants (training.loss_type: sigmoid, ipo, hinge, sigmoid_norm,
+    apo_zero...): `trl.DPOConfig` with llmft's settings."""
+
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate (5e-6 suits LoRA DPO; ~5e-7 full)."})
+
+
+@dataclass
+class KTOTrainingConfig(LlmftTraining, KTOConfig):
+    """Kahneman-Tversky optimisation on answers labelled desirable or not: `trl.KTOConfig` with llmft's settings."""
+
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate (5e-6 suits LoRA KTO; ~5e-7 full)."})
+
+
+@dataclass
+class RewardTrainingConfig(LlmftTraining, RewardConfig):
+    """A reward model (a sequence classifier scoring answers) trained on pairs: `trl.RewardConfig` with llmft's
+    settings."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (1e-5 suits a LoRA reward model)."})
+
+
+TRAINING_CLASSES = {"sft": TrainingConfig, "dpo": DPOTrainingConfig, "kto": KTOTrainingConfig,
+                    "reward": RewardTrainingConfig}
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -474,6 +507,11 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def sections_for(stage: str) -> dict[str, type]:
+    """The recipe's sections with the training section of `stage` (an unknown stage gets SFT's, which reports it)."""
+    return {**SECTIONS, "training": TRAINING_CLASSES.get(stage, TrainingConfig)}
+
+
 @dataclass
 class Recipe:
     """A whole recipe: one instance of each section, plus the file it came from."""
@@ -482,18 +520,18 @@ class Recipe:
     data: DataConfig
     peft: PeftSettings
     tuning: TuningConfig
-    training: TrainingConfig
+    training: LlmftTraining  # the stage's class: TrainingConfig, DPOTrainingConfig, ...
     eval: EvalConfig
     hub: HubConfig
     source: str | None = None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every resolved value, section by section, in a form YAML can hold and `load_recipe` can read back."""
-        out = {}
-        for name in SECTIONS:
+        out, sections = {}, sections_for(self.training.stage)
+        for name in sections:
             section = getattr(self, name)
             values = dataclasses.asdict(section) if name != "training" else _training_values(section)
-            out[name] = {k: v for k, v in values.items() if k in field_names(SECTIONS[name])}
+            out[name] = {k: v for k, v in values.items() if k in field_names(sections[name])}
         return out
 
 
@@ -501,13 +539,14 @@ def _training_values(training: TrainingConfig) -> dict[str, Any]:
     """Trainer's to_dict (enums as strings), less its masking of every `*_token` field: only hub_token is secret."""
     values = training.to_dict()
     for key in ("pad_token", "eos_token"):
-        values[key] = getattr(training, key)
+        if hasattr(training, key):
+            values[key] = getattr(training, key)
     values["hub_token"] = None  # never written anywhere
     return values
 
 
-def _owner_of(key: str) -> list[str]:
-    return [name for name, cls in SECTIONS.items() if key in field_names(cls)]
+def _owner_of(key: str, sections: dict[str, type] = SECTIONS) -> list[str]:
+    return [name for name, cls in sections.items() if key in field_names(cls)]
 
 
 def hardware_defaults(stem: str) -> dict[str, Any]:
@@ -520,24 +559,25 @@ def hardware_defaults(stem: str) -> dict[str, Any]:
     }
 
 
-def build_parser() -> OptionParser:
-    parser = OptionParser(list(SECTIONS.values()), allow_abbrev=False, prog="llmft train")
+def build_parser(sections: dict[str, type] = SECTIONS) -> OptionParser:
+    parser = OptionParser(list(sections.values()), allow_abbrev=False, prog="llmft train")
     parser.add_argument("recipe", help="Recipe YAML file (see recipes/).")
     return parser
 
 
 def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
-    """The YAML file's sections, checking every section and key name."""
+    """The YAML file's sections, checking every section and key name against the recipe's stage."""
     raw = read_yaml_mapping(path, "recipe")
     if not raw:
         raise ConfigError([f"{path}: the recipe is empty. A recipe needs at least data.train_data; see recipes/ "
                            "for examples."])
+    known = sections_for(_yaml_stage(raw))
     sections = {}
     for name, values in raw.items():
-        if name not in SECTIONS:
-            owners = _owner_of(name)
-            hint = f" '{name}' belongs in section '{owners[0]}'." if owners else suggest(name, SECTIONS)
-            problems.append(f"{path}: unknown section '{name}'.{hint} Sections: {', '.join(SECTIONS)}.")
+        if name not in known:
+            owners = _owner_of(name, known)
+            hint = f" '{name}' belongs in section '{owners[0]}'." if owners else suggest(name, known)
+            problems.append(f"{path}: unknown section '{name}'.{hint} Sections: {', '.join(known)}.")
             continue
         if values is None:
             continue
@@ -545,15 +585,40 @@ def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]
             problems.append(f"{path}: section '{name}' must be a mapping of key: value.")
             continue
         for key in values:
-            if key not in field_names(SECTIONS[name]):
-                owners = [o for o in _owner_of(key) if o != name]
-                hint = f" It belongs in section '{owners[0]}'." if owners else suggest(key, field_names(SECTIONS[name]))
-                problems.append(f"{path}: unknown key '{name}.{key}'.{hint}")
+            if key not in field_names(known[name]):
+                problems.append(f"{path}: unknown key '{name}.{key}'.{_key_hint(key, name, known)}")
         sections[name] = values
     return sections
 
 
-def _normalise_cli(argv: list[str], problems: list[str]) -> list[str]:
+def _key_hint(key: str, section: str, known: dict[str, type]) -> str:
+    """Where a key that is not in `section` belongs: another section, another stage's training, or a near-miss."""
+    owners = [o for o in _owner_of(key, known) if o != section]
+    if owners:
+        return f" It belongs in section '{owners[0]}'."
+    if section == "training":
+        stages = [stage for stage, cls in TRAINING_CLASSES.items() if key in field_names(cls)]
+        if stages:
+            return f" It is a setting of training.stage {' or '.join(stages)}."
+    return suggest(key, field_names(known[section]))
+
+
+def _yaml_stage(raw: dict[str, Any]) -> str:
+    training = raw.get("training")
+    stage = training.get("stage") if isinstance(training, dict) else None
+    return stage if isinstance(stage, str) else "sft"
+
+
+def _cli_stage(argv: list[str]) -> str | None:
+    """training.stage from the command line (--stage X, --stage=X, --training.stage X), if given there."""
+    for i, arg in enumerate(argv):
+        flag, equals, value = arg.partition("=")
+        if flag in ("--stage", "--training.stage"):
+            return value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _normalise_cli(argv: list[str], problems: list[str], sections: dict[str, type] = SECTIONS) -> list[str]:
     """Accept `--section.key value` as well as `--key value`; check the section is the key's own."""
     out, skip_value = [], False
     for arg in argv:
@@ -564,8 +629,8 @@ def _normalise_cli(argv: list[str], problems: list[str]) -> list[str]:
         if arg.startswith("--") and "." in arg.split("=", 1)[0]:
             dotted, equals, value = arg[2:].partition("=")
             section, _, key = dotted.partition(".")
-            if section not in SECTIONS or key not in field_names(SECTIONS[section]):
-                problems.append(f"command line: unknown option '--{dotted}'.{suggest(f'--{key}', _flags())}")
+            if section not in sections or key not in field_names(sections[section]):
+                problems.append(f"command line: unknown option '--{dotted}'.{suggest(f'--{key}', _flags(sections))}")
                 skip_value = not equals
                 continue
             arg = f"--{key}" + (f"={value}" if equals else "")
@@ -573,12 +638,12 @@ def _normalise_cli(argv: list[str], problems: list[str]) -> list[str]:
     return out
 
 
-def _all_keys() -> set[str]:
-    return set().union(*(field_names(cls) for cls in SECTIONS.values()))
+def _all_keys(sections: dict[str, type] = SECTIONS) -> set[str]:
+    return set().union(*(field_names(cls) for cls in sections.values()))
 
 
-def _flags() -> list[str]:
-    return [f"--{key}" for key in _all_keys()]
+def _flags(sections: dict[str, type] = SECTIONS) -> list[str]:
+    return [f"--{key}" for key in _all_keys(sections)]
 
 
 def _where(problem: str, sections: dict[str, dict[str, Any]], cli: list[str]) -> str:
@@ -599,9 +664,11 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
     if not path.is_file():
         raise ConfigError([f"recipe file not found: {path} (recipes live under recipes/<model>/<method>/)."])
     sections = _read_sections(path, problems)
-    cli = _normalise_cli(list(argv or []), problems)
+    stage = _cli_stage(list(argv or [])) or (sections.get("training") or {}).get("stage") or "sft"
+    known = sections_for(stage if isinstance(stage, str) else "sft")
+    cli = _normalise_cli(list(argv or []), problems, known)
 
-    parser = build_parser()
+    parser = build_parser(known)
     defaults = hardware_defaults(path.stem)
     for values in sections.values():
         defaults.update(values)
@@ -611,8 +678,8 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
         namespace, unknown = parser.parse_known_args([str(path), *cli])
     except ConfigError as err:
         raise ConfigError([_where(p, sections, cli) for p in err.problems] + problems, source=str(path)) from err
-    problems += [f"command line: {p}" for p in unknown_flags(unknown, _flags())]
-    built = dict(zip(SECTIONS, build(SECTIONS.values(), namespace, problems)))
+    problems += [f"command line: {p}" for p in unknown_flags(unknown, _flags(known))]
+    built = dict(zip(known, build(known.values(), namespace, problems)))
     if not problems:
         problems.extend(cross_check(built))
     if problems:
@@ -629,7 +696,7 @@ def recipe_from_dict(values: dict[str, dict[str, Any]], source: str) -> Recipe:
     """
     problems: list[str] = []
     built: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
+    for name, cls in sections_for(_yaml_stage(values)).items():
         given = {k: v for k, v in (values.get(name) or {}).items() if k in field_names(cls)}
         if name == "training":
             built[name] = _as_recorded(cls, given)
@@ -688,7 +755,7 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
         problems.append("tuning.l2sp_alpha pulls trained weights toward their pretrained values: it needs "
                         "peft.method: full and model.init: pretrained (adapters start from nothing pretrained; use "
                         "training.weight_decay for them).")
-    if training.packing and training.max_length is None:
+    if getattr(training, "packing", False) and training.max_length is None:
         problems.append("training.packing needs training.max_length (the packed row length).")
     evaluation = sections["eval"]
     if evaluation.early_stopping_patience is not None:

@@ -8,6 +8,7 @@ reasoning, end-of-turn token), and tokens whose characters start inside them car
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from llmft import masking
 from llmft.errors import DataError
-from llmft.schema import (MESSAGES, ROW, example, kind_of, load_json_rows, raise_problems, row_number,
-                          rows_problems)
+from llmft.schema import (COLUMNS, PREFERENCE, PROMPT_COMPLETION, ROW, UNPAIRED, example, kind_of, load_json_rows,
+                          raise_problems, row_number, rows_problems)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,8 @@ def _as_json_columns(rows: list[dict[str, Any]]) -> datasets.Dataset:
 def validate_rows(ds: datasets.Dataset, source: str) -> str:
     """Check every row against the schema; one DataError lists the problems (rows 1-based). Returns the kind."""
     kind = kind_of(ds.column_names, source)
-    columns = ([MESSAGES] if kind == MESSAGES else ["prompt", "completion"]) + [
-        c for c in ("tools", ROW) if c in ds.column_names]
+    columns = list(COLUMNS[kind]) + [c for c in ("tools", ROW, "score_chosen", "score_rejected")
+                                     if c in ds.column_names]
     raise_problems(source, rows_problems(ds.select_columns(columns), kind))
     return kind
 
@@ -229,6 +230,9 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
                     overlong: str, source: str, num_proc: int | None = None, reasoning: str = "keep"):
     """Validate, tokenize and filter one split. Returns (dataset with input_ids/labels, TokenizeReport)."""
     kind = validate_rows(ds, source)
+    if kind in (PREFERENCE, UNPAIRED):
+        raise DataError(f"{source}: holds {kind} rows, which supervised fine-tuning does not train on. Set "
+                        "training.stage: dpo or kto (or reward), or train SFT on conversations.")
     try:
         mapped = ds.map(
             _prepare,
@@ -256,6 +260,131 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
         raise DataError(f"{source}: no example left ({report.summary('all')}). Raise the maximum length "
                         "(training.max_length; llmft eval --max-length) or truncate instead of dropping "
                         "(data.overlong: truncate; llmft eval --overlong truncate).")
+    return kept, report
+
+
+# Preference pairs and unpaired answers ---------------------------------------------------------------------------
+
+
+def answer_ids(tokenizer, row: dict[str, Any], kind: str, answer: str = "chosen",
+               reasoning: str = "keep") -> tuple[list[int], list[int]]:
+    """(the tokens before the answer, the answer's own tokens) of a prompt followed by one answer: the same
+    rendering and loss mask as supervised training, so an answer is its content, tool calls, kept reasoning and
+    end-of-turn token, and nothing of the template around it."""
+    ex = example(row, kind, answer) if kind == PREFERENCE else example(row, PROMPT_COMPLETION)
+    pairs, _ = encode_messages(tokenizer, ex.messages, ex.first_trainable, ex.tools, reasoning)
+    ids, labels = pairs[-1]  # the last assistant turn: the answer (earlier ones belong to the prompt)
+    trained = [i for i, label in enumerate(labels) if label != IGNORE]
+    if not trained:
+        raise DataError(f"the {answer} answer renders to no token to train on")
+    return ids[:trained[0]], ids[trained[0]: trained[-1] + 1]
+
+
+def encode_pair(tokenizer, row: dict[str, Any], reasoning: str = "keep") -> dict[str, Any]:
+    """prompt_ids, chosen_ids and rejected_ids of a preference row (TRL's pre-tokenized pair). Where the template
+    renders the prompt differently before the two answers, the shared prefix is the prompt and each answer takes
+    the rest (`prompt_differs`)."""
+    prompt_c, chosen = answer_ids(tokenizer, row, PREFERENCE, "chosen", reasoning)
+    prompt_r, rejected = answer_ids(tokenizer, row, PREFERENCE, "rejected", reasoning)
+    shared = len(os.path.commonprefix([prompt_c, prompt_r]))
+    return {"prompt_ids": prompt_c[:shared], "chosen_ids": prompt_c[shared:] + chosen,
+            "rejected_ids": prompt_r[shared:] + rejected, "prompt_differs": shared != len(prompt_c)}
+
+
+def fit_answers(prompt: list[int], answers: list[list[int]], max_length: int | None, overlong: str):
+    """A prompt and its answers within max_length (each answer after the prompt): dropped, or truncated keeping the
+    prompt's end (nearest the answer) and the answers' start; with their status."""
+    longest = max(len(a) for a in answers)
+    if max_length is None or len(prompt) + longest <= max_length:
+        return prompt, answers, "ok"
+    if overlong == "drop":
+        return prompt, answers, "longer than max_length (data.overlong: drop)"
+    keep_answer = min(longest, max_length - min(len(prompt), max_length // 2))
+    keep_prompt = max_length - keep_answer
+    return prompt[len(prompt) - keep_prompt:] if keep_prompt else [], [a[:keep_answer] for a in answers], "truncated"
+
+
+def _prepare_pairs(batch, indices, tokenizer, kind, max_length, overlong, reasoning):
+    """A batch of preference rows -> pre-tokenized pairs (DPO, ORPO, SimPO, reward), or of unpaired rows ->
+    pre-tokenized answers with their labels (KTO)."""
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids") if kind == PREFERENCE else ("prompt_ids", "completion_ids")
+    out = {key: [] for key in (*keys, "label", "status", "example_id", "prompt_differs")}
+    for index, values in zip(indices, zip(*batch.values())):
+        row = dict(zip(batch, values))
+        name = _example_id(row, index)
+        try:
+            if kind == PREFERENCE:
+                encoded = encode_pair(tokenizer, row, reasoning)
+            else:
+                prompt, completion = answer_ids(tokenizer, row, UNPAIRED, "completion", reasoning)
+                encoded = {"prompt_ids": prompt, "completion_ids": completion, "prompt_differs": False}
+        except DataError as err:
+            raise DataError(f"{name}: {err}") from err
+        prompt, answers, status = fit_answers(encoded["prompt_ids"], [encoded[k] for k in keys[1:]], max_length,
+                                              overlong)
+        for key, value in zip(keys, (prompt, *answers)):
+            out[key].append(value)
+        out["label"].append(bool(row.get("label", True)))
+        out["status"].append(status)
+        out["example_id"].append(name)
+        out["prompt_differs"].append(encoded["prompt_differs"])
+    return out
+
+
+def unpair(ds: datasets.Dataset) -> datasets.Dataset:
+    """Preference pairs as unpaired answers for KTO: each pair's chosen answer desirable, its rejected one not."""
+    def split(batch):
+        out = {"prompt": [], "completion": [], "label": [], "tools": [], ROW: []}
+        for i in range(len(batch["prompt"])):
+            for answer, label in (("chosen", True), ("rejected", False)):
+                out["prompt"].append(batch["prompt"][i])
+                out["completion"].append(batch[answer][i])
+                out["label"].append(label)
+                out["tools"].append(batch["tools"][i] if "tools" in batch else None)
+                out[ROW].append(batch[ROW][i] if ROW in batch else i + 1)
+        return out
+
+    return ds.map(split, batched=True, remove_columns=ds.column_names, desc="Unpairing preference rows")
+
+
+def prepare_preference(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
+                       overlong: str, source: str, want: str, num_proc: int | None = None,
+                       reasoning: str = "keep"):
+    """Validate and tokenize one split of preference rows (want PREFERENCE) or unpaired answers (want UNPAIRED;
+    pairs are unpaired, as KTO's authors do). Returns (pre-tokenized dataset, TokenizeReport)."""
+    kind = validate_rows(ds, source)
+    if kind == PREFERENCE and want == UNPAIRED:
+        ds, kind = unpair(ds), UNPAIRED
+    if kind != want:
+        needs = "preference pairs (prompt, chosen, rejected)" if want == PREFERENCE else \
+            "unpaired answers (prompt, completion, label) or preference pairs"
+        raise DataError(f"{source}: holds {kind} rows; this stage trains on {needs}. Convert such data with "
+                        "llmft data convert (formats: pairs, sharegpt_pairs, hh, ultrafeedback, oasst_pairs, kto).")
+    try:
+        mapped = ds.map(_prepare_pairs, with_indices=True, batched=True, remove_columns=ds.column_names,
+                        fn_kwargs={"tokenizer": tokenizer, "kind": kind, "max_length": max_length,
+                                   "overlong": overlong, "reasoning": reasoning},
+                        num_proc=num_proc, desc=f"Tokenizing {Path(source).name}")
+    except DataError as err:
+        raise DataError(f"{source}: {err}") from err
+    differs = sum(mapped["prompt_differs"])
+    if differs:
+        log.warning("%s: in %d row(s) the chat template renders the prompt differently before the two answers; the "
+                    "shared part is the prompt, the rest goes with each answer", source, differs)
+    report = TokenizeReport(rows_in=len(ds))
+    statuses = Counter(mapped["status"])
+    report.truncated = statuses.pop("truncated", 0)
+    statuses.pop("ok", None)
+    report.dropped = statuses
+    kept = mapped.filter(lambda s: s in ("ok", "truncated"), input_columns="status")
+    kept = kept.remove_columns(["status", "prompt_differs"] + (["label"] if kind == PREFERENCE else []))
+    answers = [k for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in kept.column_names]
+    report.examples = report.rows_out = len(kept)
+    report.trainable_tokens = sum(len(ids) for key in answers for ids in kept[key])
+    report.tokens = report.trainable_tokens + len(answers) * sum(len(ids) for ids in kept["prompt_ids"])
+    if report.examples == 0:
+        raise DataError(f"{source}: no example left ({report.summary('all')}). Raise training.max_length, or "
+                        "truncate instead of dropping (data.overlong: truncate).")
     return kept, report
 
 

@@ -33,7 +33,7 @@ from llmft import run_dir
 from llmft.config import EVAL_METRICS, GenerationEval
 from llmft.errors import ConfigError, DataError
 from llmft.model import generate_texts
-from llmft.schema import clean_tools, kind_of, prompt_and_reference, without_reasoning
+from llmft.schema import PREFERENCE, UNPAIRED, clean_tools, kind_of, prompt_and_reference, without_reasoning
 
 log = logging.getLogger(__name__)
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -51,6 +51,8 @@ def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str,
     for row in rows:
         if len(items) == limit:
             break
+        if kind == UNPAIRED and not row["label"]:  # an undesirable answer is no reference
+            continue
         prompt, reference = prompt_and_reference(row, kind)
         if reference.strip():  # a conversation ending on a tool call has no answer text to score
             items.append({"prompt": prompt, "reference": reference, "tools": clean_tools(row.get("tools"))})
@@ -296,11 +298,11 @@ class GenerationEvalCallback(TrainerCallback):
     """
 
     def __init__(self, tokenizer, items: list[dict[str, Any]], cfg, out_dir: Path, loaded: dict[str, Any],
-                 reasoning: str = "keep"):
+                 reasoning: str = "keep", forgetting: bool = True):
         self.tokenizer, self.items, self.cfg, self.out_dir, self.loaded = tokenizer, items, cfg, out_dir, loaded
         self.reasoning = reasoning
         self.trainer = None  # set after the Trainer is built, to log through it
-        self.texts = general_texts() if cfg.forgetting_check else []
+        self.texts = general_texts() if cfg.forgetting_check and forgetting else []
         self.base_ppl: float | None = None
         self.last: Generated | None = None
 
@@ -381,6 +383,99 @@ def assistant_loss(model, tokenizer, rows: datasets.Dataset, max_length: int | N
     finally:
         model.train(was_training)
     return total / count
+
+
+# Preference pairs ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_logps(model, pairs: datasets.Dataset, answer: str) -> list[float]:
+    """The summed log-probability of each pair's `answer` (chosen_ids or rejected_ids) after its prompt_ids, one
+    sequence at a time (no padding, so no attention mask to get wrong)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for prompt, ids in zip(pairs["prompt_ids"], pairs[answer]):
+            sequence = torch.tensor([prompt + ids], device=model.device)
+            logits = model(input_ids=sequence, use_cache=False).logits[0].float()
+            start = len(prompt)
+            predicted = torch.log_softmax(logits[start - 1: -1], dim=-1) if start else None
+            if predicted is None:  # no prompt token: the first answer token has nothing to be predicted from
+                predicted, ids = torch.log_softmax(logits[:-1], dim=-1), ids[1:]
+            target = torch.tensor(ids, device=model.device).unsqueeze(1)
+            out.append(predicted.gather(1, target).sum().item())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def pair_metrics(chosen: list[float], rejected: list[float], ref_chosen: list[float] | None = None,
+                 ref_rejected: list[float] | None = None, beta: float = 0.1) -> dict[str, float]:
+    """Preference metrics of held-out pairs from answer log-probabilities: how often the model itself prefers the
+    chosen answer (eval_pair_accuracy: comparable before and after training, and between models), and, against a
+    reference model, DPO's implicit reward: beta x (log p_model - log p_reference) of each answer
+    (eval_reward_accuracy, eval_reward_margin)."""
+    n = len(chosen)
+    out = {"eval_pair_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+           "eval_logps_chosen": sum(chosen) / n, "eval_logps_rejected": sum(rejected) / n}
+    if ref_chosen is not None and ref_rejected is not None:
+        margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+        out["eval_reward_accuracy"] = sum(m > 0 for m in margins) / n
+        out["eval_reward_margin"] = sum(margins) / n
+    return out
+
+
+@torch.no_grad()
+def reward_scores(model, pairs: datasets.Dataset) -> dict[str, float]:
+    """A reward model on held-out pairs: how often it scores the chosen answer higher, and by how much on average."""
+    was_training = model.training
+    model.eval()
+    margins = []
+    try:
+        for prompt, chosen, rejected in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]):
+            scores = [model(input_ids=torch.tensor([prompt + ids], device=model.device)).logits[0, 0].float().item()
+                      for ids in (chosen, rejected)]
+            margins.append(scores[0] - scores[1])
+    finally:
+        model.train(was_training)
+    return {"eval_reward_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "eval_reward_margin": sum(margins) / len(margins)}
+
+
+def held_out_pairs(rows: datasets.Dataset, tokenizer, max_length: int | None, overlong: str,
+                   reasoning: str = "keep") -> datasets.Dataset | None:
+    """Held-out preference rows tokenized as training tokenizes them; None when the rows are not pairs."""
+    from llmft.data import prepare_preference
+
+    if rows is None or kind_of(rows.column_names, "eval data") != PREFERENCE:
+        return None
+    pairs, _ = prepare_preference(rows, tokenizer, max_length, overlong, "eval data", PREFERENCE, reasoning=reasoning)
+    return pairs
+
+
+class PairEvalCallback(TrainerCallback):
+    """At every Trainer evaluation of a preference run, how often the model prefers the chosen answer of each
+    held-out pair (eval_pair_accuracy), beside TRL's own metrics (eval_rewards/accuracies is DPO's implicit reward
+    against the reference; before training it is 0 by construction, which is why this one is added)."""
+
+    def __init__(self, pairs: datasets.Dataset, reward_model: bool = False):
+        self.pairs, self.reward_model, self.trainer = pairs, reward_model, None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        from llmft.model import sharded_training
+
+        new: dict[str, float] = {}
+        if state.is_world_process_zero or sharded_training():  # under ZeRO-3 every rank joins each forward
+            if self.reward_model:
+                new = reward_scores(model, self.pairs)
+            else:
+                new = pair_metrics(answer_logps(model, self.pairs, "chosen_ids"),
+                                   answer_logps(model, self.pairs, "rejected_ids"))
+        new = _broadcast(new)
+        metrics.update(new)
+        if new and self.trainer is not None:
+            self.trainer.log(new)
 
 
 # `llmft eval` ---------------------------------------------------------------------------------------------------
@@ -493,10 +588,22 @@ def shots_for(options: EvalOptions, settings: GenerationEval, run, rows) -> tupl
 
 
 def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings: GenerationEval,
-                   loaded: dict[str, Any]) -> tuple[dict[str, float], Generated | None]:
-    """Loss, generation metrics, general-text perplexity (and lm-eval) of one model, named eval_*; its answers."""
-    results = {"eval_loss": assistant_loss(model, tokenizer, rows, options.max_length, options.overlong,
-                                           settings.generation_batch_size, options.reasoning)}
+                   loaded: dict[str, Any], reward_model: bool = False):
+    """Loss, generation metrics, general-text perplexity (and lm-eval) of one model, named eval_*; its answers; and
+    for preference pairs, the pair metrics and each answer's log-probability (for the reward against a baseline)."""
+    pairs = held_out_pairs(rows, tokenizer, options.max_length, options.overlong, options.reasoning)
+    if reward_model:  # a score per answer: nothing to generate or to take a loss of
+        return reward_scores(model, pairs), None, None
+    logps = None
+    if pairs is not None:
+        logps = answer_logps(model, pairs, "chosen_ids"), answer_logps(model, pairs, "rejected_ids")
+        answer_tokens = sum(len(ids) for ids in pairs["chosen_ids"])
+        results = {"eval_loss": -sum(logps[0]) / answer_tokens, **pair_metrics(*logps)}  # loss of the chosen answers
+    else:
+        if kind_of(rows.column_names, "eval data") == UNPAIRED:  # the loss of the desirable answers only
+            rows = rows.filter(lambda label: label, input_columns="label").remove_columns("label")
+        results = {"eval_loss": assistant_loss(model, tokenizer, rows, options.max_length, options.overlong,
+                                               settings.generation_batch_size, options.reasoning)}
     generated = generation_eval(model, tokenizer, items, settings, "Generating", loaded, options.reasoning) \
         if items else None
     if generated:
@@ -504,22 +611,29 @@ def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings
     results["eval_general_ppl"] = perplexity(model, tokenizer, general_texts())
     if options.lm_eval_tasks:  # last: merging an adapter changes the model object
         results.update(lm_eval_results(model, tokenizer, options, settings.generation_batch_size))
-    return results, generated
+    return results, generated, logps
 
 
 def evaluate_command(options: EvalOptions, settings: GenerationEval) -> None:
     """`llmft eval`: a run or model (and a baseline) on held-out data; eval_results.json and eval_report.md."""
+    from llmft.stages import STAGES
+
     loaded = load_metrics(settings.metrics)
     model, tokenizer, run = load_for_eval(options.target)
+    reward_model = run is not None and STAGES[run.info.stage].head == "sequence_classification"
     label, rows = held_out(options, run)
     shots, asked = shots_for(options, settings, run, rows)
-    items = eval_items(asked, settings, shots)
-    tuned, answers = evaluate_model(model, tokenizer, rows, items, options, settings, loaded)
+    items = [] if reward_model else eval_items(asked, settings, shots)
+    tuned, answers, logps = evaluate_model(model, tokenizer, rows, items, options, settings, loaded, reward_model)
     baseline, base_answers, base_name = None, None, None
     if options.baseline:
         base_name = run.recipe.model.name_or_path if options.baseline == "base" and run else options.baseline
         base_model, base_tokenizer, _ = load_for_eval(base_name)
-        baseline, base_answers = evaluate_model(base_model, base_tokenizer, rows, items, options, settings, loaded)
+        baseline, base_answers, base_logps = evaluate_model(base_model, base_tokenizer, rows, items, options,
+                                                            settings, loaded)
+        if logps is not None:  # DPO's implicit reward of the run against the baseline as reference
+            beta = getattr(run.recipe.training, "beta", 0.1) if run else 0.1
+            tuned.update(pair_metrics(*logps, *base_logps, beta=beta))
     name = Path(options.target).name
     out = Path(options.out) if options.out else Path(options.target) if run else Path(f"eval_{name}")
     results = {"target": options.target, "data": label, "settings": {**asdict(options), **asdict(settings)},

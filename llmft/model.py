@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -10,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from llmft.config import EMBEDDED_MODEL, ModelConfig, PeftSettings
 from llmft.errors import ModelError
@@ -131,10 +133,17 @@ def weights_dtype(model_cfg: ModelConfig, peft_cfg: PeftSettings) -> torch.dtype
     return torch.bfloat16 if fast_bf16_available() else torch.float32
 
 
+HEADS = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+
+
 def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code: bool = False, *,
-               activation_checkpointing: bool = False) -> PreTrainedModel:
-    """The base model (quantised for qlora), wrapped with a fresh LoRA adapter when the method is lora or qlora."""
+               activation_checkpointing: bool = False, head: str = "causal_lm") -> PreTrainedModel:
+    """The base model (quantised for qlora), wrapped with a fresh LoRA adapter when the method is lora or qlora.
+    `head` sequence_classification gives a one-score head (a reward model) on the same base. The base may be a
+    run directory: a DPO run on top of an SFT run starts from the SFT run's weights (`run_as_base`)."""
     path = resolve_model_path(model_cfg.name_or_path)
+    if (Path(path) / "run.json").exists():
+        path = run_as_base(Path(path))
     dtype = weights_dtype(model_cfg, peft_cfg)
     quantised = {}
     if peft_cfg.method == "qlora":
@@ -143,8 +152,9 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
         return scratch_model(path, model_cfg, dtype, trust_remote_code)
     config = model_config(path, model_cfg, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = HEADS[head].from_pretrained(
             path,
+            **({"num_labels": 1} if head == "sequence_classification" else {}),
             revision=model_cfg.revision,
             dtype=dtype,
             attn_implementation=model_cfg.attn_implementation,
@@ -162,8 +172,28 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
     if peft_cfg.method == "qlora":
         model = prepare_kbit(model, activation_checkpointing)
     if peft_cfg.method in ("lora", "qlora"):
-        model = add_lora(model, peft_cfg)
+        model = add_lora(model, peft_cfg, "SEQ_CLS" if head == "sequence_classification" else "CAUSAL_LM")
     return model
+
+
+def run_as_base(path: Path) -> str:
+    """A run directory as the starting point of another run: its full model as it is, or its adapter merged into its
+    base, once, into the cache (keyed by the adapter's sha256: the same run is merged once however often used)."""
+    from llmft.run_dir import read_run
+
+    run = read_run(path)
+    if not run.is_adapter:
+        return str(path)
+    adapter = path / "adapter_model.safetensors"
+    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / "merged-runs" / f"{path.name}-{digest}"
+    if not (target / "config.json").exists():
+        log.info("Merging the adapter of %s into its base, once, into %s", path, target)
+        partial = target.with_name(target.name + ".partial")
+        load_run_model(run).merge_and_unload().save_pretrained(partial)
+        load_tokenizer(ModelConfig(name_or_path=str(path))).save_pretrained(partial)
+        partial.replace(target)  # complete or absent: a killed merge leaves only the .partial folder
+    return str(target)
 
 
 # Config attributes that hold each kind of dropout, by architecture family (first found is set).
@@ -296,17 +326,19 @@ def restore_adapter_dtype(model: PreTrainedModel, peft_cfg: PeftSettings, comput
 def load_run_model(run, dtype: str = "float32") -> PreTrainedModel:
     """A run's model (`llmft.run_dir.Run`) as a user would load it: its adapter on the recorded base model, or its
     full model."""
-    full = PeftSettings(method="full")
+    from llmft.stages import STAGES
+
+    full, head = PeftSettings(method="full"), STAGES[run.info.stage].head
     if not run.is_adapter:
-        return load_model(ModelConfig(name_or_path=str(run.path), dtype=dtype), full)
+        return load_model(ModelConfig(name_or_path=str(run.path), dtype=dtype), full, head=head)
     from peft import PeftModel
 
     base = run.info.base_model
     base_cfg = ModelConfig(name_or_path=base.name_or_path, revision=base.revision, dtype=dtype)
-    return PeftModel.from_pretrained(load_model(base_cfg, full), str(run.path))
+    return PeftModel.from_pretrained(load_model(base_cfg, full, head=head), str(run.path))
 
 
-def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:
+def add_lora(model: PreTrainedModel, cfg: PeftSettings, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
@@ -317,7 +349,7 @@ def add_lora(model: PreTrainedModel, cfg: PeftSettings) -> PreTrainedModel:
         target_modules=targets,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,  # SEQ_CLS also trains and saves the new score head (modules_to_save)
     )
     # Adapters stay float32 (peft's autocast_adapter_dtype) even on a bf16 base: their updates are small.
     return get_peft_model(model, lora)

@@ -1,8 +1,11 @@
 """The one conversation schema every entry point uses: roles, validation, row -> messages, and the file readers.
 
-A training row is either
+A training row is one of
   messages            [{role, content, tool_calls?, tool_call_id?, name?, reasoning_content?}, ...]
   prompt/completion   both strings (plain text, no chat template), or both lists of messages
+  preference          prompt (messages ending on the user), chosen and rejected (the assistant's answers, as
+                      messages), optional score_chosen / score_rejected: DPO, ORPO, SimPO and reward models
+  unpaired            prompt (messages), completion (the assistant's answer), label (true: desirable): KTO
 with an optional `tools` column: the OpenAI-format tool schemas the conversation may call. Roles are system, user,
 assistant and tool; an assistant message may carry `tool_calls` ([{type: function, function: {name, arguments}}])
 and its reasoning (`reasoning_content`, or a `<think>...</think>` block at the start of its content). `conversation_problems` is the only definition of a valid
@@ -24,7 +27,10 @@ from typing import Any
 from llmft.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-MESSAGES, PROMPT_COMPLETION = "messages", "prompt_completion"
+MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED = "messages", "prompt_completion", "preference", "unpaired"
+KINDS = (MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED)
+COLUMNS = {MESSAGES: ("messages",), PROMPT_COMPLETION: ("prompt", "completion"),
+           PREFERENCE: ("prompt", "chosen", "rejected"), UNPAIRED: ("prompt", "completion", "label")}
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use for a trace
 THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
 ROW = "_row"  # column holding a row's 1-based number in its source file (kept through shuffled splits)
@@ -44,15 +50,15 @@ class RowError(ValueError):
 
 
 def kind_of(columns: set[str] | list[str], source: str) -> str:
-    """'messages' or 'prompt_completion', from a dataset's columns."""
+    """The kind of rows a dataset holds (one of KINDS), from its columns."""
     columns = set(columns)
-    if MESSAGES in columns:
-        return MESSAGES
-    if {"prompt", "completion"} <= columns:
-        return PROMPT_COMPLETION
+    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION):  # the most specific first
+        if set(COLUMNS[kind]) <= columns:
+            return kind
     raise DataError(
-        f"{source}: no 'messages' column and no 'prompt'/'completion' columns (found {sorted(columns)}). "
-        "Convert the data first (llmft data convert), or rename its columns."
+        f"{source}: none of the columns of a training row (found {sorted(columns)}): 'messages'; 'prompt' and "
+        "'completion'; 'prompt', 'chosen' and 'rejected' (preference pairs); or 'prompt', 'completion' and 'label' "
+        "(KTO). Convert the data first (llmft data convert), or rename its columns."
     )
 
 
@@ -68,8 +74,12 @@ class Example:
     tools: list[dict[str, Any]] | None = None
 
 
-def example(row: dict[str, Any], kind: str) -> Example:
+def example(row: dict[str, Any], kind: str, answer: str = "chosen") -> Example:
+    """A row as one conversation; for a preference row, the prompt followed by its `answer` (chosen or rejected)."""
     tools = clean_tools(row.get("tools"))
+    if kind == PREFERENCE:
+        prompt = clean_messages(row["prompt"])
+        return Example(prompt + clean_messages(row[answer]), first_trainable=len(prompt), tools=tools)
     if kind == MESSAGES:
         return Example(clean_messages(row[MESSAGES]), tools=tools)
     prompt, completion = row["prompt"], row["completion"]
@@ -138,8 +148,9 @@ def without_reasoning(text: str) -> str:
 
 def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str, str]:
     """What a model is asked (the conversation before the last assistant message, or the prompt text) and the
-    answer it should give (that message's content, without its reasoning)."""
-    ex = example(row, kind)
+    answer it should give (that message's content, without its reasoning; a pair's chosen answer; an unpaired
+    row's answer, which callers take only where it is labelled desirable)."""
+    ex = example(row, PROMPT_COMPLETION if kind == UNPAIRED else kind)
     if ex.plain_text:
         return row["prompt"], row["completion"]
     last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
@@ -253,12 +264,15 @@ def _turn_order_problems(turns: list[tuple[int, str]], name: str) -> list[str]:
 
 
 def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[str]:
-    """Problems of one training row of either kind."""
-    fields = [MESSAGES] if kind == MESSAGES else ["prompt", "completion"]
-    missing = [f"{f}: missing." for f in fields if f not in row]
+    """Problems of one training row of any kind."""
+    missing = [f"{f}: missing." for f in COLUMNS[kind] if f not in row]
     if missing:
         return missing
     tools = tools_problems(row.get("tools"))
+    if kind == PREFERENCE:
+        return preference_problems(row, strict) + tools
+    if kind == UNPAIRED:
+        return unpaired_problems(row, strict) + tools
     if kind == MESSAGES:
         return conversation_problems(row[MESSAGES], strict) + tools
     prompt, completion = row["prompt"], row["completion"]
@@ -270,6 +284,53 @@ def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[s
             problems.append("completion: no assistant message.")
         return problems + tools
     return ["prompt, completion: must both be strings or both be lists of messages."]
+
+
+def preference_problems(row: dict[str, Any], strict: bool = False) -> list[str]:
+    """A pair: a prompt that ends on the user, two different answers that each make a valid conversation with it,
+    and scores (when given) that are numbers."""
+    problems = _prompt_problems(row.get("prompt"))
+    if problems:
+        return problems
+    for answer in ("chosen", "rejected"):
+        problems += _answer_problems(row["prompt"], row.get(answer), answer, strict)
+    if not problems and _answer_text(row["chosen"]) == _answer_text(row["rejected"]):
+        problems.append("chosen, rejected: the same answer, so the pair teaches nothing.")
+    for score in ("score_chosen", "score_rejected"):
+        value = row.get(score)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+            problems.append(f"{score}: must be a number, got {value!r}.")
+    return problems
+
+
+def unpaired_problems(row: dict[str, Any], strict: bool = False) -> list[str]:
+    """An unpaired answer (KTO): a prompt that ends on the user, an answer, and whether it is desirable."""
+    problems = _prompt_problems(row.get("prompt")) or _answer_problems(row["prompt"], row.get("completion"),
+                                                                        "completion", strict)
+    if not isinstance(row.get("label"), bool):
+        problems.append(f"label: must be true (desirable) or false (undesirable), got {row.get('label')!r}.")
+    return problems
+
+
+def _prompt_problems(prompt: Any) -> list[str]:
+    if not isinstance(prompt, list) or not prompt:
+        return ["prompt: must be a non-empty list of messages ending on the user's."]
+    last = prompt[-1].get("role") if isinstance(prompt[-1], dict) else None
+    if last not in ("user", "tool"):
+        return [f"prompt: ends on {last!r}; a prompt ends on the user's message (the answers follow it)."]
+    return []
+
+
+def _answer_problems(prompt: Messages, answer: Any, name: str, strict: bool) -> list[str]:
+    if not isinstance(answer, list) or len(answer) != 1:
+        return [f"{name}: must be a list holding the assistant's one answer message."]
+    if not isinstance(answer[0], dict) or answer[0].get("role") != "assistant":
+        return [f"{name}[0]: must be the assistant's answer (role 'assistant')."]
+    return conversation_problems(prompt + answer, strict, f"prompt+{name}")
+
+
+def _answer_text(answer: Messages) -> str:
+    return json.dumps([(m.get("content"), m.get("tool_calls")) for m in answer if isinstance(m, dict)], default=str)
 
 
 def row_number(row: dict[str, Any], index: int) -> int:

@@ -18,11 +18,12 @@ from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resum
 from llmft.config import Recipe
 from llmft.data import load_splits
 from llmft.errors import LaunchError, Preempted
-from llmft.evaluation import GenerationEvalCallback, eval_items, load_metrics, samples
+from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, eval_items, held_out_pairs, load_metrics,
+                              samples)
 from llmft.masking import masking_for
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
 from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
-from llmft.schema import file_fingerprint
+from llmft.schema import MESSAGES, file_fingerprint
 from llmft.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     started, stage = time.time(), STAGES[recipe.training.stage]
     check_launch(recipe.training.world_size)
     loaded_metrics = load_metrics(recipe.eval.metrics) if recipe.eval.num_generate else {}  # fail before loading
-    launch = resolve_launch(recipe.training)
+    launch = resolve_launch(recipe.training, stage.micro_batches)
     args = trainer_args(recipe.training, launch)  # a copy: the recipe itself is never changed
     out = Path(args.output_dir)
     run_dir.check_writable(out, args.overwrite_output_dir)
@@ -58,7 +59,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
     # Load the model ---------------------------------------------------------------------------------------------
     model = load_model(recipe.model, recipe.peft, args.trust_remote_code,
-                       activation_checkpointing=bool(args.activation_checkpointing))
+                       activation_checkpointing=bool(args.activation_checkpointing), head=stage.head)
+    if stage.head == "sequence_classification":  # the score is read at the last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
     frozen = tuning.apply_freezing(model, recipe.tuning)
     if frozen:
         log.info("Frozen by tuning.freeze_*: %s", "; ".join(frozen))
@@ -73,17 +76,20 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     weight_check, preemption = WeightChangeCheck(), Preemption()
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     shots = train_rows.select(range(min(recipe.eval.few_shot, len(train_rows)))) if recipe.eval.few_shot else None
-    evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots), recipe.eval, out,
-                                        loaded_metrics, recipe.data.reasoning)
+    generates = stage.head == "causal_lm"  # a reward model scores answers; it does not write any
+    evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots) if generates else [],
+                                        recipe.eval, out, loaded_metrics, recipe.data.reasoning, forgetting=generates)
     callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
-                 *(callbacks or [])]
+                 *pair_callbacks(stage, eval_rows, tokenizer, recipe), *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(recipe.eval.early_stopping_patience, recipe.eval.early_stopping_threshold))
     trainer = stage.trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                     processing_class=tokenizer, callbacks=callbacks)
-    evaluation.trainer = trainer
+    for callback in callbacks:
+        if isinstance(callback, (GenerationEvalCallback, PairEvalCallback)):
+            callback.trainer = trainer  # they log through it
     guard.attach(trainer)
     check_sharding(trainer)
     tuning.check_launch(recipe.tuning, args.world_size, trainer.accelerator)
@@ -181,6 +187,15 @@ def save_adapter_fp32(trainer, out: Path) -> None:
     save_file(adapter, str(path), metadata={"format": "pt"})
 
 
+def pair_callbacks(stage, eval_rows, tokenizer, recipe: Recipe) -> list[TrainerCallback]:
+    """The held-out pair metrics of a preference or reward run whose eval rows are pairs (see PairEvalCallback)."""
+    if stage.rows == MESSAGES or eval_rows is None:
+        return []
+    pairs = held_out_pairs(eval_rows, tokenizer, recipe.training.max_length, recipe.data.overlong,
+                           recipe.data.reasoning)
+    return [] if pairs is None else [PairEvalCallback(pairs, reward_model=stage.head == "sequence_classification")]
+
+
 def tuning_callbacks(model, recipe: Recipe) -> list[TrainerCallback]:
     """Gradual unfreezing and L2-SP, when the recipe asks for them (after the weight check: see GradualUnfreezing)."""
     found = []
@@ -276,9 +291,10 @@ def check_sharding(trainer) -> None:
         )
 
 
-def resolve_launch(args) -> Launch:
+def resolve_launch(args, micro_batches: bool = True) -> Launch:
     """The batch arithmetic of this launch: gradient accumulation from training.global_batch_size and the process
-    count (when set), and on CPUs (training.cpu_micro_batches) each device batch run one example per pass."""
+    count (when set), and on CPUs (training.cpu_micro_batches, where the stage allows: KTO's KL term needs whole
+    batches) each device batch run one example per pass."""
     world, per_device, accumulation = args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
     per_step = per_device * world
     if args.global_batch_size is not None:
@@ -293,7 +309,8 @@ def resolve_launch(args) -> Launch:
     hint = "" if args.global_batch_size else " (set training.global_batch_size to keep it across process counts)"
     log.info("Global batch %d = %d per device x %d process(es) x %d accumulation step(s)%s",
              per_step * accumulation, per_device, world, accumulation, hint)
-    micro = bool(args.use_cpu and args.cpu_micro_batches and not args.packing and per_device > 1)
+    micro = bool(micro_batches and args.use_cpu and args.cpu_micro_batches and not getattr(args, "packing", False)
+                 and per_device > 1)
     if micro:
         # Padded batches cost the padding, and a padding mask sends attention to PyTorch's slow masked path; one
         # example per pass needs neither. The Trainer divides by the step's token count, so the loss is unchanged.
@@ -371,7 +388,9 @@ def _summary(out: Path, metrics: Metrics, records: list[dict[str, Any]], show: i
     lines = ["", "=" * 72, "llmft: run finished", ""]
     rows = [("eval loss", "eval_loss", "{:.4f}"), ("exact match", "eval_exact_match", "{:.1%}"),
             ("ROUGE-L", "eval_rouge_l", "{:.3f}"), ("BLEU", "eval_bleu", "{:.1f}"), ("chrF", "eval_chrf", "{:.1f}"),
-            ("forgetting", "eval_forgetting_ppl_ratio", "{:.3f}x")]
+            ("forgetting", "eval_forgetting_ppl_ratio", "{:.3f}x"),
+            ("pair accuracy", "eval_pair_accuracy", "{:.1%}"), ("reward accuracy", "eval_reward_accuracy", "{:.1%}"),
+            ("DPO rew. acc.", "eval_rewards/accuracies", "{:.1%}"), ("reward margin", "eval_rewards/margins", "{:.3f}")]
     lines.append(f"{'':14}{'before':>12}{'after':>12}")
     for label, key, fmt in rows:
         values = [(evaluated or {}).get(key) for evaluated in (metrics.before, metrics.after)]

@@ -141,6 +141,13 @@ def chat_rows(n: int) -> list[dict]:
     return rows
 
 
+def pair_rows(n: int) -> list[dict]:
+    """Preference pairs in llmft's schema: the right sum chosen, a wrong one rejected."""
+    return [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+             "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
+             "rejected": [{"role": "assistant", "content": f"{i + 7}"}]} for i in range(n)]
+
+
 def write_recipe(path: Path, model_dir: Path | str, train: Path, out: Path, **sections) -> Path:
     """A small recipe for tests: a few steps, tiny batches, no checkpoints."""
     import yaml

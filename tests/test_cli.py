@@ -56,7 +56,9 @@ def test_unknown_flags_name_the_closest_one():
         parse(OPTIONS, ["m", "--num_generat", "3"], "llmft eval")
 
 
-def test_every_stage_in_the_table_is_a_recipe_stage():
-    assert set(STAGES) == set(STAGE_NAMES)
+def test_every_stage_in_the_table_is_a_recipe_stage_with_its_training_section():
+    from llmft.config import TRAINING_CLASSES
+
+    assert set(STAGES) == set(STAGE_NAMES) == set(TRAINING_CLASSES)
     for stage in STAGES.values():
         assert stage.trainer_class().__name__.endswith("Trainer")

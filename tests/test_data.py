@@ -135,7 +135,7 @@ def test_malformed_jsonl_line_is_named(tmp_path):
 
 def test_missing_columns_say_what_to_do(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(DataError, match="no 'messages' column.*llmft data convert"):
+    with pytest.raises(DataError, match="none of the columns of a training row.*llmft data convert"):
         validate_rows(load_rows(str(path)), str(path))
 
 

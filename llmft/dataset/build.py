@@ -1,7 +1,8 @@
 """Building a training dataset from raw sources: convert, clean, dedupe, decontaminate, mix, split, write.
 
 Output directory:
-  train/, test/        `datasets.save_to_disk` splits with a `messages` column (`test/` only with a test split)
+  train/, test/        `datasets.save_to_disk` splits (`test/` only with a test split): a `messages` column for
+                       conversations; prompt/chosen/rejected for preference pairs; prompt/completion/label for KTO
   manifest.json        sources with fingerprints, row counts in/out per step, every drop reason, seed, command
   data_card.md         the same for people
   rejects.jsonl        rows that failed conversion or checks, with the reason (`on_error: skip`)
@@ -11,7 +12,6 @@ Rows stream from the sources into Arrow files, so memory does not grow with the 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -20,82 +20,25 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from llmft.dataset.clean import EvalIndex, NearDuplicateFinder, conversation_text, exact_key, normalise_messages
-from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, from_sharegpt, oasst_deleted,
-                                   oasst_flat_to_trees, oasst_paths, trim_to_answer)
-from llmft.dataset.sources import read_source
+from llmft.dataset.clean import EvalIndex, NearDuplicateFinder, conversation_text, exact_key
+from llmft.dataset.convert import Source, SourceOptions, convert_rows, kind_of_format, source_format
+from llmft.dataset.kinds import KINDS, RowKind
 from llmft.errors import ConfigError, DataError, LlmftError
 from llmft.parsing import coerce, field_names, field_types, read_yaml_mapping, unknown_keys
-from llmft.schema import MAX_LISTED, RowError, clean_tools, conversation_problems, file_fingerprint, tools_problems
+from llmft.schema import MAX_LISTED, MESSAGES, RowError, file_fingerprint
+
+__all__ = ["BuildConfig", "BuildOptions", "Source", "SourceOptions", "build", "chat_features", "data_card"]
 
 log = logging.getLogger(__name__)
 
 
 # Options: the flags of `llmft data convert` and the keys of a build file are the same fields -------------------
-
-
-@dataclass
-class SourceOptions:
-    """How one source is read: its format and, for plain columns, which columns hold what."""
-
-    format: str | None = field(default=None, metadata={"help": f"Input format: {' | '.join(FORMATS)} (default: "
-                                                                "detected from the first row)."})
-    split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
-    prompt_field: str = field(default="question", metadata={"help": "format columns: the prompt column."})
-    completion_field: str = field(default="answer", metadata={"help": "format columns: the answer column."})
-    system_field: str | None = field(default=None, metadata={"help": "format columns: a system prompt column."})
-    oasst_best_only: bool = field(default=False, metadata={"help": "OASST: the best-ranked path of each tree only."})
-    role_map: list[str] = field(default_factory=list, metadata={
-        "metavar": "SPEAKER=ROLE", "help": "ShareGPT: speakers beyond the documented ones (human, gpt, system, "
-                                           "observation, function_call...), e.g. bing=assistant."})
-
-    def __post_init__(self):
-        problems = []
-        if self.format is not None and self.format not in FORMATS:
-            problems.append(f"format: '{self.format}' is not one of {', '.join(FORMATS)}.")
-        for entry in self.role_map:
-            speaker, equals, role = entry.partition("=")
-            if not (speaker and equals and role in ("user", "assistant", "system", "tool")):
-                problems.append(f"role_map: '{entry}' is not SPEAKER=ROLE with ROLE user, assistant, system or tool.")
-        if problems:
-            raise ConfigError(problems, what="data source")
-
-    @property
-    def roles(self) -> dict[str, str]:
-        return dict(entry.split("=", 1) for entry in self.role_map)
-
-
-@dataclass(kw_only=True)
-class Source(SourceOptions):
-    """One input of a build file: a file, folder or Hub dataset id, how to read it, and its share of the mix."""
-
-    path: str = field(default="", metadata={"help": "A file, a folder of files, or a Hub dataset id (org/name)."})
-    name: str | None = field(default=None, metadata={"help": "Label in the manifest (default: the file name)."})
-    fraction: float | None = field(default=None, metadata={"help": "Share of this source's clean rows in the mix."})
-    count: int | None = field(default=None, metadata={"help": "Or an exact number of its clean rows."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        problems = [] if self.path else ["path: missing: give a file, folder or Hub dataset id."]
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            problems.append(f"fraction: {self.fraction} must be in (0, 1].")
-        if self.fraction is not None and self.count is not None:
-            problems.append("fraction and count: give one of them, not both.")
-        if self.count is not None and self.count < 1:
-            problems.append(f"count: {self.count} must be >= 1.")
-        if problems:
-            raise ConfigError([f"source {self.label}: {p}" for p in problems], what="data source")
-
-    @property
-    def label(self) -> str:
-        return self.name or Path(self.path).name
 
 
 @dataclass
@@ -257,109 +200,6 @@ def _construct(cls: type, values: dict[str, Any], problems: list[str]) -> list[A
         return []
 
 
-# Conversion ----------------------------------------------------------------------------------------------------
-
-
-DETECT_WITHIN = 100  # rows read to find the first readable one, whose keys say the format
-
-
-def source_format(source: Source) -> str | None:
-    """The source's format: as given, or detected from its first readable row (a broken first line must not decide
-    the format of the good rows after it); None for an empty source."""
-    if source.format is not None:
-        return source.format
-    first = None
-    for first in itertools.islice(read_source(source.path, source.split, source.label), DETECT_WITHIN):
-        if isinstance(first[1], dict):
-            break
-    if first is None:
-        return None
-    if not isinstance(first[1], dict):
-        return "openai"  # nothing readable to detect from: the rows are reported as they are
-    try:
-        return detect_format(first[1])
-    except ValueError as err:
-        raise DataError(f"{source.path}: {err}") from err
-
-
-def convert_rows(source: Source, fmt: str | None, notes: Counter | None = None) -> Iterator:
-    """(where, messages or RowError, raw row) for every conversation of a source in format `fmt`; `notes` counts
-    what conversion changed without rejecting (OASST threads cut after their last answer)."""
-    if fmt is None:
-        return iter(())
-    rows = read_source(source.path, source.split, source.label)
-    if fmt == "oasst":
-        return _convert_oasst(rows, source, Counter() if notes is None else notes)
-    if fmt == "columns":
-        convert = lambda r: from_columns(r, source.prompt_field, source.completion_field, source.system_field)  # noqa: E731
-    elif fmt == "sharegpt":
-        convert = lambda r: from_sharegpt(r, source.roles)  # noqa: E731
-    else:
-        convert = CONVERTERS[fmt]
-    return _convert(rows, convert)
-
-
-def _convert(rows, convert):
-    for where, row in rows:
-        if isinstance(row, RowError):
-            yield where, row, None
-            continue
-        try:
-            yield where, convert(row), row
-        except RowError as err:
-            yield where, err, row
-
-
-def _bad_ids(row: dict) -> str | None:
-    """The id field of a flat OASST message that is not an id (a list, an object...), or None."""
-    if not isinstance(row["message_id"], (str, int)) or isinstance(row["message_id"], bool):
-        return "message_id"
-    parent = row.get("parent_id")
-    return None if parent is None or isinstance(parent, (str, int)) and not isinstance(parent, bool) else "parent_id"
-
-
-def _convert_oasst(rows, source: Source, notes: Counter):
-    """Nested trees convert row by row; flat message rows are assembled into trees first. Every thread is cut after
-    its last assistant reply (real exports end many threads on an unanswered prompter message), and a thread that
-    becomes the same as one already taken is not taken twice; `notes` counts both."""
-    rows = list(rows)  # trees span rows: the whole file is needed (OASST exports are modest in size)
-    flat = [r for _, r in rows if isinstance(r, dict) and "message_id" in r and not _bad_ids(r)]
-    trees = [(w, r["prompt"]) for w, r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), dict)]
-    for where, row in rows:
-        if isinstance(row, RowError):
-            yield where, row, None
-        elif "message_id" in row and _bad_ids(row):
-            yield where, RowError(_bad_ids(row), "must be a string id"), row
-        elif "message_id" not in row and not isinstance(row.get("prompt"), dict):
-            yield where, RowError(None, "neither an OASST tree (message_tree_id, prompt: {text, role, replies}) nor "
-                                        "an OASST message (message_id, parent_id, role, text)"), row
-    if flat:
-        nested, unplaced = oasst_flat_to_trees(flat)
-        trees += [(f"{source.label}, tree {i + 1}", t) for i, t in enumerate(nested)]
-        for message_id, problem in unplaced:
-            yield f"{source.label}, message {message_id}", problem, None
-    seen: set[str] = set()
-    for where, tree in trees:
-        notes["deleted replies left out"] += oasst_deleted(tree)
-        try:
-            paths = oasst_paths(tree, source.oasst_best_only)
-        except RowError as err:
-            yield where, err, tree
-            continue
-        for k, path in enumerate(paths):
-            thread = trim_to_answer(path)
-            if thread is None:
-                yield f"{where}, path {k + 1}", RowError(None, "no assistant reply in this thread"), None
-                continue
-            notes["threads cut after their last assistant reply"] += len(thread) < len(path)
-            key = json.dumps(thread, sort_keys=True)
-            if key in seen:
-                notes["threads the same as another once cut"] += 1
-                continue
-            seen.add(key)
-            yield f"{where}, path {k + 1}", thread, None
-
-
 # The build -----------------------------------------------------------------------------------------------------
 
 
@@ -373,18 +213,21 @@ def build(config: BuildConfig, command: str = "") -> dict[str, Any]:
     manifest: dict[str, Any] = {"command": command, "seed": config.seed, "config": dataclasses.asdict(config),
                                 "sources": [], "steps": {}}
     with tempfile.TemporaryDirectory(prefix="llmft-build-") as cache, (out / "rejects.jsonl").open("w") as rejects:
+        formats = {source.label: source_format(source) for source in config.sources}
+        kind = _one_kind(formats)
+        manifest["kind"] = kind.name
         parts = []
         for source in config.sources:
-            fmt, ds, stats = _convert_source(source, config, rejects, cache)
-            manifest["sources"].append({"name": source.label, "path": source.path, "format": fmt,
+            ds, stats = _convert_source(source, formats[source.label], kind, config, rejects, cache)
+            manifest["sources"].append({"name": source.label, "path": source.path, "format": formats[source.label],
                                         "fingerprint": _fingerprint(source), **stats})
             parts.append(ds)
         merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        kept, steps = _filter(merged, config)
+        kept, steps = _filter(merged, kind, config)
         manifest["steps"].update(steps)
         mixed, mix = _mix(kept, config)
         manifest["steps"]["mix"] = mix
-        splits = _split(mixed, config)
+        splits = _split(mixed, kind, config)
         for name, split in splits.items():
             target = out / name
             if target.exists():
@@ -396,22 +239,28 @@ def build(config: BuildConfig, command: str = "") -> dict[str, Any]:
     return manifest
 
 
-def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
-    """(format, dataset of the source's valid conversations, counts); bad rows are listed, or skipped and counted."""
+def _one_kind(formats: dict[str, str | None]) -> RowKind:
+    """The one kind of row all sources give: a build writes conversations, pairs or unpaired answers, not a mix."""
+    kinds = {label: kind_of_format(fmt) for label, fmt in formats.items() if fmt is not None}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{label}: {KINDS[kind].label}s ({formats[label]})" for label, kind in kinds.items())
+        raise DataError(f"the sources give different kinds of rows ({listed}). Build each kind into its own dataset.")
+    return KINDS[next(iter(kinds.values()), MESSAGES)]
+
+
+def _convert_source(source: Source, fmt: str | None, kind: RowKind, config: BuildConfig, rejects, cache: str):
+    """(dataset of the source's valid rows, counts); bad rows are listed, or skipped and counted."""
     counts, notes, problems = Counter(), Counter(), []
-    fmt = source_format(source)
 
     def generate():
         for where, result, raw in convert_rows(source, fmt, notes):
             counts["read"] += 1
             if not isinstance(result, RowError):
-                messages = normalise_messages(result, config.system_prompt) if config.normalise else result
-                raw_tools = raw.get("tools") if isinstance(raw, dict) else None
-                found = conversation_problems(messages, strict=True) + tools_problems(raw_tools)
+                row = kind.record(result, raw, config.system_prompt, config.normalise)
+                found = kind.problems(row)
                 if not found:
                     counts["kept"] += 1
-                    yield {"messages": messages, "tools": clean_tools(raw_tools), "source": source.label,
-                           "origin": where}
+                    yield {**kind.stored(row), "source": source.label, "origin": where}
                     continue
                 result = RowError(None, "; ".join(found))
             counts[_reason(result)] += 1
@@ -419,9 +268,9 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
             rejects.write(json.dumps({"source": source.label, "where": where, "reason": str(result), "row": raw},
                                      default=str) + "\n")
 
+    features = kind.features()
     try:
-        ds = datasets.Dataset.from_generator(generate, cache_dir=cache,
-                                             features=chat_features(), split=datasets.Split.TRAIN)
+        ds = datasets.Dataset.from_generator(generate, cache_dir=cache, features=features, split=datasets.Split.TRAIN)
     except datasets.exceptions.DatasetGenerationError as err:  # raised inside the generator, wrapped by datasets
         if isinstance(err.__cause__, LlmftError):
             raise err.__cause__ from err
@@ -431,17 +280,17 @@ def _convert_source(source: Source, config: BuildConfig, rejects, cache: str):
     except ValueError:  # datasets refuses a generator that yielded nothing
         if counts["kept"]:
             raise
-        ds = datasets.Dataset.from_dict({name: [] for name in chat_features()}, features=chat_features())
+        ds = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     if problems and config.on_error == "fail":
         listed = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError(f"{source.path}: {len(problems)} row(s) cannot be used:\n  {listed}{more}\n"
                         "Fix them, or pass --on-error skip to leave them out (they go to rejects.jsonl).")
     if not counts["read"]:
-        raise DataError(f"{source.path}: no rows (the file is empty, or holds no conversation).")
+        raise DataError(f"{source.path}: no rows (the file is empty, or holds no {kind.label}).")
     log.info("%s (%s): %d read, %d kept", source.label, fmt, counts["read"], counts["kept"])
-    return fmt, ds, {"read": counts.pop("read", 0), "kept": counts.pop("kept", 0), "rejected": dict(counts),
-                     "adjusted": {k: v for k, v in notes.items() if v}}
+    return ds, {"read": counts.pop("read", 0), "kept": counts.pop("kept", 0), "rejected": dict(counts),
+                "adjusted": {k: v for k, v in notes.items() if v}}
 
 
 def _reason(error: RowError) -> str:
@@ -451,42 +300,46 @@ def _reason(error: RowError) -> str:
 
 
 def chat_features() -> datasets.Features:
-    """The columns of a built dataset: tool calls and tools as JSON, so that rows keep exactly their own keys."""
-    message = {"role": datasets.Value("string"), "content": datasets.Value("string"),
-               "tool_calls": datasets.Json(), "tool_call_id": datasets.Value("string"),
-               "name": datasets.Value("string"), "reasoning_content": datasets.Value("string")}
-    return datasets.Features({"messages": datasets.List(message), "tools": datasets.Json(),
-                              "source": datasets.Value("string"), "origin": datasets.Value("string")})
+    """The columns of a built conversation dataset: tool calls and tools as JSON, so rows keep exactly their keys."""
+    return KINDS[MESSAGES].features()
 
 
-def _filter(ds: datasets.Dataset, config: BuildConfig):
-    """Exact duplicates, near duplicates and contaminated rows out, in one pass; counts and examples kept."""
+def _filter(ds: datasets.Dataset, kind: RowKind, config: BuildConfig):
+    """Exact duplicates, near duplicates and contaminated rows out, in one pass; counts and examples kept.
+
+    Duplicates are judged on the kind's key messages: a pair's prompt (pairs of one prompt in two sources would
+    teach the same preference twice, and could land on both sides of the split), and the whole of anything else.
+    The several pairs one row gives (UltraFeedback with a margin) share their prompt on purpose and are kept."""
     index, unreadable = _eval_index(config)
     near = NearDuplicateFinder(config.near_threshold) if config.near_threshold and config.dedupe else None
     first_seen: dict[str, str] = {}
     dropped, pairs, hits = Counter(), [], {}
 
     def keep(row) -> bool:
-        text = conversation_text(row["messages"])
+        key_messages = kind.key_messages(row)
         if config.dedupe:
-            key = exact_key(row["messages"])
-            if key in first_seen:
+            key = exact_key(key_messages)
+            if key in first_seen and _row_of(first_seen[key]) != _row_of(row["origin"]):
                 dropped["exact duplicate"] += 1
                 pairs.append({"dropped": row["origin"], "kept": first_seen[key], "kind": "exact"})
                 return False
+            if key in first_seen:
+                return _contamination_free(row)
             first_seen[key] = row["origin"]
         if near is not None:
-            match = near.seen(row["origin"], text)
+            match = near.seen(row["origin"], conversation_text(key_messages))
             if match is not None:
                 dropped["near duplicate"] += 1
                 pairs.append({"dropped": row["origin"], "kept": match, "kind": "near"})
                 return False
-        if index is not None:
-            found = index.hits(text)
-            if found:
-                dropped["contaminated"] += 1
-                hits[row["origin"]] = sorted(found)
-                return False
+        return _contamination_free(row)
+
+    def _contamination_free(row) -> bool:
+        found = index.hits(conversation_text(kind.all_messages(row))) if index is not None else None
+        if found:
+            dropped["contaminated"] += 1
+            hits[row["origin"]] = sorted(found)
+            return False
         return True
 
     kept = ds.filter(keep, desc="Deduplicating and decontaminating")
@@ -500,6 +353,11 @@ def _filter(ds: datasets.Dataset, config: BuildConfig):
     return kept, steps
 
 
+def _row_of(origin: str) -> str:
+    """The raw row an origin came from: '..., line 3, pair 2' -> '..., line 3'."""
+    return re.sub(r", pair \d+$", "", origin)
+
+
 def _eval_index(config: BuildConfig) -> tuple[EvalIndex | None, list[str]]:
     """The n-grams of every eval set, and the eval rows that could not be read (counted, and warned about: their
     n-grams are not checked)."""
@@ -511,8 +369,10 @@ def _eval_index(config: BuildConfig) -> tuple[EvalIndex | None, list[str]]:
         for where, result, _ in convert_rows(source, source_format(source)):
             if isinstance(result, RowError):
                 unreadable.append(f"{where}: {result}")
-            else:
-                index.add(where, conversation_text(result))
+            else:  # a conversation, or a pair / unpaired answer: all of its messages
+                messages = result if isinstance(result, list) else [
+                    m for name in ("prompt", "chosen", "rejected", "completion") for m in result.get(name, [])]
+                index.add(where, conversation_text(messages))
     if unreadable:
         log.warning("%d eval row(s) could not be read, so training rows are not checked against them (first: %s)",
                     len(unreadable), unreadable[0])
@@ -539,17 +399,29 @@ def _mix(ds: datasets.Dataset, config: BuildConfig):
     return ds.select(chosen), mix
 
 
-def _split(ds: datasets.Dataset, config: BuildConfig) -> dict[str, datasets.Dataset]:
+def _split(ds: datasets.Dataset, kind: RowKind, config: BuildConfig) -> dict[str, datasets.Dataset]:
+    """train/ and test/, with all rows of one prompt on the same side (pairs from one UltraFeedback row, KTO
+    answers to one prompt): held-out rows must be prompts training never saw."""
     if len(ds) == 0:
         raise DataError("no rows left after cleaning; see rejects.jsonl and the counts in manifest.json.")
     if not config.test_fraction:
         return {"train": ds}
-    test = math.ceil(config.test_fraction * len(ds))  # how datasets sizes the test split
-    if test >= len(ds):
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(ds["prompt"] if kind.name != MESSAGES else [None] * len(ds)):
+        groups.setdefault(exact_key(prompt) if prompt is not None else str(i), []).append(i)
+    order = list(groups.values())
+    random.Random(config.seed).shuffle(order)
+    wanted = math.ceil(config.test_fraction * len(ds))  # as datasets' train_test_split sizes it
+    test: list[int] = []
+    for group in order:
+        if len(test) >= wanted:
+            break
+        test += group
+    if len(test) >= len(ds):
         raise DataError(f"--test-fraction {config.test_fraction} of {len(ds)} clean row(s) leaves no row to train on: "
                         "lower it, or add rows.")
-    parts = ds.train_test_split(test_size=config.test_fraction, seed=config.seed)
-    return {"train": parts["train"], "test": parts["test"]}
+    chosen = set(test)
+    return {"train": ds.select([i for i in range(len(ds)) if i not in chosen]), "test": ds.select(sorted(test))}
 
 
 def _fingerprint(source: Source) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 Small instruct models get this wrong in telling ways (the month's number, zero padding, chatty answers), a short
 LoRA fine-tune fixes it, and exact match scores it without ambiguity. All text is generated here, from a seed.
+The same questions also come as preference pairs (`pairs=True`): the right ISO date chosen, a plausible wrong
+answer rejected (day and month swapped, no zero padding, the US form, the month off by one).
 """
 
 from __future__ import annotations
@@ -52,8 +54,27 @@ def make_example(rng: random.Random) -> dict:
                          {"role": "assistant", "content": f"{year:04d}-{month:02d}-{day:02d}"}]}
 
 
-def write_demo_data(out: Path, train_rows: int = 320, eval_rows: int = 48, seed: int = 0) -> dict[str, Path]:
-    """train.jsonl and eval.jsonl under `out`; no eval question also appears in train."""
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer to an ISO-date question: what small models write instead."""
+    year, month, day = (int(part) for part in answer.split("-"))
+    mistakes = [f"{year}-{month}-{day}", f"{month:02d}/{day:02d}/{year}",
+                f"{year:04d}-{month % 12 + 1:02d}-{day:02d}"]
+    if day <= 12 and day != month:
+        mistakes.append(f"{year:04d}-{day:02d}-{month:02d}")
+    return rng.choice(mistakes)
+
+
+def as_pair(example: dict, rng: random.Random) -> dict:
+    """A demo conversation as a preference pair: its answer chosen, a plausible wrong one rejected."""
+    *prompt, answer = example["messages"]
+    return {"prompt": prompt, "chosen": [answer],
+            "rejected": [{"role": "assistant", "content": wrong_answer(answer["content"], rng)}]}
+
+
+def write_demo_data(out: Path, train_rows: int = 320, eval_rows: int = 48, seed: int = 0,
+                    pairs: bool = False) -> dict[str, Path]:
+    """train.jsonl and eval.jsonl under `out` (conversations, or with `pairs` preference pairs); no eval question
+    also appears in train."""
     rng = random.Random(seed)
     seen, rows = set(), []
     while len(rows) < train_rows + eval_rows:
@@ -62,6 +83,8 @@ def write_demo_data(out: Path, train_rows: int = 320, eval_rows: int = 48, seed:
         if question not in seen:
             seen.add(question)
             rows.append(example)
+    if pairs:
+        rows = [as_pair(row, rng) for row in rows]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     for name, part in (("train", rows[:train_rows]), ("eval", rows[train_rows:])):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from llmft.schema import REASONING_FIELDS, Messages, RowError
@@ -21,7 +21,7 @@ SHAREGPT_CALLS = ("function_call",)  # speakers whose value is a tool call: {"na
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
-def _text(row: dict, field: str, required: bool = True) -> str:
+def text_of(row: dict, field: str, required: bool = True) -> str:
     value = row.get(field)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
@@ -34,9 +34,9 @@ def _text(row: dict, field: str, required: bool = True) -> str:
 
 def from_alpaca(row: dict) -> Messages:
     """{instruction, input, output} with optional system and history [[user, assistant], ...]."""
-    instruction, extra, output = _text(row, "instruction"), _text(row, "input", False), _text(row, "output")
+    instruction, extra, output = text_of(row, "instruction"), text_of(row, "input", False), text_of(row, "output")
     messages: Messages = []
-    if _text(row, "system", False):
+    if text_of(row, "system", False):
         messages.append({"role": "system", "content": row["system"]})
     history = row.get("history") or []
     if not isinstance(history, list):
@@ -121,15 +121,15 @@ def from_prompt_completion(row: dict) -> Messages:
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):
         return from_openai({"messages": prompt + completion})
-    return [{"role": "user", "content": _text(row, "prompt")}, {"role": "assistant", "content": _text(row, "completion")}]
+    return [{"role": "user", "content": text_of(row, "prompt")}, {"role": "assistant", "content": text_of(row, "completion")}]
 
 
 def from_columns(row: dict, prompt: str, completion: str, system: str | None = None) -> Messages:
     """Plain columns named by the source's prompt_field, completion_field (and system_field), e.g. GSM8K's
     {question, answer}."""
-    messages = [{"role": "system", "content": _text(row, system)}] if system else []
-    return messages + [{"role": "user", "content": _text(row, prompt)},
-                       {"role": "assistant", "content": _text(row, completion)}]
+    messages = [{"role": "system", "content": text_of(row, system)}] if system else []
+    return messages + [{"role": "user", "content": text_of(row, prompt)},
+                       {"role": "assistant", "content": text_of(row, completion)}]
 
 
 # OASST message trees -------------------------------------------------------------------------------------------
@@ -139,10 +139,18 @@ def oasst_paths(root: dict, best_only: bool) -> list[Messages]:
     """Every root-to-leaf conversation of a nested tree ({text, role, replies: [...]}), or only the best-ranked one.
 
     Ranks follow OASST: a lower `rank` is better; replies without a rank come after ranked ones. Replies marked
-    `deleted: true` are left out (`oasst_deleted` counts them). Walked with a stack, not recursion: a tree may be
-    as deep as its JSON allows.
+    `deleted: true` are left out (`oasst_deleted` counts them).
     """
-    paths, stack = [], [(root, [], "prompt")]
+    def best(replies):
+        return [min(replies, key=lambda pair: reply_rank(pair[1]))] if best_only and replies else replies
+
+    return [path for _, path, _, replies in oasst_walk(root, best) if not replies]
+
+
+def oasst_walk(root: dict, choose=lambda replies: replies) -> Iterator[tuple[dict, Messages, str, list]]:
+    """(message, the thread through it, where, the replies walked on) for each message of a tree, depth first, going
+    on into the (index, reply) pairs `choose` keeps. A stack, not recursion: a tree may be as deep as its JSON."""
+    stack = [(root, [], "prompt")]
     while stack:
         node, path, where = stack.pop()
         if not isinstance(node, dict):
@@ -150,17 +158,13 @@ def oasst_paths(root: dict, best_only: bool) -> list[Messages]:
         role = node.get("role")
         if not isinstance(role, str) or role not in OASST_ROLES:
             raise RowError(f"{where}.role", f"expected 'prompter' or 'assistant', got {role!r}")
-        path = path + [{"role": OASST_ROLES[role], "content": _text(node, "text")}]
-        replies = _replies(node, where)
-        if best_only and replies:
-            replies = [min(replies, key=lambda pair: _rank(pair[1]))]
-        if not replies:
-            paths.append(path)
+        path = path + [{"role": OASST_ROLES[role], "content": text_of(node, "text")}]
+        replies = choose(live_replies(node, where))
+        yield node, path, where, replies
         stack += [(reply, path, f"{where}.replies[{i}]") for i, reply in reversed(replies)]
-    return paths
 
 
-def _replies(node: dict, where: str) -> list[tuple[int, Any]]:
+def live_replies(node: dict, where: str) -> list[tuple[int, Any]]:
     """(index, reply) of a node's replies that are not deleted."""
     replies = node.get("replies") or []
     if not isinstance(replies, list):
@@ -182,7 +186,7 @@ def oasst_deleted(root: Any) -> int:
     return count
 
 
-def _rank(reply) -> tuple[bool, float]:
+def reply_rank(reply) -> tuple[bool, float]:
     """Sort key of a reply: ranked ones first, lower rank better (a rank that is not a number counts as unranked)."""
     rank = reply.get("rank") if isinstance(reply, dict) else None
     usable = isinstance(rank, (int, float)) and not isinstance(rank, bool) and rank == rank

@@ -17,9 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llmft.data import IGNORE, load_rows, tokenize_row, validate_rows
+from llmft.data import IGNORE, answer_ids, load_rows, tokenize_row, validate_rows
 from llmft.errors import ConfigError
 from llmft.masking import masking_for
+from llmft.schema import PREFERENCE, UNPAIRED
 from llmft.schema import example as as_example
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the tokens that carry loss in the rendered example
@@ -68,8 +69,11 @@ def report_command(options: ReportOptions) -> None:
 def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, overlong: str,
            source: str, reasoning: str = "keep") -> dict[str, Any]:
     """Length distribution, what max_length would drop or cut, loss share, per-role tokens, the masking strategy of
-    the chat template, and a rendered example (one with a tool call, when the data has any)."""
+    the chat template, and a rendered example (one with a tool call, when the data has any). Preference rows get
+    their own report (`pair_report`)."""
     kind = validate_rows(rows, source)
+    if kind in (PREFERENCE, UNPAIRED):
+        return pair_report(rows, kind, tokenizer, max_length, overlong, source, reasoning)
     lengths, trainable, role_tokens = [], [], Counter()
     over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
     rendered, rendered_tools = None, None
@@ -115,6 +119,73 @@ def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     }
 
 
+LENGTH_BIAS = 0.65  # chosen longer in more than this share of pairs (or shorter in more): a model can learn length
+
+
+def pair_report(rows: datasets.Dataset, kind: str, tokenizer, max_length: int | None, overlong: str, source: str,
+                reasoning: str = "keep") -> dict[str, Any]:
+    """Preference pairs (or KTO answers): how many, prompt and answer lengths, how often the chosen answer is the
+    longer one (a length bias a model learns instead of quality: the classic trap of preference data), and what
+    max_length would drop or cut."""
+    answers = ("chosen", "rejected") if kind == PREFERENCE else ("completion",)
+    prompts, lengths, over, rendered = [], {a: [] for a in answers}, 0, None
+    labels = rows["label"] if kind == UNPAIRED else None
+    for row in tqdm(rows, desc="Tokenizing", unit="row"):
+        ids = {a: answer_ids(tokenizer, row, kind, a, reasoning) for a in answers}
+        prompt = ids[answers[0]][0]
+        prompts.append(len(prompt))
+        for a in answers:
+            lengths[a].append(len(ids[a][1]))
+        over += max_length is not None and len(prompt) + max(len(ids[a][1]) for a in answers) > max_length
+        if rendered is None:
+            answer = ids[answers[0]][1]
+            rendered = render_mask(tokenizer, prompt + answer, [IGNORE] * len(prompt) + answer)
+    out = {"source": source, "schema": kind, "rows": len(rows), "max_length": max_length, "overlong_policy": overlong,
+           "reasoning": reasoning, "prompt_tokens": _spread(prompts),
+           "answer_tokens": {a: _spread(v) for a, v in lengths.items()}, "over_max_length": {"rows": over},
+           "example": rendered, "lengths": [p + max(v[i] for v in lengths.values()) for i, p in enumerate(prompts)]}
+    if kind == PREFERENCE:
+        longer = sum(c > r for c, r in zip(lengths["chosen"], lengths["rejected"])) / len(rows)
+        shorter = sum(c < r for c, r in zip(lengths["chosen"], lengths["rejected"])) / len(rows)
+        out["chosen_longer_share"], out["chosen_shorter_share"] = longer, shorter
+        out["length_bias"] = longer > LENGTH_BIAS or shorter > LENGTH_BIAS
+        scores = [r.get("score_chosen") for r in rows] if "score_chosen" in rows.column_names else []
+        out["scored_pairs"] = sum(s is not None for s in scores)
+    else:
+        out["desirable"] = sum(labels)
+        out["undesirable"] = len(labels) - out["desirable"]
+    return out
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    arr = np.array(values)
+    return {"mean": float(arr.mean()), "p50": int(np.percentile(arr, 50)), "p90": int(np.percentile(arr, 90)),
+            "max": int(arr.max())}
+
+
+def format_pair_table(r: dict[str, Any]) -> str:
+    def spread(d):
+        return f"mean {d['mean']:.1f}, p50 {d['p50']}, p90 {d['p90']}, max {d['max']}"
+
+    rows = [("rows", f"{r['rows']:,}"), ("prompt tokens", spread(r["prompt_tokens"]))]
+    rows += [(f"{name} answer tokens", spread(d)) for name, d in r["answer_tokens"].items()]
+    if r["schema"] == PREFERENCE:
+        rows.append(("chosen longer / shorter than rejected",
+                     f"{r['chosen_longer_share']:.0%} / {r['chosen_shorter_share']:.0%}"
+                     + ("  <- LENGTH BIAS: a model can learn to prefer length instead of quality"
+                        if r["length_bias"] else "")))
+        rows.append(("pairs with scores", f"{r['scored_pairs']:,}"))
+    else:
+        rows.append(("desirable / undesirable", f"{r['desirable']:,} / {r['undesirable']:,}"))
+    rows.append((f"rows over max_length ({r['max_length']})", f"{r['over_max_length']['rows']:,} -> "
+                                                             f"{r['overlong_policy']}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"Pre-flight report: {r['source']} ({r['schema']})", ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += ["", f"First example, rendered; loss on the tokens between {MARK_OPEN} and {MARK_CLOSE}:", "",
+              r["example"]]
+    return "\n".join(lines)
+
+
 def render_mask(tokenizer, ids: list[int], labels: list[int]) -> str:
     """The decoded example with every run of loss-carrying tokens between ⟦ and ⟧."""
     out, inside = [], False
@@ -128,6 +199,8 @@ def render_mask(tokenizer, ids: list[int], labels: list[int]) -> str:
 
 
 def format_table(r: dict[str, Any]) -> str:
+    if r["schema"] in (PREFERENCE, UNPAIRED):
+        return format_pair_table(r)
     over = r["over_max_length"]
     rows = [
         ("rows", f"{r['rows']:,}" + (f" ({r['examples']:,} examples: one per assistant turn)"

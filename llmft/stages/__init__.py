@@ -1,9 +1,9 @@
-"""Training stages: what differs between supervised fine-tuning and the stages to come (preference tuning, RL,
-continued pretraining) is the TRL trainer and how rows become its dataset. Everything else is shared by
+"""Training stages: what differs between supervised fine-tuning, preference tuning and reward models is the TRL
+trainer, how rows become its dataset, and (for a reward model) the head on the model. Everything else is shared by
 `llmft.train`: the run directory, evaluation hooks, resume, the NaN guard, the model card and push.
 
-A new stage is a module with `trainer_class()` and `prepare()`, a row in STAGES, and its name in
-`llmft.config.STAGES` (which the recipe's `training.stage` is checked against).
+A new stage is a trainer class and a `prepare` function, a row in STAGES, its training section in
+`llmft.config.TRAINING_CLASSES` and its name in `llmft.config.STAGES` (a test keeps the three equal).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmft.stages import sft
+from llmft.schema import MESSAGES, PREFERENCE, UNPAIRED
+from llmft.stages import preference, sft
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,16 @@ class Stage:
     trainer_class: Callable[[], type]  # the TRL trainer, imported only when training starts (TRL takes seconds)
     prepare: Callable  # (rows, tokenizer, recipe, source) -> (the trainer's dataset, TokenizeReport)
     tags: tuple[str, ...]  # the model card's tags
+    rows: str  # the kind of rows it trains on (llmft.schema); KTO also takes pairs, unpaired
+    head: str = "causal_lm"  # the model's head: causal_lm, or sequence_classification (a reward model's score)
+    micro_batches: bool = True  # CPU micro-batches allowed (KTO estimates its KL term across a whole batch)
 
 
-STAGES = {"sft": Stage("sft", sft.trainer_class, sft.prepare, ("sft",))}
+STAGES = {
+    "sft": Stage("sft", sft.trainer_class, sft.prepare, ("sft",), MESSAGES),
+    "dpo": Stage("dpo", preference.dpo_trainer_class, preference.prepare_pairs, ("dpo",), PREFERENCE),
+    "kto": Stage("kto", preference.kto_trainer_class, preference.prepare_unpaired, ("kto",), UNPAIRED,
+                 micro_batches=False),
+    "reward": Stage("reward", preference.reward_trainer_class, preference.prepare_reward, ("reward-model",),
+                    PREFERENCE, head="sequence_classification"),
+}

@@ -1,0 +1,98 @@
+"""Preference stages: DPO (and its loss variants), KTO and reward models, on TRL's trainers.
+
+Rows are tokenized by llmft (`llmft.data.prepare_preference`) with the same chat-template logic and loss masks as
+supervised training: the prompt is everything the template renders before the answer, and the answer is its
+content, tool calls, kept reasoning and end-of-turn token. TRL 1.16's DPOTrainer and KTOTrainer re-tokenize any
+dataset they are given (their RewardTrainer and SFTTrainer skip pre-tokenized ones); the small subclasses below
+only make the first two do the same.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from llmft.data import prepare_preference
+from llmft.schema import PREFERENCE, UNPAIRED
+
+
+def _without_reference_copy(model) -> None:
+    """TRL copies a PEFT model's adapter as a frozen "ref" adapter to compute the reference with (and saves it in
+    ref/). llmft's adapters are always fresh, so the reference is the model with its adapter disabled, which TRL
+    uses when there is no "ref" adapter: no second adapter in memory, none in the run directory."""
+    config = getattr(model, "peft_config", {})
+    if "ref" in config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
+@functools.cache
+def dpo_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer on pairs llmft tokenized (prompt_ids, chosen_ids, rejected_ids)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _without_reference_copy(self.model)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+@functools.cache
+def kto_trainer_class() -> type:
+    from trl import KTOTrainer
+
+    class PretokenizedKTOTrainer(KTOTrainer):
+        """KTOTrainer on answers llmft tokenized (prompt_ids, completion_ids, label); the KL term's mismatched
+        completions are made as TRL makes them: each batch's completions rotated by one."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _without_reference_copy(self.model)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not self.calculate_KL:
+                return dataset
+
+            def rotate(batch):
+                return {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]}
+
+            return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size,
+                               desc=f"Mismatched completions for the KL term ({dataset_name})")
+
+    return PretokenizedKTOTrainer
+
+
+def reward_trainer_class() -> type:
+    from trl import RewardTrainer  # takes chosen_ids / rejected_ids as they are
+
+    return RewardTrainer
+
+
+def _prepare(want: str):
+    def prepare(rows, tokenizer, recipe, source: str):
+        args = recipe.training
+        return prepare_preference(rows, tokenizer, args.max_length, recipe.data.overlong, source, want,
+                                  args.dataset_num_proc, recipe.data.reasoning)
+    return prepare
+
+
+prepare_pairs = _prepare(PREFERENCE)
+prepare_unpaired = _prepare(UNPAIRED)
+
+
+def prepare_reward(rows, tokenizer, recipe, source: str):
+    """Pairs as the reward model reads them: each answer with its prompt, whole (chosen_ids, rejected_ids)."""
+    pairs, report = prepare_pairs(rows, tokenizer, recipe, source)
+    whole = pairs.map(lambda row: {"chosen_ids": row["prompt_ids"] + row["chosen_ids"],
+                                   "rejected_ids": row["prompt_ids"] + row["rejected_ids"]},
+                      remove_columns=["prompt_ids"], desc="Joining prompts and answers")
+    return whole, report
