@@ -34,6 +34,9 @@ commands:
   data report DATASET --recipe R   pre-flight report: lengths, truncation, loss share, a rendered loss mask
   selfchat --seeds FILE --out DIR  Baize-style self-chat: one model writes both sides of dialogues about seed
                                    questions (local model or OpenAI-compatible server); resumable
+  selfchat feedback --prompts P --judge-model J --out DIR
+                                   Baize v2 self-distillation: sample N answers a prompt, a judge grades them;
+                                   best answers (sft/) and best vs worst pairs (dpo/); resumable
   augment DATA --out FILE          more rows by paraphrasing or back-translating user turns (same backends)
 
   eval RUN_DIR|MODEL [--baseline B] held-out loss, generation metrics and general-text perplexity; with a baseline,
@@ -118,9 +121,22 @@ def _selfchat(argv: list[str]) -> Callable[[], None]:
     from llmft.synth.backends import BackendOptions, Sampling
     from llmft.synth.selfchat import SelfChatRunOptions, SelfChatSettings, selfchat_command
 
+    if argv[:1] == ["feedback"]:
+        return _feedback(argv[1:])
     options = parse([SelfChatRunOptions, SelfChatSettings, Sampling, BackendOptions], argv, "llmft selfchat",
                     description="Generate multi-turn dialogues by self-chat.", config_flag="config")
     return lambda: selfchat_command(*options, "llmft selfchat " + " ".join(argv))
+
+
+def _feedback(argv: list[str]) -> Callable[[], None]:
+    from llmft.judge import JudgeOptions
+    from llmft.synth.backends import BackendOptions, Sampling
+    from llmft.synth.feedback import FeedbackOptions, feedback_command
+
+    options = parse([FeedbackOptions, Sampling, BackendOptions, JudgeOptions], argv, "llmft selfchat feedback",
+                    description="Baize v2's self-distillation with feedback: sample answers, a judge grades them; "
+                                "the best answers (sft/) and best vs worst (dpo/).", defaults={"temperature": 0.9})
+    return lambda: feedback_command(*options, "llmft selfchat feedback " + " ".join(argv))
 
 
 def _augment(argv: list[str]) -> Callable[[], None]:
@@ -136,7 +152,7 @@ def _augment(argv: list[str]) -> Callable[[], None]:
 def _eval(argv: list[str]) -> Callable[[], None]:
     from llmft.evaluation import OPTIONS, RENAMED, evaluate_command, run_defaults
 
-    (target, _) = parse(OPTIONS, argv, "llmft eval", renamed=RENAMED)  # which run, to start from its settings
+    target = parse(OPTIONS, argv, "llmft eval", renamed=RENAMED)[0]  # which run, to start from its settings
     options = parse(OPTIONS, argv, "llmft eval", defaults=run_defaults(target.target), renamed=RENAMED)
     return lambda: evaluate_command(*options)
 

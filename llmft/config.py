@@ -12,12 +12,18 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+
+with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental; docs/preference.md says so, once
+    warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
 
 from llmft.errors import ConfigError
 from llmft.hardware import cuda_available, fast_bf16_available
@@ -30,7 +36,7 @@ OVERLONG = ("drop", "truncate")
 REASONING = ("keep", "drop")
 EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")  # built in, offline; or evaluate:<metric id>
 EXTRACTORS = ("none", "gsm8k", "last_number")  # or regex:PATTERN
-STAGES = ("sft", "dpo", "kto", "reward")  # training.stage: the keys of llmft.stages.STAGES (a test keeps them equal)
+STAGES = ("sft", "dpo", "orpo", "cpo", "kto", "reward")  # training.stage: the keys of llmft.stages.STAGES (a test keeps them equal)
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 ON_NONFINITE = ("stop", "skip")
@@ -478,6 +484,24 @@ class DPOTrainingConfig(LlmftTraining, DPOConfig):
 
 
 @dataclass
+class ORPOTrainingConfig(LlmftTraining, ORPOConfig):
+    """Odds-ratio preference optimisation: SFT on the chosen answers plus an odds-ratio penalty on the rejected, no
+    reference model: `trl.experimental.orpo.ORPOConfig` with llmft's settings."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (5e-5 suits LoRA ORPO)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "ORPO's collator needs every column."})
+
+
+@dataclass
+class CPOTrainingConfig(LlmftTraining, CPOConfig):
+    """Contrastive preference optimisation, and SimPO (loss_type: simpo, cpo_alpha: 0: a length-normalised reward
+    with a margin, no reference model): `trl.experimental.cpo.CPOConfig` with llmft's settings."""
+
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate (5e-6 suits LoRA SimPO)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "CPO's collator needs every column."})
+
+
+@dataclass
 class KTOTrainingConfig(LlmftTraining, KTOConfig):
     """Kahneman-Tversky optimisation on answers labelled desirable or not: `trl.KTOConfig` with llmft's settings."""
 
@@ -492,8 +516,8 @@ class RewardTrainingConfig(LlmftTraining, RewardConfig):
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (1e-5 suits a LoRA reward model)."})
 
 
-TRAINING_CLASSES = {"sft": TrainingConfig, "dpo": DPOTrainingConfig, "kto": KTOTrainingConfig,
-                    "reward": RewardTrainingConfig}
+TRAINING_CLASSES = {"sft": TrainingConfig, "dpo": DPOTrainingConfig, "orpo": ORPOTrainingConfig,
+                    "cpo": CPOTrainingConfig, "kto": KTOTrainingConfig, "reward": RewardTrainingConfig}
 
 
 SECTIONS: dict[str, type] = {
@@ -599,7 +623,7 @@ def _key_hint(key: str, section: str, known: dict[str, type]) -> str:
     if section == "training":
         stages = [stage for stage, cls in TRAINING_CLASSES.items() if key in field_names(cls)]
         if stages:
-            return f" It is a setting of training.stage {' or '.join(stages)}."
+            return f" It is a setting of training.stage {', '.join(stages[:-1])}{' or ' if stages[1:] else ''}{stages[-1]}."
     return suggest(key, field_names(known[section]))
 
 

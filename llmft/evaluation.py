@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from llmft import run_dir
 from llmft.config import EVAL_METRICS, GenerationEval
 from llmft.errors import ConfigError, DataError
+from llmft.judge import JudgeOptions
 from llmft.model import generate_texts
 from llmft.schema import PREFERENCE, UNPAIRED, clean_tools, kind_of, prompt_and_reference, without_reasoning
 
@@ -516,7 +517,7 @@ class EvalOptions:
             raise ConfigError(problems, what="the options of llmft eval")
 
 
-OPTIONS = [EvalOptions, GenerationEval]
+OPTIONS = [EvalOptions, GenerationEval, JudgeOptions]
 RENAMED = {"--batch-size": "--generation_batch_size", "--lm-eval-no-chat-template": "--no_lm_eval_chat_template"}
 
 
@@ -614,10 +615,37 @@ def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings
     return results, generated, logps
 
 
-def evaluate_command(options: EvalOptions, settings: GenerationEval) -> None:
+def judged(judge_options: JudgeOptions, items, answers: Generated, base_answers: Generated | None,
+           batch_size: int) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
+    """A judge's view of the answers: mean 1-10 grade of each model, and with a baseline the run's win rate against
+    it (both orders judged, so position bias cancels). Returns (run metrics, baseline metrics, judge details)."""
+    from llmft.judge import make_judge, win_rate
+
+    judge = make_judge(judge_options, batch_size)
+    prompts = [it["prompt"] for it in items]
+
+    def mean_grade(generated: Generated) -> dict[str, float]:
+        grades = [g for g in judge.grade(prompts, generated.answers) if g is not None]
+        return {"eval_judge_score": sum(score for score, _ in grades) / len(grades) if grades else float("nan")}
+
+    tuned, baseline, details = mean_grade(answers), None, {}
+    if base_answers is not None:
+        baseline = mean_grade(base_answers)
+        comparisons = judge.compare(prompts, answers.answers, base_answers.answers)
+        tuned.update(win_rate(comparisons))
+        details["comparisons"] = comparisons
+    details.update(judge.stats())
+    return tuned, baseline, details
+
+
+def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_options: JudgeOptions | None = None) -> None:
     """`llmft eval`: a run or model (and a baseline) on held-out data; eval_results.json and eval_report.md."""
     from llmft.stages import STAGES
 
+    judge_options = judge_options or JudgeOptions()
+    if judge_options.given and not settings.num_generate:
+        raise ConfigError(["a judge grades generated answers: set --num_generate N (held-out prompts to answer)."],
+                          what="the options of llmft eval")
     loaded = load_metrics(settings.metrics)
     model, tokenizer, run = load_for_eval(options.target)
     reward_model = run is not None and STAGES[run.info.stage].head == "sequence_classification"
@@ -634,12 +662,19 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval) -> None:
         if logps is not None:  # DPO's implicit reward of the run against the baseline as reference
             beta = getattr(run.recipe.training, "beta", 0.1) if run else 0.1
             tuned.update(pair_metrics(*logps, *base_logps, beta=beta))
+    judge = None
+    if judge_options.given and answers is not None:
+        judge_tuned, judge_base, judge = judged(judge_options, items, answers, base_answers,
+                                                settings.generation_batch_size)
+        tuned.update(judge_tuned)
+        if baseline is not None:
+            baseline.update(judge_base)
     name = Path(options.target).name
     out = Path(options.out) if options.out else Path(options.target) if run else Path(f"eval_{name}")
     results = {"target": options.target, "data": label, "settings": {**asdict(options), **asdict(settings)},
                "results": tuned, "baseline": baseline, "baseline_model": base_name,
                "deltas": {k: tuned[k] - baseline[k] for k in tuned if k in baseline} if baseline else None,
-               "samples": samples(items, answers, base_answers) if answers else []}
+               "samples": samples(items, answers, base_answers) if answers else [], "judge": judge}
     report = "\n".join([f"# Evaluation of {name}", "", *run_dir.metrics_table(tuned, baseline, name, f"{base_name} (baseline)"),
                         "", "Lower is better for eval_loss and eval_general_ppl; higher for the others.", ""])
     paths = run_dir.write_eval_results(out, results, report)

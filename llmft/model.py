@@ -358,11 +358,13 @@ def add_lora(model: PreTrainedModel, cfg: PeftSettings, task_type: str = "CAUSAL
 @torch.no_grad()
 def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                   stop: list[str] | None = None, add_special_tokens: bool = False) -> tuple[list[str], int]:
+                   stop: list[str] | None = None, add_special_tokens: bool = False,
+                   num_return_sequences: int = 1) -> tuple[list[str], int]:
     """Continuations of `texts`, generated together (left padding, KV cache); greedy when temperature is 0.
 
-    Each continuation ends at EOS or at the first `stop` string (removed). Returns the texts and the number of
-    tokens generated (padding excluded).
+    Each continuation ends at EOS or at the first `stop` string (removed). With `num_return_sequences` n, each text
+    gets n sampled continuations, consecutive in the result. Returns the texts and the number of tokens generated
+    (padding excluded).
     """
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
@@ -374,7 +376,8 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
             "do_sample": False}
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id, stop_strings=stop or None,
-                                tokenizer=tokenizer if stop else None, **sampling)
+                                tokenizer=tokenizer if stop else None, num_return_sequences=num_return_sequences,
+                                **sampling)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -390,7 +390,7 @@ def _summary(out: Path, metrics: Metrics, records: list[dict[str, Any]], show: i
             ("ROUGE-L", "eval_rouge_l", "{:.3f}"), ("BLEU", "eval_bleu", "{:.1f}"), ("chrF", "eval_chrf", "{:.1f}"),
             ("forgetting", "eval_forgetting_ppl_ratio", "{:.3f}x"),
             ("pair accuracy", "eval_pair_accuracy", "{:.1%}"), ("reward accuracy", "eval_reward_accuracy", "{:.1%}"),
-            ("DPO rew. acc.", "eval_rewards/accuracies", "{:.1%}"), ("reward margin", "eval_rewards/margins", "{:.3f}")]
+            ("TRL rew. acc.", "eval_rewards/accuracies", "{:.1%}"), ("TRL rew. margin", "eval_rewards/margins", "{:.3f}")]
     lines.append(f"{'':14}{'before':>12}{'after':>12}")
     for label, key, fmt in rows:
         values = [(evaluated or {}).get(key) for evaluated in (metrics.before, metrics.after)]

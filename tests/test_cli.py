@@ -43,7 +43,7 @@ def test_every_command_has_help(name, capsys):
 
 def test_deprecated_eval_flags_still_work_and_say_so(caplog):
     with caplog.at_level(logging.WARNING, logger="llmft"):
-        options, settings = parse(OPTIONS, ["some/model", "--batch-size", "4", "--lm-eval-no-chat-template"],
+        options, settings, _ = parse(OPTIONS, ["some/model", "--batch-size", "4", "--lm-eval-no-chat-template"],
                                   "llmft eval", renamed=RENAMED)
     assert settings.generation_batch_size == 4 and options.lm_eval_chat_template is False
     assert "--batch-size is deprecated; use --generation_batch_size" in caplog.text

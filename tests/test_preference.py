@@ -263,3 +263,12 @@ def test_the_report_of_pairs_flags_a_length_bias(tmp_path):
     assert "LENGTH BIAS" in format_table(result)
     balanced = Dataset.from_list(pair_rows(10))
     assert not report(balanced, tokenizer, 64, "drop", "balanced")["length_bias"]
+
+
+@pytest.mark.parametrize("stage,extra", [("orpo", {}), ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0})],
+                         ids=["orpo", "simpo"])
+def test_reference_free_stages_orpo_and_simpo_train(tmp_path, tiny_model_dir, pairs_file, stage, extra):
+    out = train(_recipe(tmp_path, tiny_model_dir, pairs_file, stage, max_steps=3, learning_rate=1e-2, **extra))
+    run = _changed(out)
+    assert run.info.stage == stage and "eval_rewards/accuracies" in run.metrics.after
+    assert "eval_nll_loss" in run.metrics.after and "eval_pair_accuracy" in run.metrics.after

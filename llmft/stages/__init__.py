@@ -29,6 +29,8 @@ class Stage:
 STAGES = {
     "sft": Stage("sft", sft.trainer_class, sft.prepare, ("sft",), MESSAGES),
     "dpo": Stage("dpo", preference.dpo_trainer_class, preference.prepare_pairs, ("dpo",), PREFERENCE),
+    "orpo": Stage("orpo", preference.orpo_trainer_class, preference.prepare_pairs, ("orpo",), PREFERENCE),
+    "cpo": Stage("cpo", preference.cpo_trainer_class, preference.prepare_pairs, ("cpo",), PREFERENCE),
     "kto": Stage("kto", preference.kto_trainer_class, preference.prepare_unpaired, ("kto",), UNPAIRED,
                  micro_batches=False),
     "reward": Stage("reward", preference.reward_trainer_class, preference.prepare_reward, ("reward-model",),

@@ -1,17 +1,17 @@
-"""Preference stages: DPO (and its loss variants), KTO and reward models, on TRL's trainers.
+"""Preference stages: DPO (and its loss variants), ORPO, CPO and SimPO, KTO and reward models, on TRL's trainers.
 
 Rows are tokenized by llmft (`llmft.data.prepare_preference`) with the same chat-template logic and loss masks as
 supervised training: the prompt is everything the template renders before the answer, and the answer is its
 content, tool calls, kept reasoning and end-of-turn token. TRL 1.16's DPOTrainer and KTOTrainer re-tokenize any
-dataset they are given (their RewardTrainer and SFTTrainer skip pre-tokenized ones); the small subclasses below
-only make the first two do the same.
+dataset they are given, and its experimental ORPO and CPO trainers tokenize text (its RewardTrainer and SFTTrainer
+skip pre-tokenized data); the small subclasses below only make them take llmft's tokens as they are.
 """
 
 from __future__ import annotations
 
 import functools
 
-from llmft.data import prepare_preference
+from llmft.data import IGNORE, prepare_preference
 from llmft.schema import PREFERENCE, UNPAIRED
 
 
@@ -69,6 +69,44 @@ def kto_trainer_class() -> type:
                                desc=f"Mismatched completions for the KL term ({dataset_name})")
 
     return PretokenizedKTOTrainer
+
+
+def _tokens_as_trl_row(feature) -> dict:
+    """A pre-tokenized pair in the form TRL's ORPO and CPO trainers tokenize text into."""
+    prompt = feature["prompt_ids"]
+    row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for name in ("chosen", "rejected"):
+        sequence = prompt + feature[f"{name}_ids"]
+        row.update({f"{name}_input_ids": sequence, f"{name}_attention_mask": [1] * len(sequence),
+                    f"{name}_labels": [IGNORE] * len(prompt) + feature[f"{name}_ids"]})
+    return row
+
+
+def _text_trainer(trainer: type) -> type:
+    class Pretokenized(trainer):
+        __doc__ = f"{trainer.__name__} on pairs llmft tokenized (no reference model: the loss needs none)."
+
+        def tokenize_row(self, feature, model=None):
+            if "prompt_ids" in feature:
+                return _tokens_as_trl_row(feature)
+            return super().tokenize_row(feature, model)
+
+    Pretokenized.__name__ = f"Pretokenized{trainer.__name__}"
+    return Pretokenized
+
+
+@functools.cache
+def orpo_trainer_class() -> type:
+    from trl.experimental.orpo import ORPOTrainer
+
+    return _text_trainer(ORPOTrainer)
+
+
+@functools.cache
+def cpo_trainer_class() -> type:
+    from trl.experimental.cpo import CPOTrainer  # CPO, and SimPO with loss_type: simpo and cpo_alpha: 0
+
+    return _text_trainer(CPOTrainer)
 
 
 def reward_trainer_class() -> type:

@@ -1,8 +1,9 @@
 """Text generation backends for self-chat: a local transformers model, or any OpenAI-compatible HTTP server.
 
-Both answer the same two calls, each taking a whole batch so work can run together:
-  chat(conversations)  -> the assistant's next message for each conversation (the model's chat template applies)
-  complete(prompts)    -> raw text continuations, cut at the first stop string
+Both answer the same calls, each taking a whole batch so work can run together:
+  chat(conversations)       -> the assistant's next message for each conversation (the model's chat template applies)
+  chat_n(conversations, n)  -> n sampled answers for each conversation (num_return_sequences, or the API's `n`)
+  complete(prompts)         -> raw text continuations, cut at the first stop string
 and count the tokens they generated (`generated_tokens`).
 """
 
@@ -88,15 +89,22 @@ class LocalBackend:
                  for c in conversations]
         return self._generate(texts, sampling, stop, add_special_tokens=False)
 
-    def _generate(self, texts, sampling: Sampling, stop, add_special_tokens: bool) -> list[str]:
+    def chat_n(self, conversations: list[list[dict]], n: int, sampling: Sampling) -> list[list[str]]:
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        flat = self._generate(texts, sampling, None, add_special_tokens=False, n=n)
+        return [flat[i * n: (i + 1) * n] for i in range(len(conversations))]
+
+    def _generate(self, texts, sampling: Sampling, stop, add_special_tokens: bool, n: int = 1) -> list[str]:
         from llmft.model import generate_texts
 
         out = []
-        for start in range(0, len(texts), self.batch_size):
+        per_batch = max(1, self.batch_size // n)  # batch_size counts sequences, n of them per text
+        for start in range(0, len(texts), per_batch):
             answers, generated = generate_texts(
-                self.model, self.tokenizer, texts[start : start + self.batch_size],
+                self.model, self.tokenizer, texts[start : start + per_batch],
                 max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                stop=stop, add_special_tokens=add_special_tokens)
+                stop=stop, add_special_tokens=add_special_tokens, num_return_sequences=n)
             out += answers
             self.generated_tokens += generated
         return out
@@ -124,6 +132,16 @@ class OpenAIBackend:
         payloads = [{"messages": c, **self._sampling(sampling, stop)} for c in conversations]
         return self._run("/chat/completions", payloads, lambda choice: choice["message"]["content"] or "")
 
+    def chat_n(self, conversations: list[list[dict]], n: int, sampling: Sampling) -> list[list[str]]:
+        payloads = [{"messages": c, "n": n, **self._sampling(sampling, None)} for c in conversations]
+        results = self._results("/chat/completions", payloads)
+        answers = [[(choice["message"]["content"] or "").strip() for choice in r["choices"]] for r in results]
+        short = [i for i, a in enumerate(answers) if len(a) != n]
+        if short:
+            raise GenerationError(f"{self.base_url} answered {len(answers[short[0]])} choices where n={n} were asked "
+                                  "(the server may not support n): use a local --model, or n 1.")
+        return answers
+
     def complete(self, prompts: list[str], sampling: Sampling, stop: list[str] | None = None) -> list[str]:
         payloads = [{"prompt": p, **self._sampling(sampling, stop)} for p in prompts]
         return self._run("/completions", payloads, lambda choice: choice["text"])
@@ -136,13 +154,16 @@ class OpenAIBackend:
         return body
 
     def _run(self, path: str, payloads: list[dict], pick) -> list[str]:
+        return [pick(result["choices"][0]).strip() for result in self._results(path, payloads)]
+
+    def _results(self, path: str, payloads: list[dict]) -> list[dict]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             results = list(pool.map(lambda body: self._post(path, body), payloads))
-        texts = []
         for result in results:
             self.generated_tokens += int((result.get("usage") or {}).get("completion_tokens", 0))
-            texts.append(pick(result["choices"][0]).strip())
-        return texts
+            if not result.get("choices"):
+                raise GenerationError(f"{self.base_url}{path} answered without choices: {str(result)[:200]}")
+        return results
 
     def _post(self, path: str, body: dict) -> dict:
         import requests
