@@ -57,8 +57,9 @@ def make_example(rng: random.Random) -> dict:
 def wrong_answer(answer: str, rng: random.Random) -> str:
     """A plausible wrong answer to an ISO-date question: what small models write instead."""
     year, month, day = (int(part) for part in answer.split("-"))
-    mistakes = [f"{year}-{month}-{day}", f"{month:02d}/{day:02d}/{year}",
-                f"{year:04d}-{month % 12 + 1:02d}-{day:02d}"]
+    mistakes = [f"{month:02d}/{day:02d}/{year}", f"{year:04d}-{month % 12 + 1:02d}-{day:02d}"]
+    if month < 10 or day < 10:  # without zero padding (the same as the answer when both have two digits)
+        mistakes.append(f"{year}-{month}-{day}")
     if day <= 12 and day != month:
         mistakes.append(f"{year:04d}-{day:02d}-{month:02d}")
     return rng.choice(mistakes)
