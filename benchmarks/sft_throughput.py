@@ -49,9 +49,9 @@ CONFIGS = {
 }
 
 
-def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5) -> float:
-    """The fp32 matmul peak of this machine: the best of a few timings (others may share the cores)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The matmul peak of this machine in `dtype`: the best of a few timings (others may share the cores)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(trials):
@@ -106,8 +106,10 @@ def make_meter():
             self.times: list[float] = []
             self.batches: list[tuple[int, int]] = []  # (non-padding tokens, positions)
 
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
             self.start_mb = _memory_mb("VmRSS")
+            weights = {p.dtype for p in model.parameters()} if model is not None else set()
+            self.bf16 = bool(args.bf16 or torch.bfloat16 in weights)  # the dtype the matmuls run in
             self.accumulation = args.gradient_accumulation_steps
             loader = getattr(train_dataloader, "base_dataloader", train_dataloader)  # accelerate's adapter wraps it
             collate = loader.collate_fn
@@ -137,7 +139,7 @@ def make_meter():
             timed = self.batches[self.accumulation: steps * self.accumulation]
             return {"tokens_per_s": sum(t for t, _ in timed) / sum(self.times[1:]),
                     "padding": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed),
-                    "peak_mb": self.peak_mb, "train_mb": self.peak_mb - self.start_mb}
+                    "peak_mb": self.peak_mb, "train_mb": self.peak_mb - self.start_mb, "bf16": self.bf16}
 
     return Meter()
 
@@ -241,8 +243,9 @@ def flops_per_token(method: str) -> float:
     return (6 if method == "full" else 4) * matmul_params
 
 
-def run_config(name: str, method: str, steps: int, data: dict, workdir: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--method", method, "--steps", str(steps),
+def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, script: str = __file__) -> dict:
+    """One configuration of `script` in a fresh process (its own peak memory): its result, or the error."""
+    command = [sys.executable, script, "--worker", name, "--method", method, "--steps", str(steps),
                "--data", json.dumps(data), "--workdir", str(workdir)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -250,18 +253,25 @@ def run_config(name: str, method: str, steps: int, data: dict, workdir: Path) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, configs: dict, work) -> argparse.Namespace | None:
+    """The benchmark's options; None after running a worker (`work(name, method, steps, data, workdir)`), whose
+    result is printed as the last line for run_config to read."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--configs", nargs="+", default=list(configs), choices=list(configs))
+    for hidden in ("--worker", "--method", "--data", "--workdir"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.method, args.steps, json.loads(args.data), Path(args.workdir))))
+    if not args.worker:
+        return args
+    print(json.dumps(work(args.worker, args.method, args.steps, json.loads(args.data), Path(args.workdir))))
+    return None
+
+
+def main() -> None:
+    args = parse_args(__doc__, CONFIGS, worker)
+    if args is None:
         return
 
     peak = matmul_gflops()
