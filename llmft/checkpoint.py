@@ -195,6 +195,9 @@ class NonFiniteGuard(TrainerCallback):
 
     def example_ids(self) -> list[str]:
         """The `example_id`s of the sequences in the current step's micro-batches (padding and packing undone)."""
+        rows = [row for inputs in self.batches if isinstance(inputs, list) for row in inputs]
+        if rows:  # untokenized rows (GRPO's prompts): they carry their example_id
+            return list(dict.fromkeys(str(row.get("example_id", "unknown")) for row in rows))
         wanted = {tuple(seq) for inputs in self.batches for seq in _sequences(inputs)}
         if not wanted:
             return []

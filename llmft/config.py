@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental; docs/preference.md says so, once
     warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
@@ -36,7 +36,7 @@ OVERLONG = ("drop", "truncate")
 REASONING = ("keep", "drop")
 EVAL_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")  # built in, offline; or evaluate:<metric id>
 EXTRACTORS = ("none", "gsm8k", "last_number")  # or regex:PATTERN
-STAGES = ("sft", "dpo", "orpo", "cpo", "kto", "reward")  # training.stage: the keys of llmft.stages.STAGES (a test keeps them equal)
+STAGES = ("sft", "pretrain", "dpo", "orpo", "cpo", "kto", "reward", "grpo")  # training.stage: the keys of llmft.stages.STAGES (a test keeps them equal)
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 ON_NONFINITE = ("stop", "skip")
@@ -160,6 +160,11 @@ class DataConfig:
         metadata={"help": "Reasoning traces (a message's reasoning_content, or a <think> block opening its content): "
                           "keep (trained, as the template renders them, else as a <think> block) or drop (removed "
                           "from every conversation, in training and evaluation)."},
+    )
+    replay_data: str | None = field(
+        default=None,
+        metadata={"help": "training.stage pretrain: conversations mixed into the text blocks as whole examples with "
+                          "their chat loss masks, to limit forgetting (same formats as train_data)."},
     )
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
@@ -317,14 +322,14 @@ class GenerationEval:
         "help": "Worked examples before each prompt: the first training rows in training (saved in the run); in "
                 "llmft eval, those, or --few-shot-data, or the first evaluated rows (then not asked themselves)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length limit."})
-    generation_batch_size: int = field(default=16, metadata={"help": "Prompts generated (and scored) together."})
+    generate_batch_size: int = field(default=16, metadata={"help": "Prompts generated (and scored) together."})
 
     def __post_init__(self):
         problems = []
         for name in ("num_generate", "few_shot"):
             if getattr(self, name) < 0:
                 problems.append(f"eval.{name} must be >= 0.")
-        for name in ("max_new_tokens", "generation_batch_size"):
+        for name in ("max_new_tokens", "generate_batch_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"eval.{name} must be > 0.")
         if isinstance(self.metrics, str):
@@ -516,8 +521,54 @@ class RewardTrainingConfig(LlmftTraining, RewardConfig):
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (1e-5 suits a LoRA reward model)."})
 
 
-TRAINING_CLASSES = {"sft": TrainingConfig, "dpo": DPOTrainingConfig, "orpo": ORPOTrainingConfig,
-                    "cpo": CPOTrainingConfig, "kto": KTOTrainingConfig, "reward": RewardTrainingConfig}
+@dataclass
+class PretrainTrainingConfig(LlmftTraining, SFTConfig):
+    """Continued pretraining on raw text: loss on every token, documents packed into blocks of max_length tokens
+    (an end-of-text token between documents): `trl.SFTConfig` with llmft's settings."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (1e-4 suits LoRA; ~1e-5 full)."})
+
+
+@dataclass
+class GRPOTrainingConfig(LlmftTraining, GRPOConfig):
+    """Group relative policy optimisation with verifiable rewards: `trl.GRPOConfig` with llmft's settings and the
+    rewards by name (llmft.rewards), weighted by reward_weights."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (1e-5 suits LoRA GRPO; ~1e-6 full)."})
+    rewards: list[str] = field(
+        default_factory=lambda: ["exact_match:gsm8k"],
+        metadata={"help": "Rewards: exact_match[:EXTRACTOR], format[:REGEX], length:N, python:MODULE:FUNCTION "
+                          "(docs/rl.md); weights in reward_weights."},
+    )
+
+    def __post_init__(self):
+        from llmft.rewards import spec_problems
+
+        problems = [p for spec in self.rewards for p in spec_problems(spec)]
+        if not self.rewards:
+            problems.append("training.rewards: name at least one reward (e.g. exact_match:gsm8k).")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            problems.append(f"training.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} "
+                            "rewards; give one weight per reward, in the same order.")
+        generations = self.num_generations_eval or self.num_generations
+        if generations and self.per_device_eval_batch_size % generations:
+            problems.append(f"training.per_device_eval_batch_size: {self.per_device_eval_batch_size} must be a multiple "
+                            f"of the generations per eval prompt ({generations}: num_generations_eval, else "
+                            "num_generations); held-out prompts are evaluated in whole groups.")
+        if self.global_batch_size is not None:
+            problems.append("training.global_batch_size: not for grpo, whose batch is counted in completions; set "
+                            "per_device_train_batch_size (a multiple of num_generations) and gradient_accumulation_steps.")
+        _raise_if(problems)
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            # A copy (dataclasses.replace) of a config whose first __post_init__ derived one from the other: TRL
+            # refuses both set, so derive the steps again from the generation batch.
+            self.steps_per_generation = None
+        super().__post_init__()
+
+
+TRAINING_CLASSES = {"sft": TrainingConfig, "pretrain": PretrainTrainingConfig, "dpo": DPOTrainingConfig,
+                    "orpo": ORPOTrainingConfig, "cpo": CPOTrainingConfig, "kto": KTOTrainingConfig,
+                    "reward": RewardTrainingConfig, "grpo": GRPOTrainingConfig}
 
 
 SECTIONS: dict[str, type] = {
@@ -779,6 +830,11 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
         problems.append("tuning.l2sp_alpha pulls trained weights toward their pretrained values: it needs "
                         "peft.method: full and model.init: pretrained (adapters start from nothing pretrained; use "
                         "training.weight_decay for them).")
+    if sections["data"].replay_data and training.stage != "pretrain":
+        problems.append(f"data.replay_data mixes conversations into raw-text blocks: it is for training.stage: "
+                        f"pretrain (this recipe's stage is {training.stage}).")
+    if training.stage == "pretrain" and training.max_length is None:
+        problems.append("training.stage pretrain needs training.max_length (the block length documents are cut into).")
     if getattr(training, "packing", False) and training.max_length is None:
         problems.append("training.packing needs training.max_length (the packed row length).")
     evaluation = sections["eval"]

@@ -19,13 +19,13 @@ from transformers import PreTrainedTokenizerBase
 
 from llmft import masking
 from llmft.errors import DataError
-from llmft.schema import (COLUMNS, PREFERENCE, PROMPT_COMPLETION, ROW, UNPAIRED, example, kind_of, load_json_rows,
-                          raise_problems, row_number, rows_problems)
+from llmft.schema import (COLUMNS, PREFERENCE, PROMPT_COMPLETION, ROW, TEXT, UNPAIRED, example, kind_of,
+                          load_json_rows, raise_problems, row_number, rows_problems)
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass
@@ -92,7 +92,10 @@ def load_rows(source: str) -> datasets.Dataset:
     files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES) if path.is_dir() else [path]
     kinds = {FILE_TYPES.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:
-        raise DataError(f"{source}: expected .jsonl, .json or .parquet files of one kind, found {[p.name for p in files]}.")
+        raise DataError(f"{source}: expected .jsonl, .json, .parquet or .txt files of one kind, found "
+                        f"{[p.name for p in files]}.")
+    if kinds == {"text"}:  # plain-text documents for continued pretraining: a file is one document
+        return datasets.Dataset.from_list([{"text": _read_text(p)} for p in files])
     if kinds == {"json"}:  # read here: errors name the file and line, and rows keep exactly their own keys
         rows = [row for p in files for row in load_json_rows(p)]
         if not rows:
@@ -102,6 +105,13 @@ def load_rows(source: str) -> datasets.Dataset:
         return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
     except Exception as err:  # pyarrow raises many types for bad files; all mean the same here
         raise DataError(f"{source}: cannot be read as a Parquet dataset: {err}") from err
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start + 1}): save the file as UTF-8.") from err
 
 
 def _as_json_columns(rows: list[dict[str, Any]]) -> datasets.Dataset:
@@ -233,6 +243,9 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
     if kind in (PREFERENCE, UNPAIRED):
         raise DataError(f"{source}: holds {kind} rows, which supervised fine-tuning does not train on. Set "
                         "training.stage: dpo or kto (or reward), or train SFT on conversations.")
+    if kind == TEXT:
+        raise DataError(f"{source}: holds raw text rows (a 'text' column), which supervised fine-tuning does not "
+                        "train on. Set training.stage: pretrain to continue pretraining on them.")
     try:
         mapped = ds.map(
             _prepare,

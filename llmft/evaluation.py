@@ -38,6 +38,7 @@ from llmft.schema import PREFERENCE, UNPAIRED, clean_tools, kind_of, prompt_and_
 
 log = logging.getLogger(__name__)
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+GSM8K_STRICT = r"regex:#### (\-?[0-9\.\,]+)"  # lm-evaluation-harness's strict-match: the answer after ####
 EXTERNAL = "evaluate:"
 
 
@@ -113,7 +114,11 @@ def extract(text: str, extractor: str) -> str:
 
 def matches(prediction: str, reference: str, extractor: str = "none") -> bool:
     """Exact match after extraction; an answer the extractor finds nothing in never matches."""
-    answer, expected = normalise(extract(prediction, extractor)), normalise(extract(reference, extractor))
+    return _same(extract(prediction, extractor), extract(reference, extractor))
+
+
+def _same(answer: str, expected: str) -> bool:
+    answer, expected = normalise(answer), normalise(expected)
     return bool(answer) and answer == expected
 
 
@@ -166,6 +171,11 @@ def score(predictions: list[str], references: list[str], metrics: list[str], ext
     if "exact_match" in metrics:
         hits = [matches(p, r, extractor) for p, r in zip(predictions, references)]
         out["exact_match"] = sum(hits) / len(hits)
+        if extractor == "gsm8k":  # as lm-evaluation-harness scores GSM8K: strict and flexible side by side
+            for name, found in (("strict", GSM8K_STRICT), ("flexible", "last_number")):
+                hits = [_same(extract(p, found).replace(",", ""), extract(r, "gsm8k"))
+                        for p, r in zip(predictions, references)]
+                out[f"exact_match_{name}"] = sum(hits) / len(hits)
     if "rouge_l" in metrics:
         from rouge_score import rouge_scorer
 
@@ -228,7 +238,7 @@ def generation_eval(model, tokenizer, items: list[dict[str, Any]], settings: Gen
                     loaded: dict[str, Any] | None = None, reasoning: str = "keep") -> Generated:
     """Greedy answers to `items`, scored with the settings' metrics and answer extractor. Scores compare final
     answers: a reasoning block the model writes first is not part of what is scored."""
-    answers = generate(model, tokenizer, items, settings.max_new_tokens, settings.generation_batch_size, desc,
+    answers = generate(model, tokenizer, items, settings.max_new_tokens, settings.generate_batch_size, desc,
                        reasoning)
     finals = [without_reasoning(a) for a in answers]
     references = [it["reference"] for it in items]
@@ -455,6 +465,15 @@ def held_out_pairs(rows: datasets.Dataset, tokenizer, max_length: int | None, ov
     return pairs
 
 
+class PerplexityCallback(TrainerCallback):
+    """eval_perplexity = exp(eval_loss) at every evaluation of a run on raw text, where the loss is over every
+    token and perplexity is how language models are compared."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is not None and "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+
+
 class PairEvalCallback(TrainerCallback):
     """At every Trainer evaluation of a preference run, how often the model prefers the chosen answer of each
     held-out pair (eval_pair_accuracy), beside TRL's own metrics (eval_rewards/accuracies is DPO's implicit reward
@@ -518,7 +537,9 @@ class EvalOptions:
 
 
 OPTIONS = [EvalOptions, GenerationEval, JudgeOptions]
-RENAMED = {"--batch-size": "--generation_batch_size", "--lm-eval-no-chat-template": "--no_lm_eval_chat_template"}
+RENAMED = {"--batch-size": "--generate_batch_size", "--generation_batch_size": "--generate_batch_size",
+           "--generation-batch-size": "--generate_batch_size",
+           "--lm-eval-no-chat-template": "--no_lm_eval_chat_template"}
 
 
 def run_defaults(target: str) -> dict[str, Any]:
@@ -604,14 +625,14 @@ def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings
         if kind_of(rows.column_names, "eval data") == UNPAIRED:  # the loss of the desirable answers only
             rows = rows.filter(lambda label: label, input_columns="label").remove_columns("label")
         results = {"eval_loss": assistant_loss(model, tokenizer, rows, options.max_length, options.overlong,
-                                               settings.generation_batch_size, options.reasoning)}
+                                               settings.generate_batch_size, options.reasoning)}
     generated = generation_eval(model, tokenizer, items, settings, "Generating", loaded, options.reasoning) \
         if items else None
     if generated:
         results.update(generated.scores)
     results["eval_general_ppl"] = perplexity(model, tokenizer, general_texts())
     if options.lm_eval_tasks:  # last: merging an adapter changes the model object
-        results.update(lm_eval_results(model, tokenizer, options, settings.generation_batch_size))
+        results.update(lm_eval_results(model, tokenizer, options, settings.generate_batch_size))
     return results, generated, logps
 
 
@@ -665,7 +686,7 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
     judge = None
     if judge_options.given and answers is not None:
         judge_tuned, judge_base, judge = judged(judge_options, items, answers, base_answers,
-                                                settings.generation_batch_size)
+                                                settings.generate_batch_size)
         tuned.update(judge_tuned)
         if baseline is not None:
             baseline.update(judge_base)

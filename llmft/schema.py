@@ -28,9 +28,10 @@ from llmft.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED = "messages", "prompt_completion", "preference", "unpaired"
-KINDS = (MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED)
+TEXT = "text"  # raw documents for continued pretraining
+KINDS = (MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED, TEXT)
 COLUMNS = {MESSAGES: ("messages",), PROMPT_COMPLETION: ("prompt", "completion"),
-           PREFERENCE: ("prompt", "chosen", "rejected"), UNPAIRED: ("prompt", "completion", "label")}
+           PREFERENCE: ("prompt", "chosen", "rejected"), UNPAIRED: ("prompt", "completion", "label"), TEXT: ("text",)}
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use for a trace
 THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
 ROW = "_row"  # column holding a row's 1-based number in its source file (kept through shuffled splits)
@@ -52,13 +53,14 @@ class RowError(ValueError):
 def kind_of(columns: set[str] | list[str], source: str) -> str:
     """The kind of rows a dataset holds (one of KINDS), from its columns."""
     columns = set(columns)
-    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION):  # the most specific first
+    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION, TEXT):  # the most specific first
         if set(COLUMNS[kind]) <= columns:
             return kind
     raise DataError(
         f"{source}: none of the columns of a training row (found {sorted(columns)}): 'messages'; 'prompt' and "
         "'completion'; 'prompt', 'chosen' and 'rejected' (preference pairs); or 'prompt', 'completion' and 'label' "
-        "(KTO). Convert the data first (llmft data convert), or rename its columns."
+        "(KTO); or 'text' (raw documents, for continued pretraining). Convert the data first (llmft data convert), "
+        "or rename its columns."
     )
 
 
@@ -268,6 +270,8 @@ def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[s
     missing = [f"{f}: missing." for f in COLUMNS[kind] if f not in row]
     if missing:
         return missing
+    if kind == TEXT:  # an empty document is counted when it is tokenized, not refused
+        return [] if isinstance(row[TEXT], str) else [f"text: {type(row[TEXT]).__name__}, not a string."]
     tools = tools_problems(row.get("tools"))
     if kind == PREFERENCE:
         return preference_problems(row, strict) + tools

@@ -18,12 +18,12 @@ from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resum
 from llmft.config import Recipe
 from llmft.data import load_splits
 from llmft.errors import LaunchError, Preempted
-from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, eval_items, held_out_pairs, load_metrics,
-                              samples)
+from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, PerplexityCallback, eval_items,
+                              held_out_pairs, load_metrics, samples)
 from llmft.masking import masking_for
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
 from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
-from llmft.schema import MESSAGES, file_fingerprint
+from llmft.schema import MESSAGES, TEXT, file_fingerprint
 from llmft.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,13 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     weight_check, preemption = WeightChangeCheck(), Preemption()
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     shots = train_rows.select(range(min(recipe.eval.few_shot, len(train_rows)))) if recipe.eval.few_shot else None
-    generates = stage.head == "causal_lm"  # a reward model scores answers; it does not write any
+    language_model = stage.head == "causal_lm"  # a reward model scores answers; it does not write any
+    generates = language_model and stage.rows != TEXT  # raw text holds no question to answer
     evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots) if generates else [],
-                                        recipe.eval, out, loaded_metrics, recipe.data.reasoning, forgetting=generates)
+                                        recipe.eval, out, loaded_metrics, recipe.data.reasoning,
+                                        forgetting=language_model)
     callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
+                 *([PerplexityCallback()] if stage.rows == TEXT else []),
                  *pair_callbacks(stage, eval_rows, tokenizer, recipe), *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
@@ -386,14 +389,18 @@ def _whole(param: torch.Tensor):
 
 def _summary(out: Path, metrics: Metrics, records: list[dict[str, Any]], show: int) -> str:
     lines = ["", "=" * 72, "llmft: run finished", ""]
-    rows = [("eval loss", "eval_loss", "{:.4f}"), ("exact match", "eval_exact_match", "{:.1%}"),
+    rows = [("eval loss", "eval_loss", "{:.4f}"), ("perplexity", "eval_perplexity", "{:.2f}"), ("exact match", "eval_exact_match", "{:.1%}"),
+            ("  strict", "eval_exact_match_strict", "{:.1%}"), ("  flexible", "eval_exact_match_flexible", "{:.1%}"),
             ("ROUGE-L", "eval_rouge_l", "{:.3f}"), ("BLEU", "eval_bleu", "{:.1f}"), ("chrF", "eval_chrf", "{:.1f}"),
             ("forgetting", "eval_forgetting_ppl_ratio", "{:.3f}x"),
             ("pair accuracy", "eval_pair_accuracy", "{:.1%}"), ("reward accuracy", "eval_reward_accuracy", "{:.1%}"),
-            ("TRL rew. acc.", "eval_rewards/accuracies", "{:.1%}"), ("TRL rew. margin", "eval_rewards/margins", "{:.3f}")]
+            ("TRL rew. acc.", "eval_rewards/accuracies", "{:.1%}"), ("TRL rew. margin", "eval_rewards/margins", "{:.3f}"),
+            ("reward", "eval_reward", "{:.3f}")]
     lines.append(f"{'':14}{'before':>12}{'after':>12}")
     for label, key, fmt in rows:
         values = [(evaluated or {}).get(key) for evaluated in (metrics.before, metrics.after)]
+        if key.startswith("eval_rewards/"):  # DPO's implicit rewards: undefined while the model is its reference
+            values[0] = None
         if any(v is not None for v in values):
             cells = "".join(f"{fmt.format(v) if v is not None else '-':>12}" for v in values)
             lines.append(f"{label:14}{cells}")

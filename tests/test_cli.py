@@ -45,8 +45,8 @@ def test_deprecated_eval_flags_still_work_and_say_so(caplog):
     with caplog.at_level(logging.WARNING, logger="llmft"):
         options, settings, _ = parse(OPTIONS, ["some/model", "--batch-size", "4", "--lm-eval-no-chat-template"],
                                   "llmft eval", renamed=RENAMED)
-    assert settings.generation_batch_size == 4 and options.lm_eval_chat_template is False
-    assert "--batch-size is deprecated; use --generation_batch_size" in caplog.text
+    assert settings.generate_batch_size == 4 and options.lm_eval_chat_template is False
+    assert "--batch-size is deprecated; use --generate_batch_size" in caplog.text
 
 
 def test_unknown_flags_name_the_closest_one():

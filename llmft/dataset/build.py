@@ -407,7 +407,7 @@ def _split(ds: datasets.Dataset, kind: RowKind, config: BuildConfig) -> dict[str
     if not config.test_fraction:
         return {"train": ds}
     groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(ds["prompt"] if kind.name != MESSAGES else [None] * len(ds)):
+    for i, prompt in enumerate(ds["prompt"] if "prompt" in ds.column_names else [None] * len(ds)):
         groups.setdefault(exact_key(prompt) if prompt is not None else str(i), []).append(i)
     order = list(groups.values())
     random.Random(config.seed).shuffle(order)

@@ -14,20 +14,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, from_sharegpt, oasst_deleted,
-                                   oasst_flat_to_trees, oasst_paths, trim_to_answer)
+from llmft.dataset.formats import (CONVERTERS, FORMATS, detect_format, from_columns, from_sharegpt, from_text,
+                                   oasst_deleted, oasst_flat_to_trees, oasst_paths, trim_to_answer)
 from llmft.dataset.preference import (PAIR_FORMATS, PREFERENCE_FORMATS, detect_preference_format, from_hh,
                                       from_kto, from_pairs, from_sharegpt_pairs, from_ultrafeedback, oasst_pairs)
 from llmft.dataset.sources import read_source
 from llmft.errors import ConfigError, DataError
-from llmft.schema import MESSAGES, PREFERENCE, UNPAIRED, RowError
+from llmft.schema import MESSAGES, PREFERENCE, TEXT, UNPAIRED, RowError
 
 ALL_FORMATS = FORMATS + PREFERENCE_FORMATS
 
 
 def kind_of_format(fmt: str | None) -> str:
     """The kind of rows (llmft.schema) a format gives."""
-    return PREFERENCE if fmt in PAIR_FORMATS else UNPAIRED if fmt == "kto" else MESSAGES
+    return PREFERENCE if fmt in PAIR_FORMATS else UNPAIRED if fmt == "kto" else TEXT if fmt == "text" else MESSAGES
 
 
 # Options: the flags of `llmft data convert` and a build file's source keys are the same fields -----------------
@@ -134,7 +134,7 @@ def convert_rows(source: Source, fmt: str | None, notes: Counter | None = None) 
         return _convert_oasst(rows, source, notes, pairs=fmt == "oasst_pairs")
     if fmt == "ultrafeedback":
         return _convert(rows, lambda r: from_ultrafeedback(r, source.pair_margin), many="pair")
-    converters = {**CONVERTERS, "pairs": from_pairs, "hh": from_hh, "kto": from_kto,
+    converters = {**CONVERTERS, "pairs": from_pairs, "hh": from_hh, "kto": from_kto, "text": from_text,
                   "columns": lambda r: from_columns(r, source.prompt_field, source.completion_field,
                                                     source.system_field),
                   "sharegpt": lambda r: from_sharegpt(r, source.roles),

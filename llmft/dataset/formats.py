@@ -124,6 +124,14 @@ def from_prompt_completion(row: dict) -> Messages:
     return [{"role": "user", "content": text_of(row, "prompt")}, {"role": "assistant", "content": text_of(row, "completion")}]
 
 
+def from_text(row: dict) -> dict[str, str]:
+    """A raw document for continued pretraining: {"text": ...} (a .txt file, or JSONL/Parquet with a text column)."""
+    text = row.get("text")
+    if not isinstance(text, str):
+        raise RowError("text", "missing" if text is None else f"{type(text).__name__}, not a string")
+    return {"text": text}
+
+
 def from_columns(row: dict, prompt: str, completion: str, system: str | None = None) -> Messages:
     """Plain columns named by the source's prompt_field, completion_field (and system_field), e.g. GSM8K's
     {question, answer}."""
@@ -244,7 +252,7 @@ def trim_to_answer(path: Messages) -> Messages | None:
 
 # Detection -----------------------------------------------------------------------------------------------------
 
-FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "columns", "oasst")
+FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "columns", "oasst", "text")
 CONVERTERS: dict[str, Callable[[dict], Messages]] = {
     "alpaca": from_alpaca,
     "sharegpt": from_sharegpt,
@@ -267,6 +275,8 @@ def detect_format(row: dict) -> str:
         return "prompt_completion"
     if "message_tree_id" in keys and isinstance(row.get("prompt"), dict) or {"message_id", "parent_id", "role", "text"} <= keys:
         return "oasst"
+    if isinstance(row.get("text"), str):
+        return "text"
     raise ValueError(
         f"cannot tell the format from the keys {sorted(keys)}. Pass --format ({', '.join(FORMATS)}); for plain "
         "columns: --format columns --prompt-field QUESTION_COLUMN --completion-field ANSWER_COLUMN"

@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 
 from llmft.dataset.clean import normalise_messages
-from llmft.schema import (MESSAGES, PREFERENCE, UNPAIRED, Messages, clean_tools, conversation_problems,
+from llmft.schema import (MESSAGES, PREFERENCE, TEXT, UNPAIRED, Messages, clean_tools, conversation_problems,
                           preference_problems, tools_problems, unpaired_problems)
 
 MESSAGE = {"role": datasets.Value("string"), "content": datasets.Value("string"), "tool_calls": datasets.Json(),
@@ -29,6 +29,7 @@ class RowKind:
     check: Callable[[dict[str, Any]], list[str]]  # problems of a built row (strict)
     key_fields: tuple[str, ...]  # the messages duplicates are judged on
     label: str  # what one row is, for messages
+    as_messages: Callable[[dict[str, Any]], Messages] | None = None  # a row without messages, as messages to compare
 
     def features(self) -> datasets.Features:
         return datasets.Features({**self.columns, **COMMON})
@@ -49,9 +50,13 @@ class RowKind:
         return {**{k: row.get(k) for k in self.columns}, "tools": clean_tools(row.get("tools"))}
 
     def key_messages(self, row: dict[str, Any]) -> Messages:
+        if self.as_messages:
+            return self.as_messages(row)
         return [m for name in self.key_fields for m in row[name]]
 
     def all_messages(self, row: dict[str, Any]) -> Messages:
+        if self.as_messages:
+            return self.as_messages(row)
         return [m for name in self.message_fields for m in row[name]]
 
 
@@ -67,4 +72,10 @@ KINDS = {
                                  "label": datasets.Value("bool")},
                       ("prompt", "completion"), lambda row: unpaired_problems(row, strict=True),
                       ("prompt", "completion"), "answer"),
+    TEXT: RowKind(TEXT, {TEXT: datasets.Value("string")}, (), lambda row: _text_problems(row[TEXT]), (), "document",
+                  as_messages=lambda row: [{"role": "user", "content": row[TEXT]}]),  # deduped on the whole text
 }
+
+
+def _text_problems(text: str) -> list[str]:
+    return [] if text.strip() else ["text: empty document (no text to train on)."]

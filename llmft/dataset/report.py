@@ -7,6 +7,7 @@ name), and the same tokenization and loss masks (`llmft.data`).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from llmft.data import IGNORE, answer_ids, load_rows, tokenize_row, validate_rows
 from llmft.errors import ConfigError
 from llmft.masking import masking_for
-from llmft.schema import PREFERENCE, UNPAIRED
+from llmft.schema import PREFERENCE, TEXT, UNPAIRED
 from llmft.schema import example as as_example
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the tokens that carry loss in the rendered example
@@ -74,6 +75,8 @@ def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     kind = validate_rows(rows, source)
     if kind in (PREFERENCE, UNPAIRED):
         return pair_report(rows, kind, tokenizer, max_length, overlong, source, reasoning)
+    if kind == TEXT:
+        return text_report(rows, tokenizer, max_length, source)
     lengths, trainable, role_tokens = [], [], Counter()
     over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
     rendered, rendered_tools = None, None
@@ -157,6 +160,35 @@ def pair_report(rows: datasets.Dataset, kind: str, tokenizer, max_length: int | 
     return out
 
 
+def text_report(rows: datasets.Dataset, tokenizer, max_length: int | None, source: str) -> dict[str, Any]:
+    """Raw text for continued pretraining: documents, tokens (an end-of-text token after each), empty documents
+    (counted: training drops them), and the blocks of max_length tokens the documents pack into (nothing is cut)."""
+    lengths, empty = [], 0
+    for text in tqdm(rows[TEXT], desc="Tokenizing", unit="document"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+        if ids:
+            lengths.append(len(ids) + 1)
+        else:
+            empty += 1
+    tokens = sum(lengths)
+    return {"source": source, "schema": TEXT, "rows": len(rows), "documents": len(lengths), "empty_documents": empty,
+            "tokens": tokens, "document_tokens": _spread(lengths) if lengths else None, "max_length": max_length,
+            "blocks": math.ceil(tokens / max_length) if max_length else None, "lengths": lengths, "example": None}
+
+
+def format_text_table(r: dict[str, Any]) -> str:
+    spread = r["document_tokens"]
+    rows = [("documents", f"{r['documents']:,} of {r['rows']:,} rows"),
+            ("empty documents (dropped in training)", f"{r['empty_documents']:,}"),
+            ("tokens (with an end-of-text token per document)", f"{r['tokens']:,}"),
+            ("document tokens", f"mean {spread['mean']:.1f}, p50 {spread['p50']}, p90 {spread['p90']}, "
+                                f"max {spread['max']}" if spread else "-"),
+            (f"blocks of max_length ({r['max_length']})", f"{r['blocks']:,} (documents packed; no token cut)"
+             if r["blocks"] is not None else "- (set --max-length)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"Pre-flight report: {r['source']} (raw text)", ""] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
 def _spread(values: list[int]) -> dict[str, float]:
     arr = np.array(values)
     return {"mean": float(arr.mean()), "p50": int(np.percentile(arr, 50)), "p90": int(np.percentile(arr, 90)),
@@ -201,6 +233,8 @@ def render_mask(tokenizer, ids: list[int], labels: list[int]) -> str:
 def format_table(r: dict[str, Any]) -> str:
     if r["schema"] in (PREFERENCE, UNPAIRED):
         return format_pair_table(r)
+    if r["schema"] == TEXT:
+        return format_text_table(r)
     over = r["over_max_length"]
     rows = [
         ("rows", f"{r['rows']:,}" + (f" ({r['examples']:,} examples: one per assistant turn)"

@@ -15,7 +15,7 @@ from typing import Any
 from llmft.errors import DataError
 from llmft.schema import RowError, read_json, read_jsonl
 
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 Row = tuple[str, dict[str, Any] | RowError]
 
 
@@ -41,13 +41,22 @@ def read_source(spec: str, split: str = "train", label: str | None = None) -> It
 
 def read_file(path: Path, name: str | None = None) -> Iterator[Row]:
     """Rows of one file, labelled with `name` (default: the file's name)."""
-    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": _read_csv, ".parquet": _read_parquet,
+               ".txt": _read_text}
     if path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}.")
     try:
         yield from readers[path.suffix](path, name)
     except OSError as err:  # no permission, a vanished file, a read error
         raise DataError(f"cannot read {path}: {err.strerror or err}.") from err
+
+
+def _read_text(path: Path, name: str | None = None) -> Iterator[Row]:
+    """A plain-text file is one document: {"text": its content} (raw text for continued pretraining)."""
+    try:
+        yield name or path.name, {"text": path.read_bytes().decode("utf-8-sig")}
+    except UnicodeDecodeError as err:
+        yield name or path.name, RowError(None, f"not UTF-8 text (byte {err.start + 1}): save the file as UTF-8")
 
 
 def _read_csv(path: Path, name: str | None = None) -> Iterator[Row]:

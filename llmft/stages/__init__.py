@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmft.schema import MESSAGES, PREFERENCE, UNPAIRED
-from llmft.stages import preference, sft
+from llmft.schema import MESSAGES, PREFERENCE, TEXT, UNPAIRED
+from llmft.stages import preference, pretrain, rl, sft
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Stage:
 
 STAGES = {
     "sft": Stage("sft", sft.trainer_class, sft.prepare, ("sft",), MESSAGES),
+    "pretrain": Stage("pretrain", pretrain.trainer_class, pretrain.prepare, ("continued-pretraining",), TEXT),
     "dpo": Stage("dpo", preference.dpo_trainer_class, preference.prepare_pairs, ("dpo",), PREFERENCE),
     "orpo": Stage("orpo", preference.orpo_trainer_class, preference.prepare_pairs, ("orpo",), PREFERENCE),
     "cpo": Stage("cpo", preference.cpo_trainer_class, preference.prepare_pairs, ("cpo",), PREFERENCE),
@@ -35,4 +36,6 @@ STAGES = {
                  micro_batches=False),
     "reward": Stage("reward", preference.reward_trainer_class, preference.prepare_reward, ("reward-model",),
                     PREFERENCE, head="sequence_classification"),
+    # GRPO's batch is groups of completions it generates and pads itself
+    "grpo": Stage("grpo", rl.grpo_trainer_class, rl.prepare, ("grpo",), MESSAGES, micro_batches=False),
 }

@@ -1,0 +1,110 @@
+"""Continued pretraining on raw text: conversion of .txt/JSONL text, the data report, packing into blocks with an
+end-of-text token between documents, loss on every token, replay conversations, perplexity before and after."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llmft.config import load_recipe
+from llmft.dataset.build import BuildConfig, build
+from llmft.dataset.convert import Source
+from llmft.dataset.report import format_table, report
+from llmft.data import load_rows
+from llmft.errors import ConfigError, DataError
+from llmft.run_dir import read_run
+from llmft.stages.pretrain import text_blocks
+from llmft.train import train
+from tests.helpers import chat_rows, make_tokenizer, write_jsonl, write_recipe
+
+C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory_demo" / "c4_demo.jsonl"
+DOCS = ["The river rises in the hills and runs to the sea.", "Bread is made from flour, water and salt.",
+        "Stars are far away.", "Rain falls in the spring."]
+
+
+def test_documents_pack_into_blocks_with_an_end_of_text_token_between_them():
+    from datasets import Dataset
+
+    tokenizer = make_tokenizer()
+    rows = Dataset.from_list([{"text": DOCS[0]}, {"text": "   "}, {"text": DOCS[1]}, {"text": ""}, {"text": DOCS[2]}])
+    blocks, rep = text_blocks(rows, tokenizer, 16, "docs.jsonl")
+    stream = [t for ids in blocks["input_ids"] for t in ids]
+    expected = []
+    for doc in (DOCS[0], DOCS[1], DOCS[2]):
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert stream == expected  # nothing lost, nothing added but the separators
+    assert all(len(ids) == 16 for ids in blocks["input_ids"][:-1]) and 0 < len(blocks["input_ids"][-1]) <= 16
+    assert blocks["labels"] == blocks["input_ids"]  # loss on every token
+    assert rep.dropped == {"document with no text": 2} and rep.rows_in == 5 and rep.rows_out == 3
+    assert rep.tokens == rep.trainable_tokens == len(expected) and rep.examples == len(blocks)
+    assert blocks["example_id"][0].startswith("block 1 (row 1")  # a block names the rows it holds
+
+
+def test_text_files_and_jsonl_convert_and_report(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, doc in enumerate(DOCS):
+        (folder / f"doc{i}.txt").write_text(doc)
+    (folder / "empty.txt").write_text("")
+    (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    out = tmp_path / "built"
+    manifest = build(BuildConfig(sources=[Source(path=str(folder), format="text")], out=str(out),
+                                         test_fraction=0.0, seed=0, on_error="skip"))
+    assert manifest["kind"] == "text"
+    rows = load_rows(str(out))
+    assert sorted(rows["text"]) == sorted(DOCS)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    reasons = " ".join(r["reason"] for r in rejects)
+    assert "empty document" in reasons and "not UTF-8" in reasons and len(rejects) == 2
+    result = report(rows, make_tokenizer(), 16, "drop", str(out))
+    assert result["documents"] == 4 and result["blocks"] == math.ceil(result["tokens"] / 16)
+    assert "blocks of max_length (16)" in format_table(result)
+
+
+def test_sft_refuses_raw_text_and_pretrain_refuses_conversations(tmp_path, tiny_model_dir):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in DOCS])
+    with pytest.raises(DataError, match="holds raw text rows .* Set training.stage: pretrain"):
+        train(load_recipe(write_recipe(tmp_path / "sft.yaml", tiny_model_dir, text, tmp_path / "sft")))
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(8))
+    with pytest.raises(DataError, match="stage pretrain trains on raw text"):
+        train(load_recipe(write_recipe(tmp_path / "pt.yaml", tiny_model_dir, chats, tmp_path / "pt",
+                                       training={"stage": "pretrain"})))
+    with pytest.raises(ConfigError, match="data.replay_data mixes conversations .* for training.stage: pretrain"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, chats, tmp_path / "r",
+                                 data={"replay_data": str(chats)}))
+
+
+def test_continued_pretraining_lowers_held_out_perplexity_with_replay(tmp_path, tiny_model_dir, capfd):
+    docs = [{"text": f"{DOCS[i % 4]} Line {i} of the domain text repeats the domain words."} for i in range(40)]
+    text = write_jsonl(tmp_path / "domain.jsonl", docs)
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(4))
+    recipe = write_recipe(tmp_path / "pt.yaml", tiny_model_dir, text, tmp_path / "run",
+                          data={"eval_fraction": 0.2, "replay_data": str(chats), "overlong": "truncate"},
+                          eval={"forgetting_check": True},
+                          training={"stage": "pretrain", "max_length": 64, "max_steps": 8, "learning_rate": 1e-2})
+    out = train(load_recipe(recipe))
+    run = read_run(out)
+    assert run.info.stage == "pretrain"
+    assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"] > 0
+    tokenized = run.info.data["train"].tokenized
+    assert tokenized["examples"] > tokenized["rows_out"] // 4  # blocks, plus the 4 replay conversations
+    before, after = run.metrics.before, run.metrics.after
+    assert before["eval_perplexity"] == pytest.approx(math.exp(before["eval_loss"]))
+    assert after["eval_perplexity"] < before["eval_perplexity"]
+    assert "eval_forgetting_ppl_ratio" in after  # the forgetting check on general text
+    assert "perplexity" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not C4.exists(), reason="../shared/data/llamafactory_demo/c4_demo.jsonl not present")
+def test_c4_sample_converts_and_reports(tmp_path):
+    out = tmp_path / "c4"
+    build(BuildConfig(sources=[Source(path=str(C4))], out=str(out), test_fraction=0.1, seed=0, on_error="skip"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "text" and manifest["output"]["train"]["rows"] > 100
+    from llmft.config import ModelConfig
+    from llmft.model import load_tokenizer
+
+    result = report(load_rows(str(out)), load_tokenizer(ModelConfig()), 1024, "drop", str(out))
+    assert result["documents"] == manifest["output"]["train"]["rows"] and result["blocks"] > 0
