@@ -3,7 +3,8 @@
 #
 # Every check that needs a CUDA GPU, in one run of under 10 minutes on one GPU: the tests marked `gpu`, then
 # llmft train on the GPU with bf16 LoRA, QLoRA (4-bit NF4), full fine-tuning, DeepSpeed ZeRO-3 and FSDP2 (one
-# process each where one GPU is all there is), and `llmft eval` of the GPU run. Models are random
+# process each where one GPU is all there is), `llmft eval` of the GPU run, DPO and GRPO (vLLM colocated in the gpu
+# tests, where vLLM is installed). Models are random
 # Llama configs built locally (a tiny one, and ~0.5B parameters for speed), so nothing is downloaded.
 #
 # On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
@@ -52,7 +53,7 @@ EOF
 $PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF'
 import json, random, sys
 from pathlib import Path
-from tests.helpers import chat_rows, make_tiny_model_dir, make_tokenizer
+from tests.helpers import chat_rows, make_tiny_model_dir, make_tokenizer, pair_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 out = Path(sys.argv[1])
 make_tiny_model_dir(out / "tiny")
@@ -65,6 +66,7 @@ tokenizer.save_pretrained(out / "llama-0.5b")
 rows = chat_rows(272)
 (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:256]))
 (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[256:]))
+(out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows(256)))
 EOF
 
 RECIPE=recipes/smollm2-135m-instruct/lora/demo.yaml
@@ -82,6 +84,13 @@ step zero3_lora 180 accelerate launch --config_file accelerate_configs/deepspeed
 step fsdp2_lora 180 accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 1 \
     -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/fsdp2"
 step eval_run 120 $PY -m llmft eval "$OUT_DIR/runs/lora" --baseline base --num_generate 4
+step dpo_lora_bf16 120 $PY -m llmft train recipes/smollm2-135m-instruct/dpo/demo.yaml --train_data "$OUT_DIR/pairs.jsonl" \
+    --eval_fraction 0.1 --max_steps 20 --max_length 256 --num_generate 4 --overwrite_output_dir true \
+    --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/dpo" --bf16 true
+step grpo_lora_bf16 150 $PY -m llmft train recipes/smollm2-135m-instruct/grpo/gsm8k.yaml \
+    --train_data "$OUT_DIR/train.jsonl" --eval_data "$OUT_DIR/eval.jsonl" --max_eval_examples 8 --max_steps 5 \
+    --rewards exact_match:last_number --reward_weights 1.0 --max_completion_length 32 --num_generate 4 \
+    --overwrite_output_dir true --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/grpo" --bf16 true
 # Not in this script: tokens/s and MFU against plain TRL on the GPU (benchmarks/sft_throughput.py reads the embedded
 # model and ../shared/data, which a bare GPU machine lacks; it needs a --model and --data option first).
 cat "$SUMMARY"

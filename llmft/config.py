@@ -551,15 +551,19 @@ class GRPOTrainingConfig(LlmftTraining, GRPOConfig):
             problems.append(f"training.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} "
                             "rewards; give one weight per reward, in the same order.")
         generations = self.num_generations_eval or self.num_generations
-        if generations and self.per_device_eval_batch_size % generations:
-            problems.append(f"training.per_device_eval_batch_size: {self.per_device_eval_batch_size} must be a multiple "
-                            f"of the generations per eval prompt ({generations}: num_generations_eval, else "
-                            "num_generations); held-out prompts are evaluated in whole groups.")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if generations and (self.per_device_eval_batch_size * world) % generations:
+            problems.append(f"training.per_device_eval_batch_size: {self.per_device_eval_batch_size} x {world} "
+                            f"process(es) must be a multiple of the generations per eval prompt ({generations}: "
+                            "num_generations_eval, else num_generations); held-out prompts are evaluated in whole "
+                            "groups.")
         if self.global_batch_size is not None:
             problems.append("training.global_batch_size: not for grpo, whose batch is counted in completions; set "
                             "per_device_train_batch_size (a multiple of num_generations) and gradient_accumulation_steps.")
         _raise_if(problems)
-        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.generation_batch_size is not None and self.steps_per_generation is not None and \
+                self.generation_batch_size == self.per_device_train_batch_size * world * self.steps_per_generation:
             # A copy (dataclasses.replace) of a config whose first __post_init__ derived one from the other: TRL
             # refuses both set, so derive the steps again from the generation batch.
             self.steps_per_generation = None
@@ -659,11 +663,27 @@ def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]
         if not isinstance(values, dict):
             problems.append(f"{path}: section '{name}' must be a mapping of key: value.")
             continue
+        values = _renamed_keys(name, values, path)
         for key in values:
             if key not in field_names(known[name]):
                 problems.append(f"{path}: unknown key '{name}.{key}'.{_key_hint(key, name, known)}")
         sections[name] = values
     return sections
+
+
+RENAMED_KEYS = {("eval", "generation_batch_size"): "generate_batch_size"}  # old recipes (and runs' recipe.yaml)
+
+
+def _renamed_keys(section: str, values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A section's keys under their current names, with a warning for each old name used."""
+    out = {}
+    for key, value in values.items():
+        new = RENAMED_KEYS.get((section, key))
+        if new is not None:
+            warnings.warn(f"{path}: {section}.{key} is now {section}.{new}; the old name still works for now.",
+                          FutureWarning, stacklevel=2)
+        out[new or key] = value
+    return out
 
 
 def _key_hint(key: str, section: str, known: dict[str, type]) -> str:
@@ -772,7 +792,8 @@ def recipe_from_dict(values: dict[str, dict[str, Any]], source: str) -> Recipe:
     problems: list[str] = []
     built: dict[str, Any] = {}
     for name, cls in sections_for(_yaml_stage(values)).items():
-        given = {k: v for k, v in (values.get(name) or {}).items() if k in field_names(cls)}
+        given = {RENAMED_KEYS.get((name, k), k): v for k, v in (values.get(name) or {}).items()}
+        given = {k: v for k, v in given.items() if k in field_names(cls)}
         if name == "training":
             built[name] = _as_recorded(cls, given)
             continue

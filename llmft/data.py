@@ -19,8 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from llmft import masking
 from llmft.errors import DataError
-from llmft.schema import (COLUMNS, PREFERENCE, PROMPT_COMPLETION, ROW, TEXT, UNPAIRED, example, kind_of,
-                          load_json_rows, raise_problems, row_number, rows_problems)
+from llmft.schema import (COLUMNS, PREFERENCE, PROMPT_COMPLETION, PROMPT_ONLY, ROW, TEXT, UNPAIRED, example, kind_of,
+                          data_files, load_json_rows, raise_problems, row_number, rows_problems)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_rows(source: str) -> datasets.Dataset:
                 raise DataError(f"{source}: a DatasetDict without a 'train' split (has {list(loaded)}).")
             loaded = loaded["train"]
         return loaded
-    files = sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES) if path.is_dir() else [path]
+    files = data_files(sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES)) if path.is_dir() else [path]
     kinds = {FILE_TYPES.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:
         raise DataError(f"{source}: expected .jsonl, .json, .parquet or .txt files of one kind, found "
@@ -246,6 +246,11 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
     if kind == TEXT:
         raise DataError(f"{source}: holds raw text rows (a 'text' column), which supervised fine-tuning does not "
                         "train on. Set training.stage: pretrain to continue pretraining on them.")
+    if kind == PROMPT_ONLY:
+        raise DataError(f"{source}: has a 'prompt' column but no answers (columns: {sorted(c for c in ds.column_names if c != ROW)}), which "
+                        "supervised fine-tuning cannot learn from. If the answers are in another column, convert "
+                        "with llmft data convert --format columns --prompt-field prompt --completion-field COLUMN; "
+                        "to train on prompts with rewards, set training.stage: grpo.")
     try:
         mapped = ds.map(
             _prepare,
@@ -421,3 +426,45 @@ def load_splits(train_source: str, eval_source: str | None, eval_fraction: float
     if evaluation is not None and max_eval is not None:
         evaluation = evaluation.select(range(min(max_eval, len(evaluation))))
     return train, evaluation
+
+
+def text_blocks(rows: datasets.Dataset, tokenizer, block: int, source: str):
+    """Documents -> blocks of `block` tokens, an end-of-text token after each document. Documents with no token
+    (empty, or only whitespace) are counted as dropped, never silently lost."""
+    if validate_rows(rows, source) != TEXT:
+        raise DataError(f"{source}: training.stage pretrain trains on raw text: rows with a 'text' column (convert "
+                        "files with llmft data convert --format text). For conversations use training.stage: sft.")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{source}: the tokenizer has no end-of-text token to separate documents with.")
+    report, stream, starts = TokenizeReport(rows_in=len(rows)), [], []
+    encoded = rows.map(lambda batch: {"ids": tokenizer(batch[TEXT], add_special_tokens=False)["input_ids"]},
+                       batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {source.split('/')[-1]}")
+    numbers = rows[ROW] if ROW in rows.column_names else range(1, len(rows) + 1)
+    for ids, text, number in zip(encoded["ids"], rows[TEXT], numbers):
+        if not ids or not text.strip():
+            report.dropped["document with no text"] += 1
+            continue
+        starts.append((len(stream), number))
+        stream += ids + [tokenizer.eos_token_id]
+    report.rows_out = len(starts)
+    if not stream:
+        raise DataError(f"{source}: no document with any text ({report.rows_in} rows).")
+    out = {"input_ids": [], "labels": [], "example_id": []}
+    first = 0
+    for number, begin in enumerate(range(0, len(stream), block), start=1):
+        ids = stream[begin: begin + block]
+        if len(ids) < 2:  # only the last document's end-of-text token: nothing to predict from
+            break
+        while first + 1 < len(starts) and starts[first + 1][0] <= begin:
+            first += 1
+        last = first
+        while last + 1 < len(starts) and starts[last + 1][0] < begin + len(ids):
+            last += 1
+        rows_in_block = [str(number_) for _, number_ in starts[first: last + 1]]
+        named = ", ".join(rows_in_block[:4]) + (f" and {len(rows_in_block) - 4} more" if len(rows_in_block) > 4 else "")
+        out["input_ids"].append(ids)
+        out["labels"].append(list(ids))
+        out["example_id"].append(f"block {number} (row{'s' if len(rows_in_block) > 1 else ''} {named})")
+    report.examples = len(out["input_ids"])
+    report.tokens = report.trainable_tokens = len(stream)
+    return datasets.Dataset.from_dict(out), report

@@ -34,7 +34,8 @@ from llmft.config import EVAL_METRICS, GenerationEval
 from llmft.errors import ConfigError, DataError
 from llmft.judge import JudgeOptions
 from llmft.model import generate_texts
-from llmft.schema import PREFERENCE, UNPAIRED, clean_tools, kind_of, prompt_and_reference, without_reasoning
+from llmft.schema import (PREFERENCE, PROMPT_ONLY, TEXT, UNPAIRED, clean_tools, kind_of, prompt_and_reference,
+                          without_reasoning)
 
 log = logging.getLogger(__name__)
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -49,6 +50,8 @@ def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str,
     """The first `limit` held-out rows with an answer to score, as (prompt, reference): the conversation before its
     last assistant message (or the prompt text), and that message."""
     kind = kind_of(rows.column_names, "eval data")
+    if kind == TEXT:  # raw text asks no question
+        return []
     items = []
     for row in rows:
         if len(items) == limit:
@@ -118,8 +121,19 @@ def matches(prediction: str, reference: str, extractor: str = "none") -> bool:
 
 
 def _same(answer: str, expected: str) -> bool:
+    numbers = _number(answer), _number(expected)
+    if None not in numbers:  # 72 == 72.0 == 72.00, and -5 != 5 (normalise strips a sign as punctuation)
+        return numbers[0] == numbers[1]
     answer, expected = normalise(answer), normalise(expected)
     return bool(answer) and answer == expected
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.strip().replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def load_metrics(names: list[str]) -> dict[str, Any]:
@@ -399,6 +413,25 @@ def assistant_loss(model, tokenizer, rows: datasets.Dataset, max_length: int | N
 # Preference pairs ----------------------------------------------------------------------------------------------
 
 
+def text_loss(model, blocks: datasets.Dataset) -> dict[str, float]:
+    """Mean loss over every predicted token of raw-text blocks, and its perplexity (as a pretrain run reports it)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for ids in blocks["input_ids"]:
+                if len(ids) < 2:
+                    continue
+                sequence = torch.tensor([ids], device=model.device)
+                total += model(input_ids=sequence, labels=sequence, use_cache=False).loss.float().item() * (len(ids) - 1)
+                count += len(ids) - 1
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
 @torch.no_grad()
 def answer_logps(model, pairs: datasets.Dataset, answer: str) -> list[float]:
     """The summed log-probability of each pair's `answer` (chosen_ids or rejected_ids) after its prompt_ids, one
@@ -621,6 +654,12 @@ def evaluate_model(model, tokenizer, rows, items, options: EvalOptions, settings
         logps = answer_logps(model, pairs, "chosen_ids"), answer_logps(model, pairs, "rejected_ids")
         answer_tokens = sum(len(ids) for ids in pairs["chosen_ids"])
         results = {"eval_loss": -sum(logps[0]) / answer_tokens, **pair_metrics(*logps)}  # loss of the chosen answers
+    elif kind_of(rows.column_names, "eval data") == TEXT:  # raw text: the loss of every token, as perplexity
+        from llmft.data import text_blocks
+
+        results = text_loss(model, text_blocks(rows, tokenizer, options.max_length or 1024, "eval data")[0])
+    elif kind_of(rows.column_names, "eval data") == PROMPT_ONLY:  # prompts alone: no answer to take a loss of
+        results = {}
     else:
         if kind_of(rows.column_names, "eval data") == UNPAIRED:  # the loss of the desirable answers only
             rows = rows.filter(lambda label: label, input_columns="label").remove_columns("label")

@@ -25,10 +25,10 @@ EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "special_tokens_map.json", run_dir.RECIPE_FILE, run_dir.RUN_FILE,
                 run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE, run_dir.EVAL_REPORT_FILE, run_dir.STATE_FILE,
-                run_dir.LOSS_CURVE_FILE)
+                run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE)
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # formats whose loading can run code
 RUN_RECORDS = (run_dir.RECIPE_FILE, run_dir.RUN_FILE, run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE,
-               run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE)
+               run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE)
 
 
 @dataclass
@@ -218,6 +218,8 @@ def model_card(run: Path, repo_id: str) -> str:
     lines += ["", "## Evaluation", ""] + _evaluation_lines(info)
     if (run / run_dir.LOSS_CURVE_FILE).exists():
         lines += ["", f"![loss curve]({run_dir.LOSS_CURVE_FILE})"]
+    if (run / run_dir.REWARD_CURVE_FILE).exists():
+        lines += ["", f"![reward curve]({run_dir.REWARD_CURVE_FILE})"]
     lines += ["", "## Reproduce", "", "```bash", "llmft train recipe.yaml   # the recipe of this run, in this repository",
               "llmft eval RUN_DIR --baseline base", "```", ""]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -136,7 +137,7 @@ def _checked(function: Callable, spec: str) -> Callable:
             raise RewardError(f"reward '{spec}' returned {len(values)} values for {len(completions)} completions "
                               f"(a batch holding {_first(ids)}): it must return one per completion.")
         for value, example in zip(values, ids):
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
                 raise RewardError(f"reward '{spec}' returned {value!r} for {example}: rewards must be finite "
                                   "numbers (or None where the reward does not apply).")
         return values
@@ -173,4 +174,12 @@ def _failing(function, prompts, completions, kwargs) -> str:
 
 
 def build_rewards(specs: list[str]) -> list[Callable]:
-    return [build_reward(spec) for spec in specs]
+    """The recipe's rewards, each under its own name (TRL logs by name: two formats would share one line)."""
+    rewards, seen = [], {}
+    for spec in specs:
+        reward = build_reward(spec)
+        seen[reward.__name__] = seen.get(reward.__name__, 0) + 1
+        if seen[reward.__name__] > 1:
+            reward.__name__ = f"{reward.__name__}_{seen[reward.__name__]}"
+        rewards.append(reward)
+    return rewards

@@ -50,13 +50,14 @@ SAMPLES_DIR = "eval_samples"
 EVAL_RESULTS_FILE = "eval_results.json"
 EVAL_REPORT_FILE = "eval_report.md"
 LOSS_CURVE_FILE = "loss_curve.png"
+REWARD_CURVE_FILE = "reward_curve.png"  # RL runs: each reward's mean by step
 EVAL_SPLIT = "data/eval"
 FEW_SHOT_SPLIT = "data/few_shot"
 METRIC_SCRIPTS = "metrics"  # copies of the local `evaluate:` metric scripts the run was evaluated with
 LIBRARIES = ("llmft", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 # Files a complete run directory has, whatever the method.
 REQUIRED = (RECIPE_FILE, RUN_FILE, METRICS_FILE, STATE_FILE, "tokenizer_config.json")
-LOWER_IS_BETTER = ("eval_loss", "eval_general_ppl", "eval_forgetting_ppl_ratio")
+LOWER_IS_BETTER = ("eval_loss", "eval_general_ppl", "eval_forgetting_ppl_ratio", "eval_perplexity")
 
 
 # What run.json and metrics.json hold ----------------------------------------------------------------------------
@@ -331,6 +332,32 @@ def write_loss_curve(out: Path) -> Path | None:
     fig.savefig(out / LOSS_CURVE_FILE, dpi=100)
     plt.close(fig)
     return out / LOSS_CURVE_FILE
+
+
+def write_reward_curve(out: Path) -> Path | None:
+    """reward_curve.png from trainer_state.json: the total reward and each named reward's mean by step (GRPO runs);
+    None when no reward was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = json.loads((out / STATE_FILE).read_text())["log_history"]
+    names = sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ["reward", *names]:
+        points = [(h["step"], h[key]) for h in history if key in h and "eval_runtime" not in h]
+        if points:
+            ax.plot(*zip(*points), label="total (weighted)" if key == "reward" else key.split("/")[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / REWARD_CURVE_FILE, dpi=100)
+    plt.close(fig)
+    return out / REWARD_CURVE_FILE
 
 
 # Provenance ----------------------------------------------------------------------------------------------------

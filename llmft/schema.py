@@ -29,9 +29,12 @@ from llmft.errors import DataError
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED = "messages", "prompt_completion", "preference", "unpaired"
 TEXT = "text"  # raw documents for continued pretraining
-KINDS = (MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED, TEXT)
+PROMPT_ONLY = "prompt_only"  # prompts for online RL, with a reference (or answer) column for the rewards
+KINDS = (MESSAGES, PROMPT_COMPLETION, PREFERENCE, UNPAIRED, TEXT, PROMPT_ONLY)
 COLUMNS = {MESSAGES: ("messages",), PROMPT_COMPLETION: ("prompt", "completion"),
-           PREFERENCE: ("prompt", "chosen", "rejected"), UNPAIRED: ("prompt", "completion", "label"), TEXT: ("text",)}
+           PREFERENCE: ("prompt", "chosen", "rejected"), UNPAIRED: ("prompt", "completion", "label"), TEXT: ("text",),
+           PROMPT_ONLY: ("prompt",)}
+REFERENCE_COLUMNS = ("reference", "answer")  # where a prompt-only row keeps its reference answer
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use for a trace
 THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
 ROW = "_row"  # column holding a row's 1-based number in its source file (kept through shuffled splits)
@@ -53,7 +56,7 @@ class RowError(ValueError):
 def kind_of(columns: set[str] | list[str], source: str) -> str:
     """The kind of rows a dataset holds (one of KINDS), from its columns."""
     columns = set(columns)
-    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION, TEXT):  # the most specific first
+    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION, TEXT, PROMPT_ONLY):  # the most specific first
         if set(COLUMNS[kind]) <= columns:
             return kind
     raise DataError(
@@ -152,6 +155,10 @@ def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str
     """What a model is asked (the conversation before the last assistant message, or the prompt text) and the
     answer it should give (that message's content, without its reasoning; a pair's chosen answer; an unpaired
     row's answer, which callers take only where it is labelled desirable)."""
+    if kind == PROMPT_ONLY:
+        column = next((c for c in REFERENCE_COLUMNS if c in row), None)
+        value = None if column is None else row[column]
+        return row["prompt"], "" if value is None else str(value)
     ex = example(row, PROMPT_COMPLETION if kind == UNPAIRED else kind)
     if ex.plain_text:
         return row["prompt"], row["completion"]
@@ -272,6 +279,8 @@ def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[s
         return missing
     if kind == TEXT:  # an empty document is counted when it is tokenized, not refused
         return [] if isinstance(row[TEXT], str) else [f"text: {type(row[TEXT]).__name__}, not a string."]
+    if kind == PROMPT_ONLY:
+        return prompt_problems(row["prompt"])
     tools = tools_problems(row.get("tools"))
     if kind == PREFERENCE:
         return preference_problems(row, strict) + tools
@@ -316,6 +325,14 @@ def unpaired_problems(row: dict[str, Any], strict: bool = False) -> list[str]:
     return problems
 
 
+def prompt_problems(prompt: Any) -> list[str]:
+    """A prompt on its own (GRPO's prompt-only rows): non-empty text, or messages that end on the user's."""
+    if isinstance(prompt, str):
+        return [] if prompt.strip() else ["prompt: empty."]
+    problems = _prompt_problems(prompt)
+    return problems or conversation_problems(prompt + [{"role": "assistant", "content": "-"}], name="prompt")
+
+
 def _prompt_problems(prompt: Any) -> list[str]:
     if not isinstance(prompt, list) or not prompt:
         return ["prompt: must be a non-empty list of messages ending on the user's."]
@@ -357,6 +374,13 @@ def rows_problems(rows, kind: str, strict: bool = False) -> list[str]:
 
 
 # Readers -------------------------------------------------------------------------------------------------------
+
+
+def data_files(files: list[Path]) -> list[Path]:
+    """A folder's data files: its .txt files are documents only in a folder of nothing else (beside data files, a
+    README.txt or LICENSE.txt is not data)."""
+    other = [p for p in files if p.suffix != ".txt"]
+    return other or files
 
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a file

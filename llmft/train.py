@@ -52,7 +52,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     with args.main_process_first(desc="tokenizing"):
         train_ds, train_report = stage.prepare(train_rows, tokenizer, recipe, data.train_data)
         eval_ds, eval_report = (None, None) if eval_rows is None else stage.prepare(
-            eval_rows, tokenizer, recipe, data.eval_data or data.train_data)
+            eval_rows, tokenizer, recipe, data.eval_data or data.train_data, split="eval")
     log.info(train_report.summary("train"))
     if eval_report:
         log.info(eval_report.summary("eval"))
@@ -143,13 +143,15 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
             base_model=BaseModelRecord(recipe.model.name_or_path, recipe.model.revision,
                                        resolve_model_path(recipe.model.name_or_path), recipe.model.init),
             data={"train": DataRecord(**file_fingerprint(data.train_data), tokenized=train_report.to_dict()),
-                  "eval": eval_record, "few_shot": few_shot_record},
+                  "eval": eval_record, "few_shot": few_shot_record,
+                  **({"replay": DataRecord(**file_fingerprint(data.replay_data))} if data.replay_data else {})},
             launch=launch, chat_template_sha256=run_dir.template_hash(tokenizer.chat_template), masking=how.record(),
             end_of_turn_token=tokenizer.eos_token, trainable_parameters=trainable, total_parameters=total,
             trainable_tensors=weight_check.report, frozen=frozen, param_groups=groups, resumed_from=resume,
             skipped_nonfinite_steps=guard.skipped, seconds=round(time.time() - started, 1))
         run_dir.write_run(out, recipe, info, metrics)
         run_dir.write_loss_curve(out)
+        run_dir.write_reward_curve(out)
         final = samples(evaluation.items, after_gen, before_gen) if after_gen else []
         if final:
             run_dir.write_jsonl(out / run_dir.SAMPLES_FILE, final)

@@ -38,7 +38,10 @@ def test_documents_pack_into_blocks_with_an_end_of_text_token_between_them():
     assert blocks["labels"] == blocks["input_ids"]  # loss on every token
     assert rep.dropped == {"document with no text": 2} and rep.rows_in == 5 and rep.rows_out == 3
     assert rep.tokens == rep.trainable_tokens == len(expected) and rep.examples == len(blocks)
-    assert blocks["example_id"][0].startswith("block 1 (row 1")  # a block names the rows it holds
+    ids = blocks["example_id"]  # each block names the rows it holds (rows 2 and 4 were empty)
+    assert ids[0].startswith("block 1 (row") and " 1" in ids[0].split("(")[1]
+    assert any(i.startswith("block") and "rows 1, 3)" in i or "rows 3, 5)" in i for i in ids)
+    assert not any(f" {n}" in i.split("(")[1] for i in ids for n in (2, 4))
 
 
 def test_text_files_and_jsonl_convert_and_report(tmp_path):
@@ -88,12 +91,14 @@ def test_continued_pretraining_lowers_held_out_perplexity_with_replay(tmp_path, 
     assert run.info.stage == "pretrain"
     assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"] > 0
     tokenized = run.info.data["train"].tokenized
-    assert tokenized["examples"] > tokenized["rows_out"] // 4  # blocks, plus the 4 replay conversations
+    # Every text token carries loss; the replayed conversations only on their answers: fewer trainable than tokens.
+    assert 0 < tokenized["trainable_tokens"] < tokenized["tokens"]
     before, after = run.metrics.before, run.metrics.after
-    assert before["eval_perplexity"] == pytest.approx(math.exp(before["eval_loss"]))
     assert after["eval_perplexity"] < before["eval_perplexity"]
     assert "eval_forgetting_ppl_ratio" in after  # the forgetting check on general text
-    assert "perplexity" in capfd.readouterr().out
+    assert run.info.data["replay"].sha256  # the replayed conversations are recorded beside the text
+    assert run.info.data["eval"].tokenized["rows_out"] == 8  # held-out text only: replay joins the training split
+    assert "\nperplexity " in capfd.readouterr().out  # the summary's row
 
 
 @pytest.mark.slow
@@ -108,3 +113,20 @@ def test_c4_sample_converts_and_reports(tmp_path):
 
     result = report(load_rows(str(out)), load_tokenizer(ModelConfig()), 1024, "drop", str(out))
     assert result["documents"] == manifest["output"]["train"]["rows"] and result["blocks"] > 0
+
+
+def test_llmft_eval_reports_the_perplexity_of_a_pretrain_run(tmp_path, tiny_model_dir):
+    from llmft.config import GenerationEval
+    from llmft.evaluation import EvalOptions, evaluate_command
+
+    docs = [{"text": f"{DOCS[i % 4]} Line {i}."} for i in range(20)]
+    recipe = write_recipe(tmp_path / "pt.yaml", tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", docs),
+                          tmp_path / "run", data={"eval_fraction": 0.2},
+                          training={"stage": "pretrain", "max_length": 32, "max_steps": 4, "learning_rate": 1e-2})
+    out = train(load_recipe(recipe))
+    evaluate_command(EvalOptions(target=str(out), baseline="base"), GenerationEval(num_generate=4))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["results"]["eval_perplexity"] < results["baseline"]["eval_perplexity"]
+    # The number training reported for the held-out blocks (training may compute in bf16 and averages per batch;
+    # llmft eval loads fp32 and weights every token the same).
+    assert results["results"]["eval_loss"] == pytest.approx(read_run(out).metrics.after["eval_loss"], rel=2e-2)

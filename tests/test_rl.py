@@ -58,6 +58,20 @@ def test_format_and_length_rewards():
     assert values == [0.0, -0.5, -1.0]
 
 
+def test_rewards_log_under_distinct_names_and_accept_numpy_values(tmp_path):
+    import numpy as np
+
+    from llmft.rewards import build_rewards
+
+    assert [r.__name__ for r in build_rewards(["format", "format:<think>.+", "length:8"])] == \
+        ["format", "format_2", "length_8"]
+    (tmp_path / "np_reward.py").write_text("import numpy as np\n"
+                                           "def score(prompts, completions, **_):\n"
+                                           "    return list(np.array([0.5] * len(completions), dtype=np.float32))\n")
+    values = build_reward(f"python:{tmp_path / 'np_reward.py'}:score")(prompts=["", ""], completions=["a", "b"])
+    assert [float(v) for v in values] == [0.5, 0.5] and isinstance(values[0], np.floating)
+
+
 def test_reward_settings_are_checked_when_the_recipe_loads(tmp_path, tiny_model_dir):
     rows = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, rows, tmp_path / "run", training={
@@ -115,7 +129,8 @@ def test_grpo_lora_trains_logs_each_reward_and_leaves_a_complete_run(tmp_path, t
     for metrics in (run.metrics.before, run.metrics.after):
         assert math.isfinite(metrics["eval_reward"]) and "eval_exact_match" in metrics  # held-out reward and EM
     assert (out / "adapter_model.safetensors").exists() and (out / "eval_samples.jsonl").exists()
-    assert "reward" in capfd.readouterr().out  # the summary's row
+    assert (out / "reward_curve.png").exists()  # the reward curves, pushed with the model card
+    assert "\nreward " in capfd.readouterr().out  # the summary's row
     evaluate_command(EvalOptions(target=str(out)), GenerationEval(num_generate=2, max_new_tokens=4))
     assert "eval_exact_match" in json.loads((out / "eval_results.json").read_text())["results"]
 
@@ -190,3 +205,37 @@ def test_the_nonfinite_guard_stops_grpo_naming_the_examples(tmp_path, tiny_model
     recipe = load_recipe(_grpo_recipe(tmp_path, tiny_model_dir, max_steps=6))
     with pytest.raises(NonFiniteError, match=r"non-finite loss or gradients at step \d+ \(examples: .*row 5"):
         train(recipe, callbacks=[NanInTraining()])
+
+
+def test_grpo_trains_on_prompt_only_rows_from_an_sft_run_with_full_fine_tuning(tmp_path, tiny_model_dir):
+    sft = train(load_recipe(write_recipe(tmp_path / "sft.yaml", tiny_model_dir,
+                                         write_jsonl(tmp_path / "chats.jsonl", chat_rows(8)), tmp_path / "sft",
+                                         data={"eval_fraction": 0.0})))
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus 1?"}], "answer": str(i + 1), "level": i % 3}
+            for i in range(8)]
+    (tmp_path / "vowels.py").write_text(VOWELS)
+    recipe = write_recipe(tmp_path / "grpo.yaml", sft, write_jsonl(tmp_path / "prompts.jsonl", rows), tmp_path / "rl",
+                          peft={"method": "full"}, data={"eval_fraction": 0.25},
+                          eval={"answer_extractor": "last_number", "num_generate": 2, "max_new_tokens": 4},
+                          training={"stage": "grpo", "rewards": ["exact_match:last_number",
+                                                                 f"python:{tmp_path / 'vowels.py'}:vowels"],
+                                    "num_generations": 2, "per_device_train_batch_size": 4,
+                                    "per_device_eval_batch_size": 2, "max_completion_length": 6, "max_steps": 2,
+                                    "learning_rate": 1e-3})
+    run = read_run(train(load_recipe(recipe)))
+    assert run.info.base_model.name_or_path == str(sft) and not run.is_adapter
+    assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"] > 0
+    assert "eval_exact_match" in run.metrics.after and "eval_reward" in run.metrics.after
+    with pytest.raises(DataError, match=r"has a 'prompt' column but no answers \(columns: \['answer', 'level', 'prompt'\]\)"):
+        train(load_recipe(write_recipe(tmp_path / "s2.yaml", tiny_model_dir, tmp_path / "prompts.jsonl",
+                                       tmp_path / "s2")))
+
+
+@pytest.mark.gpu
+def test_grpo_generates_with_vllm_colocated(tmp_path, tiny_model_dir):
+    """vLLM generation (training.use_vllm, colocate mode) on one GPU: needs CUDA and `pip install vllm`."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm on a GPU machine)")
+    recipe = load_recipe(_grpo_recipe(tmp_path, tiny_model_dir, use_vllm=True, vllm_mode="colocate",
+                                      vllm_gpu_memory_utilization=0.2, bf16=True, use_cpu=False))
+    run = read_run(train(recipe))
+    assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"] > 0

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from llmft.data import IGNORE, answer_ids, load_rows, tokenize_row, validate_rows
-from llmft.errors import ConfigError
+from llmft.errors import ConfigError, DataError
 from llmft.masking import masking_for
-from llmft.schema import PREFERENCE, TEXT, UNPAIRED
+from llmft.schema import PREFERENCE, PROMPT_ONLY, TEXT, UNPAIRED
 from llmft.schema import example as as_example
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the tokens that carry loss in the rendered example
@@ -77,6 +77,9 @@ def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
         return pair_report(rows, kind, tokenizer, max_length, overlong, source, reasoning)
     if kind == TEXT:
         return text_report(rows, tokenizer, max_length, source)
+    if kind == PROMPT_ONLY:
+        raise DataError(f"{source}: prompt-only rows (GRPO's prompts): no answers to measure. The report covers "
+                        "conversations, prompt/completion rows, pairs, KTO answers and raw text.")
     lengths, trainable, role_tokens = [], [], Counter()
     over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
     rendered, rendered_tools = None, None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmft.errors import DataError
-from llmft.schema import RowError, read_json, read_jsonl
+from llmft.schema import RowError, data_files, read_json, read_jsonl
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 Row = tuple[str, dict[str, Any] | RowError]
@@ -28,7 +28,7 @@ def read_source(spec: str, split: str = "train", label: str | None = None) -> It
         if not path.is_dir():
             yield from read_file(path, label)
             return
-        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
+        files = data_files(sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file()))
         if not files:
             raise DataError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder.")
         for file in files:

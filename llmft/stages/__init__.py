@@ -19,7 +19,7 @@ from llmft.stages import preference, pretrain, rl, sft
 class Stage:
     name: str
     trainer_class: Callable[[], type]  # the TRL trainer, imported only when training starts (TRL takes seconds)
-    prepare: Callable  # (rows, tokenizer, recipe, source) -> (the trainer's dataset, TokenizeReport)
+    prepare: Callable  # (rows, tokenizer, recipe, source, split) -> (the trainer's dataset, TokenizeReport)
     tags: tuple[str, ...]  # the model card's tags
     rows: str  # the kind of rows it trains on (llmft.schema); KTO also takes pairs, unpaired
     head: str = "causal_lm"  # the model's head: causal_lm, or sequence_classification (a reward model's score)

@@ -116,7 +116,7 @@ def reward_trainer_class() -> type:
 
 
 def _prepare(want: str):
-    def prepare(rows, tokenizer, recipe, source: str):
+    def prepare(rows, tokenizer, recipe, source: str, split: str = "train"):
         args = recipe.training
         return prepare_preference(rows, tokenizer, args.max_length, recipe.data.overlong, source, want,
                                   args.dataset_num_proc, recipe.data.reasoning)
@@ -127,7 +127,7 @@ prepare_pairs = _prepare(PREFERENCE)
 prepare_unpaired = _prepare(UNPAIRED)
 
 
-def prepare_reward(rows, tokenizer, recipe, source: str):
+def prepare_reward(rows, tokenizer, recipe, source: str, split: str = "train"):
     """Pairs as the reward model reads them: each answer with its prompt, whole (chosen_ids, rejected_ids)."""
     pairs, report = prepare_pairs(rows, tokenizer, recipe, source)
     whole = pairs.map(lambda row: {"chosen_ids": row["prompt_ids"] + row["chosen_ids"],

@@ -2,7 +2,8 @@
 
 Rows are the same conversations (or prompt/completion rows) SFT trains on: the prompt is everything before the last
 assistant message, and that message is the reference answer the rewards check against (the `reference` column; the
-row's other columns reach the rewards too, as TRL passes them). GSM8K-style `{question, answer}` files convert with
+row's other columns reach the rewards too, as TRL passes them). Prompt-only rows (`prompt`, and a `reference` or
+`answer` column) work too. GSM8K-style `{question, answer}` files convert with
 `llmft data convert --format columns --prompt-field question --completion-field answer`.
 """
 
@@ -15,7 +16,8 @@ import datasets
 
 from llmft.data import TokenizeReport, validate_rows
 from llmft.errors import DataError
-from llmft.schema import MESSAGES, PROMPT_COMPLETION, ROW, prompt_and_reference, row_number
+from llmft.schema import (MESSAGES, PROMPT_COMPLETION, PROMPT_ONLY, REFERENCE_COLUMNS, ROW, prompt_and_reference,
+                          row_number)
 
 CONSUMED = ("messages", "prompt", "completion", "tools")  # turned into prompt/reference; the rest is passed on
 
@@ -43,18 +45,26 @@ def grpo_trainer_class() -> type:
     return LlmftGRPOTrainer
 
 
-def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str):
+def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str, split: str = "train"):
     """Rows -> (prompt, reference, example_id and the row's other columns), prompts longer than max_length dropped
     and counted (a prompt cannot be cut without changing the question)."""
     kind = validate_rows(rows, source)
-    if kind not in (MESSAGES, PROMPT_COMPLETION):
+    if kind not in (MESSAGES, PROMPT_COMPLETION, PROMPT_ONLY):
         raise DataError(f"{source}: holds {kind} rows; grpo trains on prompts with a reference answer: "
-                        "conversations (the last assistant message is the reference) or prompt/completion rows.")
+                        "conversations (the last assistant message is the reference), prompt/completion rows, or "
+                        "prompt-only rows with a reference (or answer) column.")
+    needs = [spec for spec in recipe.training.rewards if spec.startswith("exact_match")]
+    if kind == PROMPT_ONLY and needs and not set(REFERENCE_COLUMNS) & set(rows.column_names):
+        raise DataError(f"{source}: prompt-only rows without a reference or answer column, and the reward "
+                        f"{needs[0]} compares answers with one. Add the column, or use rewards that need none.")
     limit = recipe.training.max_length
     report, out = TokenizeReport(rows_in=len(rows)), []
     passed = [c for c in rows.column_names if c not in CONSUMED and not c.startswith("_")]
     for index, row in enumerate(rows):
         prompt, reference = prompt_and_reference(row, kind)
+        if needs and not reference.strip():  # e.g. a conversation ending on a tool call
+            report.dropped[f"no reference answer ({needs[0]} compares with one)"] += 1
+            continue
         length = _prompt_length(tokenizer, prompt)
         if limit and length > limit:
             report.dropped[f"prompt longer than max_length {limit}"] += 1

@@ -15,7 +15,7 @@ def trainer_class() -> type:
     return SFTTrainer
 
 
-def prepare(rows, tokenizer, recipe, source: str):
+def prepare(rows, tokenizer, recipe, source: str, split: str = "train"):
     """Validated rows -> (input_ids/labels dataset, TokenizeReport), with the recipe's max_length and overlong policy."""
     args = recipe.training
     return prepare_dataset(rows, tokenizer, args.max_length, recipe.data.overlong, source, args.dataset_num_proc,

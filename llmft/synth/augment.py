@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llmft.errors import ConfigError, DataError
-from llmft.schema import MESSAGES, kind_of, load_json_rows, raise_problems, row_problems
+from llmft.schema import MESSAGES, PROMPT_COMPLETION, kind_of, load_json_rows, raise_problems, row_problems
 from llmft.synth.backends import BackendOptions, Sampling, make_backend
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,10 @@ def _kinds(rows: list[dict], source: str) -> list[str]:
             kinds.append(kind_of(row, f"row {number}"))
         except DataError as err:
             problems.append(str(err))
+            continue
+        if kinds[-1] not in (MESSAGES, PROMPT_COMPLETION):
+            problems.append(f"row {number}: {kinds[-1]} rows have no user turn to augment (conversations or "
+                            "prompt/completion rows only).")
             continue
         problems += [f"row {number}: {p}" for p in row_problems(row, kinds[-1])]
     raise_problems(source, problems)

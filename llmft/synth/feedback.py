@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from llmft.errors import ConfigError, GenerationError
+from llmft.errors import ConfigError, DataError, GenerationError
 from llmft.judge import JudgeOptions, make_judge
 from llmft.synth.backends import BackendOptions, Sampling, make_backend
 from llmft.synth.selfchat import DialogueWriter, read_seeds
@@ -60,13 +60,16 @@ class FeedbackOptions:
 def read_prompts(options: FeedbackOptions) -> list[tuple[str, list[dict]]]:
     """(id, prompt messages): one user message per question, or each conversation's turns before its last answer."""
     from llmft.data import load_rows, number_rows, validate_rows
-    from llmft.schema import prompt_and_reference, row_number
+    from llmft.schema import TEXT, prompt_and_reference, row_number
 
     if options.prompts.endswith(".txt") or options.prompt_column:
         seeds = read_seeds(options.prompts, options.prompt_column, None, options.limit)
         return [(sid, [{"role": "user", "content": text}]) for sid, text in seeds]
     rows = number_rows(load_rows(options.prompts))
     kind = validate_rows(rows, options.prompts)
+    if kind == TEXT:
+        raise DataError(f"{options.prompts}: raw text rows hold no question to answer; give conversations, "
+                        "prompts, or a .txt file of one question per line.")
     prompts = [(f"row {row_number(row, i)}", prompt_and_reference(row, kind)[0]) for i, row in enumerate(rows)]
     prompts = [(pid, p) for pid, p in prompts if isinstance(p, list) and p]
     return prompts[:options.limit] if options.limit else prompts
