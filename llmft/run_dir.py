@@ -312,52 +312,48 @@ def metrics_table(results: dict[str, float], baseline: dict[str, float] | None =
 
 def write_loss_curve(out: Path) -> Path | None:
     """loss_curve.png from trainer_state.json (train and eval loss by step); None when nothing was logged."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     history = json.loads((out / STATE_FILE).read_text())["log_history"]
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / LOSS_CURVE_FILE, dpi=100)
-    plt.close(fig)
-    return out / LOSS_CURVE_FILE
+    lines = [(train, "-", "train loss")] + ([(evals, "o-", "eval loss")] if evals else [])
+    return _plot(out / LOSS_CURVE_FILE, lines, None)
 
 
 def write_reward_curve(out: Path) -> Path | None:
     """reward_curve.png from trainer_state.json: the total reward and each named reward's mean by step (GRPO runs);
     None when no reward was logged."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     history = json.loads((out / STATE_FILE).read_text())["log_history"]
     names = sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
     if not names:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lines = []
     for key in ["reward", *names]:
         points = [(h["step"], h[key]) for h in history if key in h and "eval_runtime" not in h]
         if points:
-            ax.plot(*zip(*points), label="total (weighted)" if key == "reward" else key.split("/")[1])
+            lines.append((points, "-", "total (weighted)" if key == "reward" else key.split("/")[1]))
+    return _plot(out / REWARD_CURVE_FILE, lines, "mean reward")
+
+
+def _plot(path: Path, lines: list[tuple[list, str, str]], ylabel: str | None) -> Path:
+    """One PNG of (points, style, label) lines against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for points, style, label in lines:
+        ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
+    if ylabel:
+        ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / REWARD_CURVE_FILE, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return out / REWARD_CURVE_FILE
+    return path
 
 
 # Provenance ----------------------------------------------------------------------------------------------------
