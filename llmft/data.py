@@ -49,8 +49,8 @@ class TokenizeReport:
 
     def summary(self, name: str) -> str:
         made = f" ({self.examples} examples)" if self.examples != self.rows_out else ""
-        parts = [f"{name}: {self.rows_out}/{self.rows_in} rows kept{made}, {self.tokens} tokens "
-                 f"({self.trainable_tokens} carry loss)"]
+        loss = f" ({self.trainable_tokens} carry loss)" if self.trainable_tokens else " (prompts: no loss)"
+        parts = [f"{name}: {self.rows_out}/{self.rows_in} rows kept{made}, {self.tokens} tokens{loss}"]
         if self.split_by_turn:
             parts.append(f"{self.split_by_turn} rows trained turn by turn (their template rendered them so)")
         if self.truncated:

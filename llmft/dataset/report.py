@@ -280,7 +280,8 @@ def write(r: dict[str, Any], out: Path) -> dict[str, Path]:
     if r["max_length"]:
         ax.axvline(r["max_length"], color="#cc3311", linestyle="--", label=f"max_length {r['max_length']}")
         ax.legend()
-    ax.set_xlabel("tokens per example (chat template applied)")
+    ax.set_xlabel("tokens per document (with its end-of-text token)" if r["schema"] == TEXT else
+                  "tokens per example (chat template applied)")
     ax.set_ylabel("examples")
     ax.set_title(f"{'/'.join(Path(r['source']).parts[-2:])}: {r['rows']:,} examples")
     fig.tight_layout()
