@@ -736,7 +736,8 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
                "deltas": {k: tuned[k] - baseline[k] for k in tuned if k in baseline} if baseline else None,
                "samples": samples(items, answers, base_answers) if answers else [], "judge": judge}
     report = "\n".join([f"# Evaluation of {name}", "", *run_dir.metrics_table(tuned, baseline, name, f"{base_name} (baseline)"),
-                        "", "Lower is better for eval_loss and eval_general_ppl; higher for the others.", ""])
+                        "", f"Lower is better for {', '.join(k for k in run_dir.LOWER_IS_BETTER if k in tuned)}; "
+                        "higher for the others.", ""])
     paths = run_dir.write_eval_results(out, results, report)
     print(report + f"\nSaved {paths[0]} and {paths[1]}")
 

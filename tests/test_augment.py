@@ -98,7 +98,7 @@ def test_augment_command_writes_source_then_new_rows_and_names_bad_rows(tmp_path
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no chat here"}])
     done = subprocess.run([LLMFT, "augment", str(bad), "--out", str(out), "--base-url", server, "--api-model", "m"],
                           capture_output=True, text=True, env=quiet_env)
-    assert done.returncode == 1 and "row 1: none of the columns of a training row" in done.stderr
+    assert done.returncode == 1 and "row 1: text rows have no user turn to augment" in done.stderr
     broken = write_jsonl(tmp_path / "broken.jsonl", [ROWS[0], {"messages": [{"content": "no role"}]}])
     done = subprocess.run([LLMFT, "augment", str(broken), "--out", str(out), "--base-url", server, "--api-model", "m"],
                           capture_output=True, text=True, env=quiet_env)
