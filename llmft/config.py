@@ -663,7 +663,7 @@ def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]
         if not isinstance(values, dict):
             problems.append(f"{path}: section '{name}' must be a mapping of key: value.")
             continue
-        values = _renamed_keys(name, values, path)
+        values = _renamed_keys(name, values, path, problems)
         for key in values:
             if key not in field_names(known[name]):
                 problems.append(f"{path}: unknown key '{name}.{key}'.{_key_hint(key, name, known)}")
@@ -674,7 +674,7 @@ def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]
 RENAMED_KEYS = {("eval", "generation_batch_size"): "generate_batch_size"}  # old recipes (and runs' recipe.yaml)
 
 
-def _renamed_keys(section: str, values: dict[str, Any], path: Path) -> dict[str, Any]:
+def _renamed_keys(section: str, values: dict[str, Any], path: Path, problems: list[str]) -> dict[str, Any]:
     """A section's keys under their current names, with a warning for each old name used."""
     out = {}
     for key, value in values.items():
@@ -682,6 +682,8 @@ def _renamed_keys(section: str, values: dict[str, Any], path: Path) -> dict[str,
         if new is not None:
             warnings.warn(f"{path}: {section}.{key} is now {section}.{new}; the old name still works for now.",
                           FutureWarning, stacklevel=2)
+            if new in values:
+                problems.append(f"{path}: {section}.{key} and {section}.{new} are the same setting; keep {new}.")
         out[new or key] = value
     return out
 

@@ -466,5 +466,5 @@ def text_blocks(rows: datasets.Dataset, tokenizer, block: int, source: str):
         out["labels"].append(list(ids))
         out["example_id"].append(f"block {number} (row{'s' if len(rows_in_block) > 1 else ''} {named})")
     report.examples = len(out["input_ids"])
-    report.tokens = report.trainable_tokens = len(stream)
+    report.tokens = report.trainable_tokens = sum(len(ids) for ids in out["input_ids"])
     return datasets.Dataset.from_dict(out), report

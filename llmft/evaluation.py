@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers as numbers_
+from decimal import Decimal
 import re
 import string
 from dataclasses import asdict, dataclass, field, fields
@@ -128,12 +129,16 @@ def _same(answer: str, expected: str) -> bool:
     return bool(answer) and answer == expected
 
 
-def _number(text: str) -> float | None:
-    try:
-        value = float(text.strip().replace(",", "").rstrip("."))
-    except ValueError:
+NUMERIC = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d*)?")  # 1234, 1,234, 72.0 (not 1,5 or 1_000)
+
+
+def _number(text: str) -> Decimal | None:
+    """A plain decimal number written the usual ways, else None (compared as text then)."""
+    text = text.strip()
+    text = text[:-1] if text.endswith(".") else text  # the full stop of a sentence
+    if not text.isascii() or not NUMERIC.fullmatch(text):
         return None
-    return value if math.isfinite(value) else None
+    return Decimal(text.replace(",", ""))
 
 
 def load_metrics(names: list[str]) -> dict[str, Any]:

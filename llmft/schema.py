@@ -17,6 +17,7 @@ turns, ending on the assistant, no empty or misplaced messages). Light: no torch
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import re
 from collections.abc import Iterator
@@ -56,14 +57,16 @@ class RowError(ValueError):
 def kind_of(columns: set[str] | list[str], source: str) -> str:
     """The kind of rows a dataset holds (one of KINDS), from its columns."""
     columns = set(columns)
-    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION, TEXT, PROMPT_ONLY):  # the most specific first
+    for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION, TEXT):  # the most specific first
         if set(COLUMNS[kind]) <= columns:
             return kind
+    if "prompt" in columns and columns & set(REFERENCE_COLUMNS) and not columns & {"chosen", "rejected"}:
+        return PROMPT_ONLY  # a prompt and its reference answer, nothing else a training row needs
     raise DataError(
         f"{source}: none of the columns of a training row (found {sorted(columns)}): 'messages'; 'prompt' and "
         "'completion'; 'prompt', 'chosen' and 'rejected' (preference pairs); or 'prompt', 'completion' and 'label' "
-        "(KTO); or 'text' (raw documents, for continued pretraining). Convert the data first (llmft data convert), "
-        "or rename its columns."
+        "(KTO); 'text' (raw documents, for continued pretraining); or 'prompt' with 'reference' or 'answer' (prompts "
+        "for grpo). Convert the data first (llmft data convert), or rename its columns."
     )
 
 
@@ -377,10 +380,14 @@ def rows_problems(rows, kind: str, strict: bool = False) -> list[str]:
 
 
 def data_files(files: list[Path]) -> list[Path]:
-    """A folder's data files: its .txt files are documents only in a folder of nothing else (beside data files, a
-    README.txt or LICENSE.txt is not data)."""
-    other = [p for p in files if p.suffix != ".txt"]
-    return other or files
+    """The data files among `files`: .txt files are documents, except in a folder that also holds data files (a
+    README.txt or LICENSE.txt beside train.jsonl is not data); those skipped are logged."""
+    folders_with_data = {p.parent for p in files if p.suffix != ".txt"}
+    skipped = [p for p in files if p.suffix == ".txt" and p.parent in folders_with_data]
+    if skipped:
+        logging.getLogger(__name__).warning("Not reading %d .txt file(s) beside data files as documents: %s",
+                                            len(skipped), ", ".join(p.name for p in skipped[:5]))
+    return [p for p in files if p not in skipped]
 
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a file

@@ -239,3 +239,22 @@ def test_grpo_generates_with_vllm_colocated(tmp_path, tiny_model_dir):
                                       vllm_gpu_memory_utilization=0.2, bf16=True, use_cpu=False))
     run = read_run(train(recipe))
     assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"] > 0
+
+
+def test_numeric_answers_compare_as_numbers_and_nothing_else_does():
+    from llmft.evaluation import matches
+
+    for prediction, reference in [("72.0", "72"), ("1,234", "1234"), ("The answer is 72.", "#### 72")]:
+        assert matches(prediction, reference, "last_number"), (prediction, reference)
+    for prediction, reference in [("-5", "5"), ("1,5", "15"), ("12345678901234567890", "12345678901234567891")]:
+        assert not matches(prediction, reference, "none"), (prediction, reference)
+    assert matches("2010-01-11", "2010-01-11") and not matches("2010-01-11", "2010-1-11")  # the demo's dates
+
+
+def test_only_a_prompt_with_its_reference_is_a_prompt_only_row():
+    from llmft.schema import PROMPT_ONLY, kind_of
+
+    assert kind_of(["prompt", "answer", "level"], "x") == PROMPT_ONLY
+    for columns in (["prompt", "chosen"], ["prompt", "response"], ["prompt"]):  # malformed pairs, unknown answers
+        with pytest.raises(DataError, match="none of the columns of a training row"):
+            kind_of(columns, "x")

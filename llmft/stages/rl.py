@@ -16,8 +16,7 @@ import datasets
 
 from llmft.data import TokenizeReport, validate_rows
 from llmft.errors import DataError
-from llmft.schema import (MESSAGES, PROMPT_COMPLETION, PROMPT_ONLY, REFERENCE_COLUMNS, ROW, prompt_and_reference,
-                          row_number)
+from llmft.schema import MESSAGES, PROMPT_COMPLETION, PROMPT_ONLY, ROW, prompt_and_reference, row_number
 
 CONSUMED = ("messages", "prompt", "completion", "tools")  # turned into prompt/reference; the rest is passed on
 
@@ -54,9 +53,6 @@ def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str, split: str =
                         "conversations (the last assistant message is the reference), prompt/completion rows, or "
                         "prompt-only rows with a reference (or answer) column.")
     needs = [spec for spec in recipe.training.rewards if spec.startswith("exact_match")]
-    if kind == PROMPT_ONLY and needs and not set(REFERENCE_COLUMNS) & set(rows.column_names):
-        raise DataError(f"{source}: prompt-only rows without a reference or answer column, and the reward "
-                        f"{needs[0]} compares answers with one. Add the column, or use rewards that need none.")
     limit = recipe.training.max_length
     report, out = TokenizeReport(rows_in=len(rows)), []
     passed = [c for c in rows.column_names if c not in CONSUMED and not c.startswith("_")]

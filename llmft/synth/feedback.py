@@ -71,7 +71,8 @@ def read_prompts(options: FeedbackOptions) -> list[tuple[str, list[dict]]]:
         raise DataError(f"{options.prompts}: raw text rows hold no question to answer; give conversations, "
                         "prompts, or a .txt file of one question per line.")
     prompts = [(f"row {row_number(row, i)}", prompt_and_reference(row, kind)[0]) for i, row in enumerate(rows)]
-    prompts = [(pid, p) for pid, p in prompts if isinstance(p, list) and p]
+    prompts = [(pid, [{"role": "user", "content": p}] if isinstance(p, str) else p) for pid, p in prompts]
+    prompts = [(pid, p) for pid, p in prompts if p]
     return prompts[:options.limit] if options.limit else prompts
 
 
