@@ -154,8 +154,12 @@ def finalize(out: Path, options: FeedbackOptions, meta: dict[str, Any]) -> dict[
                                                  + "\n".join(lines) + "\n")
         manifests[name] = manifest
     if not manifests:
-        raise GenerationError(f"no prompt gave an SFT row or a pair ({dict(outcomes)}); lower --min-score or "
-                              f"--margin, or sample more answers. Details in {out / 'feedback.jsonl'}.")
+        answers, ungraded = sum(scores.values()), scores.get(None, 0)
+        hint = (f"the judge's verdicts were unparseable for {ungraded} of {answers} answers (it did not answer "
+                "'Score: N'): use a stronger judge (--judge-base-url, or a larger --judge-model)"
+                if ungraded > answers / 2 else "lower --min-score or --margin, or sample more answers")
+        raise GenerationError(f"no prompt gave an SFT row or a pair ({dict(outcomes)}); {hint}. Details in "
+                              f"{out / 'feedback.jsonl'}.")
     return manifests
 
 
