@@ -138,3 +138,16 @@ def test_eval_with_a_judge_grades_both_models_and_gives_the_win_rate(tmp_path, t
     assert re.search(r"eval_judge_win_rate", (out / "eval_report.md").read_text())
     assert run(["eval", str(out), "--judge-base-url", judge_url, "--judge-api-model", "judge",
                 "--num_generate", "0"]) == 2
+
+
+def test_feedback_without_graded_answers_names_the_judge_as_the_cause(tmp_path):
+    from llmft.errors import GenerationError
+    from llmft.synth.feedback import FeedbackOptions, finalize
+
+    prompt = [{"role": "user", "content": "Hi?"}]
+    records = [{"seed_id": f"row {i}", "prompt": prompt, "model": "m", "judge": "j",
+                "answers": [{"text": "a", "score": None, "reason": "unparseable verdict"},
+                            {"text": "b", "score": 7 if i == 0 else None, "reason": "ok"}]} for i in range(3)]
+    (tmp_path / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(GenerationError, match=r"unparseable for 5 of 6 answers .* use a stronger judge"):
+        finalize(tmp_path, FeedbackOptions(prompts="p.txt", out=str(tmp_path)), {"command": "test"})
