@@ -96,6 +96,8 @@ class CheckpointMarker(TrainerCallback):
                 tmp = folder / f".{MARKER}.tmp"
                 tmp.write_text(json.dumps({"step": state.global_step, "epoch": state.epoch, "time": time.time()}))
                 tmp.rename(folder / MARKER)  # atomic: the marker is there whole or not at all
+                # An event in the log history (not a logged metric: trackers never see it) for the run's report.
+                state.log_history.append({"step": state.global_step, "llmft_event": "checkpoint"})
 
 
 # Preemption -------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ commands:
 
   eval RUN_DIR|MODEL [--baseline B] held-out loss, generation metrics and general-text perplexity; with a baseline,
                                    side by side with deltas; writes eval_results.json and eval_report.md
+  report RUN_DIR [RUN_DIR ...]     one self-contained HTML page: curves, before/after metrics, samples, data, speed,
+                                   recipe; several runs side by side with their recipe differences
   merge RUN_DIR --out DIR          fold a LoRA adapter into its base: a standalone model for plain transformers
   check RUN_DIR [--merged DIR]     train/serve agreement: base model, chat template, answers stop at end of turn
   push RUN_DIR --repo-id ORG/NAME  check, regression gate, model card, upload (adapter, or --merged DIR)
@@ -157,6 +159,13 @@ def _eval(argv: list[str]) -> Callable[[], None]:
     return lambda: evaluate_command(*options)
 
 
+def _report(argv: list[str]) -> Callable[[], None]:
+    from llmft.report import ReportOptions, report_command
+
+    options = parse([ReportOptions], argv, "llmft report", description="An HTML report of one run or several.")
+    return lambda: report_command(*options)
+
+
 def _merge(argv: list[str]) -> Callable[[], None]:
     from llmft.hub import MergeOptions, RunOptions, merge_command
 
@@ -179,7 +188,7 @@ def _push(argv: list[str]) -> Callable[[], None]:
 
 
 COMMANDS = {"train": _train, "compare": _compare, "data": _data, "selfchat": _selfchat, "augment": _augment,
-            "eval": _eval, "merge": _merge, "check": _check, "push": _push}
+            "eval": _eval, "report": _report, "merge": _merge, "check": _check, "push": _push}
 
 
 class _UnknownCommand(LlmftError):

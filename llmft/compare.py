@@ -46,7 +46,7 @@ class CompareOptions:
 def compare_command(options: CompareOptions, overrides: list[str]) -> None:
     out = compare(options.recipes, options.sizes, Path(options.out), options.tokens, options.evals, overrides)
     print((out / "report.md").read_text())
-    print(f"Report: {out / 'report.md'}")
+    print(f"Report: {out / 'report.md'} and {out / 'report.html'}")
 
 
 def subset_tokens(recipe: Recipe) -> tuple[int, int, int]:
@@ -107,6 +107,10 @@ def compare(recipes: list[str], sizes: list[int], out: Path, tokens: int | None 
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "eval_loss_vs_tokens.png")
     (out / "report.md").write_text(report(results))
+    from llmft.report import write_report
+
+    runs = [read_run(Path(r["run_dir"])) for sizes_ in results["runs"].values() for r in sizes_.values()]
+    write_report(runs, out / "report.html")  # every run's curves and metrics, recipe differences side by side
     return out
 
 

@@ -41,11 +41,12 @@ class TokenizeReport:
     dropped: Counter = field(default_factory=Counter)
     tokens: int = 0
     trainable_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)  # tokens per example (kept in run.json as a summary)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows_in": self.rows_in, "rows_out": self.rows_out, "examples": self.examples,
                 "split_by_turn": self.split_by_turn, "truncated": self.truncated, "dropped": dict(self.dropped),
-                "tokens": self.tokens, "trainable_tokens": self.trainable_tokens}
+                "tokens": self.tokens, "trainable_tokens": self.trainable_tokens, **length_summary(self.lengths)}
 
     def summary(self, name: str) -> str:
         made = f" ({self.examples} examples)" if self.examples != self.rows_out else ""
@@ -57,6 +58,20 @@ class TokenizeReport:
             parts.append(f"{self.truncated} truncated to max_length")
         parts += [f"{n} dropped: {why}" for why, n in sorted(self.dropped.items())]
         return "; ".join(parts)
+
+
+def length_summary(lengths: list[int], bins: int = 20) -> dict[str, Any]:
+    """Percentiles and a histogram of example lengths in tokens: the report's chart and the estimate's activations
+    read them from run.json without the data."""
+    if not lengths:
+        return {}
+    import numpy as np
+
+    arr = np.asarray(lengths)
+    counts, edges = np.histogram(arr, bins=min(bins, max(1, len(set(lengths)))))
+    return {"length": {"mean": round(float(arr.mean()), 1), **{f"p{q}": int(np.percentile(arr, q))
+                                                                 for q in (50, 90, 95, 99)}, "max": int(arr.max())},
+            "length_histogram": {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}}
 
 
 # Loading -------------------------------------------------------------------------------------------------------
@@ -272,7 +287,8 @@ def prepare_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
     kept = mapped.filter(lambda s: s in ("ok", "truncated"), input_columns="status").remove_columns(["status", "split"])
     report.examples = len(kept)
     report.rows_out = len({name.split(", turn ")[0] for name in kept["example_id"]})
-    report.tokens = sum(len(ids) for ids in kept["input_ids"])
+    report.lengths = [len(ids) for ids in kept["input_ids"]]
+    report.tokens = sum(report.lengths)
     report.trainable_tokens = sum(sum(t != IGNORE for t in labels) for labels in kept["labels"])
     if report.examples == 0:
         raise DataError(f"{source}: no example left ({report.summary('all')}). Raise the maximum length "
@@ -398,8 +414,10 @@ def prepare_preference(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     kept = kept.remove_columns(["status", "prompt_differs"] + (["label"] if kind == PREFERENCE else []))
     answers = [k for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in kept.column_names]
     report.examples = report.rows_out = len(kept)
-    report.trainable_tokens = sum(len(ids) for key in answers for ids in kept[key])
-    report.tokens = report.trainable_tokens + len(answers) * sum(len(ids) for ids in kept["prompt_ids"])
+    columns = {key: [len(ids) for ids in kept[key]] for key in answers + ["prompt_ids"]}
+    report.trainable_tokens = sum(sum(columns[key]) for key in answers)
+    report.tokens = report.trainable_tokens + len(answers) * sum(columns["prompt_ids"])
+    report.lengths = [p + max(columns[key][i] for key in answers) for i, p in enumerate(columns["prompt_ids"])]
     if report.examples == 0:
         raise DataError(f"{source}: no example left ({report.summary('all')}). Raise training.max_length, or "
                         "truncate instead of dropping (data.overlong: truncate).")
@@ -466,5 +484,6 @@ def text_blocks(rows: datasets.Dataset, tokenizer, block: int, source: str):
         out["labels"].append(list(ids))
         out["example_id"].append(f"block {number} (row{'s' if len(rows_in_block) > 1 else ''} {named})")
     report.examples = len(out["input_ids"])
-    report.tokens = report.trainable_tokens = sum(len(ids) for ids in out["input_ids"])
+    report.lengths = [len(ids) for ids in out["input_ids"]]
+    report.tokens = report.trainable_tokens = sum(report.lengths)
     return datasets.Dataset.from_dict(out), report

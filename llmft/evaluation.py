@@ -744,7 +744,12 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
                         "", f"Lower is better for {', '.join(k for k in run_dir.LOWER_IS_BETTER if k in tuned)}; "
                         "higher for the others.", ""])
     paths = run_dir.write_eval_results(out, results, report)
-    print(report + f"\nSaved {paths[0]} and {paths[1]}")
+    page = None
+    if run is not None and out.resolve() == run.path.resolve():
+        from llmft.report import refresh
+
+        page = refresh(run.path)
+    print(report + f"\nSaved {paths[0]} and {paths[1]}" + (f"; refreshed {page}" if page else ""))
 
 
 def lm_eval_results(model, tokenizer, options: EvalOptions, batch_size: int) -> dict[str, float]:

@@ -25,10 +25,10 @@ EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "special_tokens_map.json", run_dir.RECIPE_FILE, run_dir.RUN_FILE,
                 run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE, run_dir.EVAL_REPORT_FILE, run_dir.STATE_FILE,
-                run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE)
+                run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE, run_dir.REPORT_FILE)
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # formats whose loading can run code
 RUN_RECORDS = (run_dir.RECIPE_FILE, run_dir.RUN_FILE, run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE,
-               run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE)
+               run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE, run_dir.REPORT_FILE)
 
 
 @dataclass

@@ -16,7 +16,9 @@ run_dir/
   metrics/                copies of local `evaluate:` metric scripts named in eval.metrics
   eval_samples.jsonl      per held-out prompt: reference, answer after training, baseline_answer before it
   eval_samples/step-N.jsonl   the answers at each evaluation during training
-  trainer_state.json      the Trainer's log history;  loss_curve.png  train and eval loss by step
+  trainer_state.json      the Trainer's log history (with checkpoint events);  loss_curve.png  train and eval loss
+  report.html             the run's page (llmft report): written after training, refreshed by llmft eval
+  data/manifest.json      the build manifest of the training data (sources, counts, drops), when it had one
   eval_results.json + eval_report.md                 written by `llmft eval`
 Metric names follow the Trainer everywhere: eval_loss, eval_exact_match, eval_rouge_l, eval_general_ppl, ...
 Samples have one shape everywhere: prompt, reference, answer, exact_match, and baseline_answer /
@@ -51,6 +53,8 @@ EVAL_RESULTS_FILE = "eval_results.json"
 EVAL_REPORT_FILE = "eval_report.md"
 LOSS_CURVE_FILE = "loss_curve.png"
 REWARD_CURVE_FILE = "reward_curve.png"  # RL runs: each reward's mean by step
+REPORT_FILE = "report.html"  # llmft report: curves, metrics, samples, data, speed, recipe in one page
+MANIFEST_COPY = "data/manifest.json"  # the training data's build manifest, when it came from llmft data convert|build
 EVAL_SPLIT = "data/eval"
 FEW_SHOT_SPLIT = "data/few_shot"
 METRIC_SCRIPTS = "metrics"  # copies of the local `evaluate:` metric scripts the run was evaluated with
@@ -267,6 +271,18 @@ def write_run(out: Path, recipe: Recipe, info: RunInfo, metrics: Metrics) -> Non
                                hardware=hardware())
     (out / RUN_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2, default=str))
     (out / METRICS_FILE).write_text(json.dumps(dataclasses.asdict(metrics), indent=2))
+
+
+def save_manifest(out: Path, source: str) -> None:
+    """A copy of the training data's build manifest (a folder llmft data convert|build wrote, or its train/)."""
+    import shutil
+
+    path = Path(source)
+    for folder in (path, path.parent):
+        if (folder / "manifest.json").is_file() and path.is_dir():
+            (out / MANIFEST_COPY).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / "manifest.json", out / MANIFEST_COPY)
+            return
 
 
 def save_metric_scripts(out: Path, metrics: list[str]) -> None:

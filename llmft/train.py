@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
-from llmft import run_dir, tuning
+from llmft import report, run_dir, tuning
 from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resume_point
 from llmft.config import Recipe
 from llmft.data import load_splits
@@ -22,6 +22,7 @@ from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, Perplexi
                               held_out_pairs, load_metrics, samples)
 from llmft.masking import masking_for
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
+from llmft.progress import LiveProgress
 from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
 from llmft.schema import MESSAGES, TEXT, file_fingerprint
 from llmft.stages import STAGES
@@ -35,7 +36,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     check_launch(recipe.training.world_size)
     loaded_metrics = load_metrics(recipe.eval.metrics) if recipe.eval.num_generate else {}  # fail before loading
     launch = resolve_launch(recipe.training, stage.micro_batches)
-    args = trainer_args(recipe.training, launch)  # a copy: the recipe itself is never changed
+    args = trainer_args(recipe.training, launch, stage.counts_tokens)  # a copy: the recipe is never changed
     out = Path(args.output_dir)
     run_dir.check_writable(out, args.overwrite_output_dir)
     with args.main_process_first(desc="finding a checkpoint"):  # rank 0 may remove an overwritten run's ones
@@ -74,6 +75,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
     # Initialise the stage's trainer, with llmft's callbacks ------------------------------------------------------
     weight_check, preemption = WeightChangeCheck(), Preemption()
+    progress = LiveProgress(train_report.tokens / max(1, train_report.examples) * launch.global_batch_size)
     guard = NonFiniteGuard(args.on_nonfinite, train_ds)
     shots = train_rows.select(range(min(recipe.eval.few_shot, len(train_rows)))) if recipe.eval.few_shot else None
     language_model = stage.head == "causal_lm"  # a reward model scores answers; it does not write any
@@ -81,7 +83,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     evaluation = GenerationEvalCallback(tokenizer, eval_items(eval_rows, recipe.eval, shots) if generates else [],
                                         recipe.eval, out, loaded_metrics, recipe.data.reasoning,
                                         forgetting=language_model)
-    callbacks = [weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
+    callbacks = [progress, weight_check, evaluation, CheckpointMarker(), preemption, guard, *tuning_callbacks(model, recipe),
                  *([PerplexityCallback()] if stage.rows == TEXT else []),
                  *pair_callbacks(stage, eval_rows, tokenizer, recipe), *(callbacks or [])]
     if recipe.eval.early_stopping_patience is not None:
@@ -94,6 +96,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         if isinstance(callback, (GenerationEvalCallback, PairEvalCallback)):
             callback.trainer = trainer  # they log through it
     guard.attach(trainer)
+    progress.attach(trainer)
+    _pin_tensorboard_dir(trainer, out)
+    end_tracker_runs = _defer_tracker_ends(trainer)
     check_sharding(trainer)
     tuning.check_launch(recipe.tuning, args.world_size, trainer.accelerator)
     restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
@@ -113,6 +118,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     # Train (from the latest complete checkpoint, when resuming) ----------------------------------------------------
     metrics.train = trainer.train(resume_from_checkpoint=resume).metrics
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        end_tracker_runs()
         _end_process_group()
         raise Preempted(preemption.message(out, recipe.source), preemption.received)
 
@@ -120,6 +126,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     if eval_ds is not None:
         metrics.after = trainer.evaluate()
     after_gen = evaluation.last
+    end_tracker_runs()
 
     # Save the model, tokenizer and everything later stages need --------------------------------------------------
     trainer.save_model(str(out))
@@ -138,6 +145,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
             few_shot_record = DataRecord(**file_fingerprint(data.train_data), saved=saved, saved_sha256=saved_sha,
                                          split=f"the first {len(shots)} training rows")
         run_dir.save_metric_scripts(out, recipe.eval.metrics)
+        run_dir.save_manifest(out, data.train_data)
         info = RunInfo(
             stage=stage.name,
             base_model=BaseModelRecord(recipe.model.name_or_path, recipe.model.revision,
@@ -155,6 +163,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         final = samples(evaluation.items, after_gen, before_gen) if after_gen else []
         if final:
             run_dir.write_jsonl(out / run_dir.SAMPLES_FILE, final)
+        report.refresh(out)
         print(_summary(out, metrics, final, recipe.eval.show_samples))
         if recipe.hub.push:  # the main process alone pushes
             from llmft.hub import push
@@ -209,6 +218,37 @@ def tuning_callbacks(model, recipe: Recipe) -> list[TrainerCallback]:
     if recipe.tuning.l2sp_alpha:
         found.append(tuning.L2SP(model, recipe.tuning.l2sp_alpha))
     return found
+
+
+def _pin_tensorboard_dir(trainer, out: Path) -> None:
+    """TensorBoard's folder fixed now: transformers picks it at train begin, so the evaluation before training
+    would open a writer in ./runs of the working directory and the training curves would follow it there."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(out / default_logdir())
+
+
+def _defer_tracker_ends(trainer):
+    """MLflow and Trackio end their run when training ends, so the evaluation after training would open a second
+    run: their end is held back until llmft's last evaluation (the returned call), one tracker run per llmft run."""
+    from transformers.integrations import MLflowCallback
+    from transformers.integrations.integration_utils import TrackioCallback
+
+    ends = []
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, (MLflowCallback, TrackioCallback)):
+            ends.append(callback.on_train_end)
+            callback.on_train_end = lambda *args, **kwargs: None
+
+    def end() -> None:
+        for on_train_end in ends:
+            on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        ends.clear()
+
+    return end
 
 
 def _can_evaluate_before_training(trainer) -> bool:
@@ -327,8 +367,9 @@ def resolve_launch(args, micro_batches: bool = True) -> Launch:
                   global_batch_size=per_step * accumulation, cpu_micro_batches=micro)
 
 
-def trainer_args(training, launch: Launch):
-    """The Trainer's arguments: a copy of the recipe's training section with the launch's batch values.
+def trainer_args(training, launch: Launch, counts_tokens: bool = False):
+    """The Trainer's arguments: a copy of the recipe's training section with the launch's batch values (and the
+    Trainer's count of the tokens trained on, for the progress line, the logs and the report, where it can count).
 
     A copy built anew (not the recipe's object changed), so TrainingArguments derives everything from these values
     again, DeepSpeed's "auto" batch sizes included.
@@ -336,7 +377,8 @@ def trainer_args(training, launch: Launch):
     return dataclasses.replace(
         training, global_batch_size=None, per_device_train_batch_size=launch.per_device_train_batch_size,
         per_device_eval_batch_size=launch.per_device_eval_batch_size,
-        gradient_accumulation_steps=launch.gradient_accumulation_steps)
+        gradient_accumulation_steps=launch.gradient_accumulation_steps,
+        include_num_input_tokens_seen="non_padding" if counts_tokens else training.include_num_input_tokens_seen)
 
 
 class WeightChangeCheck(TrainerCallback):

@@ -66,6 +66,7 @@ def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str, split: str =
             report.dropped[f"prompt longer than max_length {limit}"] += 1
             continue
         report.tokens += length
+        report.lengths.append(length)
         out.append({**{c: row[c] for c in passed}, "prompt": prompt, "reference": reference,
                     "example_id": f"row {row_number(row, index)}", ROW: row_number(row, index)})
     report.rows_out = report.examples = len(out)
