@@ -4,7 +4,7 @@
 # Every check that needs a CUDA GPU, in one run of under 10 minutes on one GPU: the tests marked `gpu`, then
 # llmft train on the GPU with bf16 LoRA, QLoRA (4-bit NF4), full fine-tuning, DeepSpeed ZeRO-3 and FSDP2 (one
 # process each where one GPU is all there is), `llmft eval` of the GPU run, DPO and GRPO (vLLM colocated in the gpu
-# tests, where vLLM is installed). Models are random
+# tests, where vLLM is installed), and llmft estimate against the GPU peak the LoRA run recorded. Models are random
 # Llama configs built locally (a tiny one, and ~0.5B parameters for speed), so nothing is downloaded.
 #
 # On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
@@ -91,6 +91,18 @@ step grpo_lora_bf16 150 $PY -m llmft train recipes/smollm2-135m-instruct/grpo/gs
     --train_data "$OUT_DIR/train.jsonl" --eval_data "$OUT_DIR/eval.jsonl" --max_eval_examples 8 --max_steps 5 \
     --rewards exact_match:last_number --reward_weights 1.0 --max_completion_length 32 --num_generate 4 \
     --overwrite_output_dir true --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/grpo" --bf16 true
+# llmft estimate of the bf16 LoRA run above against the GPU peak its run.json recorded (the GPU formulas' check).
+step estimate_vs_peak 60 $PY - "$OUT_DIR" "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
+    --output_dir "$OUT_DIR/runs/lora" --bf16 true <<'EOF'
+import json, subprocess, sys
+out, recipe, *overrides = sys.argv[1:]
+measured = json.load(open(f"{out}/runs/lora/run.json"))["hardware"]["peak_gpu_memory_mb"] / 1024
+shown = subprocess.run([sys.executable, "-m", "llmft", "estimate", recipe, "--json", "true", *overrides],
+                       capture_output=True, text=True, check=True).stdout
+estimate = json.loads(shown[shown.index("{"):])["memory_gb"]
+print(json.dumps({"measured_peak_gb": round(measured, 2), "estimate": estimate}))
+assert 0.75 * measured <= estimate["total"] <= 1.5 * measured, (estimate["total"], measured)
+EOF
 # Not in this script: tokens/s and MFU against plain TRL on the GPU (benchmarks/sft_throughput.py reads the embedded
 # model and ../shared/data, which a bare GPU machine lacks; it needs a --model and --data option first).
 cat "$SUMMARY"

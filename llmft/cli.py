@@ -41,6 +41,9 @@ commands:
 
   eval RUN_DIR|MODEL [--baseline B] held-out loss, generation metrics and general-text perplexity; with a baseline,
                                    side by side with deltas; writes eval_results.json and eval_report.md
+  estimate RECIPE [--gpus N] [--gpu-memory 80GB]
+                                   before launch: memory per device (weights, gradients, optimizer, activations),
+                                   fits or what to change, time per epoch
   report RUN_DIR [RUN_DIR ...]     one self-contained HTML page: curves, before/after metrics, samples, data, speed,
                                    recipe; several runs side by side with their recipe differences
   merge RUN_DIR --out DIR          fold a LoRA adapter into its base: a standalone model for plain transformers
@@ -159,6 +162,16 @@ def _eval(argv: list[str]) -> Callable[[], None]:
     return lambda: evaluate_command(*options)
 
 
+def _estimate(argv: list[str]) -> Callable[[], None]:
+    from llmft.estimate import EstimateOptions, estimate_command
+
+    overrides: list[str] = []
+    (options,) = parse([EstimateOptions], argv, "llmft estimate", rest=overrides,
+                       description="Memory per device and time per epoch of a recipe, before anything is loaded. "
+                                   "Other --key value options override the recipe, as for llmft train.")
+    return lambda: estimate_command(options, overrides)
+
+
 def _report(argv: list[str]) -> Callable[[], None]:
     from llmft.report import ReportOptions, report_command
 
@@ -188,7 +201,7 @@ def _push(argv: list[str]) -> Callable[[], None]:
 
 
 COMMANDS = {"train": _train, "compare": _compare, "data": _data, "selfchat": _selfchat, "augment": _augment,
-            "eval": _eval, "report": _report, "merge": _merge, "check": _check, "push": _push}
+            "eval": _eval, "estimate": _estimate, "report": _report, "merge": _merge, "check": _check, "push": _push}
 
 
 class _UnknownCommand(LlmftError):

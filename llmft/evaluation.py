@@ -707,6 +707,9 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
     """`llmft eval`: a run or model (and a baseline) on held-out data; eval_results.json and eval_report.md."""
     from llmft.stages import STAGES
 
+    from llmft.hardware import tune_allocator
+
+    tune_allocator()
     judge_options = judge_options or JudgeOptions()
     if judge_options.given and not settings.num_generate:
         raise ConfigError(["a judge grades generated answers: set --num_generate N (held-out prompts to answer)."],

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from llmft import run_dir
-from llmft.errors import ConfigError, RunDirError
+from llmft.errors import ConfigError
 from llmft.run_dir import Run
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ def refresh(path: Path) -> Path | None:
     run itself is complete without its page."""
     try:
         return write_report([run_dir.read_run(path)], path / run_dir.REPORT_FILE)
-    except (RunDirError, OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("Could not write %s: %s (llmft report %s retries)", path / run_dir.REPORT_FILE, err, path)
+    except Exception as err:  # any: a page that cannot be drawn must not fail a finished run
+        log.warning("Could not write %s: %s: %s (llmft report %s retries and shows the error)",
+                    path / run_dir.REPORT_FILE, type(err).__name__, err, path)
         return None
 
 
@@ -117,7 +118,7 @@ def metrics_section(run: Run) -> str:
         base = results.get("baseline") or {}
         rows = [(k, _fmt(base.get(k)), _fmt(v)) for k, v in results["results"].items() if _num(v)]
         html_ += (f"<h3>llmft eval ({_e(results.get('data', ''))})</h3>"
-                  + _table(["metric", f"baseline {_e(results.get('baseline_model') or '')}", "run"], rows))
+                  + _table(["metric", f"baseline {results.get('baseline_model') or ''}", "run"], rows))
     return html_
 
 
@@ -146,9 +147,12 @@ def curves(run: Run, history: list[dict[str, Any]], charts: Charts) -> str:
 
 def samples_section(run: Run) -> str:
     path = run.path / run_dir.SAMPLES_FILE
-    if not path.exists():
+    if path.exists():
+        samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:  # a run trained without generation, answered later by llmft eval
+        samples = (run.eval_results() or {}).get("samples") or []
+    if not samples:
         return ""
-    samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     has_base = any("baseline_answer" in s for s in samples)
     head = ["prompt", "reference", *(["base answer"] if has_base else []), "tuned answer"]
     rows = []
@@ -199,7 +203,8 @@ def speed_section(run: Run, history: list[dict[str, Any]]) -> str:
     tokens = _tokens_by_step(run, history)
     seen = max(tokens.values()) if tokens else None
     runtime = train.get("train_runtime")
-    rate = seen / runtime if seen and runtime else None
+    # The Trainer's own rate covers this session only, as its runtime does (a resumed run counts from its resume).
+    rate = train.get("train_tokens_per_second") or (seen / runtime if seen and runtime else None)
     rows = [("training time", _duration(runtime)), ("whole run (load, evaluate, save)", _duration(run.info.seconds)),
             ("tokens trained on", f"{seen:,.0f}" if seen else "-"), ("tokens/s", f"{rate:,.0f}" if rate else "-"),
             ("peak memory (process RSS)", _mb(hw.get("peak_rss_mb")))]
@@ -231,8 +236,8 @@ def comparison(runs: list[Run], charts: Charts) -> list[str]:
     differ = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), default=str) for f in flat}) > 1)
     diff_rows = [(k, *[json.dumps(f.get(k), default=str) for f in flat]) for k in differ]
     lines = [(f"{name} {label}", pts) for name, run in zip(names, runs) for label, pts in (
-        ("train", _points(_history(run), "loss", train=True)), ("eval", _points(_history(run), "eval_loss")))
-        if pts]
+        ("train", _points(_history(run), "loss", train=True)),
+        ("eval", _with_before(run, "eval_loss", _points(_history(run), "eval_loss")))) if pts]
     return ["<h2>Side by side</h2>", _table(["metric", *names], rows),
             "<h3>Recipe differences</h3>", _table(["key", *names], diff_rows) if diff_rows else
             "<p>The recipes are the same.</p>", charts.line("loss (all runs)", lines, {}, []) if lines else ""]
@@ -268,11 +273,19 @@ class Charts:
         if tokens and all(p[0] in tokens for _, pts in lines for p in pts):
             by_tokens = [[tokens[p[0]] for p in pts] for _, pts in lines]
             by_step = [[p[0] for p in pts] for _, pts in lines]
+            shapes = [s.to_plotly_json() for s in fig.layout.shapes]
+            notes = [a.to_plotly_json() for a in fig.layout.annotations]
+            at = lambda step: tokens[max((s for s in tokens if s <= step), default=0)]  # noqa: E731
+            token_shapes = [{**s, "x0": at(s["x0"]), "x1": at(s["x1"])} for s in shapes]
+            token_notes = [{**a, "x": at(a["x"])} for a in notes]
             fig.update_layout(updatemenus=[dict(type="buttons", direction="right", x=1, y=1.18, showactive=True,
                                                 buttons=[dict(label="step", method="update", args=[
-                                                    {"x": by_step}, {"xaxis.title.text": "step"}]),
+                                                    {"x": by_step}, {"xaxis.title.text": "step", "shapes": shapes,
+                                                                     "annotations": notes}]),
                                                          dict(label="tokens seen", method="update", args=[
-                                                    {"x": by_tokens}, {"xaxis.title.text": "tokens seen"}])])])
+                                                    {"x": by_tokens}, {"xaxis.title.text": "tokens seen",
+                                                                       "shapes": token_shapes,
+                                                                       "annotations": token_notes}])])])
         return self._add(fig)
 
     def histogram(self, title: str, histogram: dict[str, list]):
@@ -334,7 +347,7 @@ def _with_before(run: Run, key: str, points: list[tuple[int, float]]) -> list[tu
 def _tokens_by_step(run: Run, history: list[dict[str, Any]]) -> dict[int, float]:
     """Tokens trained on by each logged step: as counted in training where the trainer logs it, else the split's
     token count spread evenly over its steps."""
-    counted = {h["step"]: h[k] for h in history for k in ("num_input_tokens_seen", "num_tokens")
+    counted = {h["step"]: h[k] for h in history for k in ("num_tokens", "num_input_tokens_seen")  # the latter wins
                if _num(h.get(k)) and h.get(k) and not any(x.startswith("eval_") for x in h)}
     steps = sorted({h["step"] for h in history if "step" in h})
     if counted:
@@ -355,7 +368,9 @@ def _manifest(run: Run) -> dict[str, Any] | None:
 def _rate(run: Run) -> str:
     tokens = _tokens_by_step(run, _history(run))
     runtime = run.metrics.train.get("train_runtime")
-    return f"{max(tokens.values()) / runtime:,.0f}" if tokens and runtime else "-"
+    rate = run.metrics.train.get("train_tokens_per_second") or (max(tokens.values()) / runtime if tokens and runtime
+                                                                  else None)
+    return f"{rate:,.0f}" if rate else "-"
 
 
 def _mfu(run: Run, tokens_per_second: float | None) -> float | None:
@@ -366,7 +381,7 @@ def _mfu(run: Run, tokens_per_second: float | None) -> float | None:
     if not peak or not tokens_per_second:
         return None
     per_token = (6 if run.recipe.peft.method == "full" else 4) * run.info.total_parameters
-    return tokens_per_second * per_token / (peak * 1e12 * run.info.hardware.get("gpu_count", 1))
+    return tokens_per_second * per_token / (peak * 1e12 * run.info.launch.world_size)
 
 
 def _metric_keys(keys) -> list[str]:
@@ -382,11 +397,21 @@ def _status(sample: dict[str, Any]) -> str:
     return "right" if after else "wrong"
 
 
+class Markup(str):
+    """Markup written here, which `_table` leaves as it is; every other cell is escaped."""
+
+
+HIGHER_IS_BETTER = ("exact_match", "accuracy", "rouge", "bleu", "chrf", "margin", "win_rate", "grade")
+
+
 def _verdict(key: str, before, after) -> str:
-    if not (_num(before) and _num(after)) or before == after or "entropy" in key:  # entropy: neither
+    """better/worse for metrics with a direction; none for the others (entropy, log-probs, rewards of one side)."""
+    lower = key in run_dir.LOWER_IS_BETTER or key.endswith("_ppl") or key.endswith("loss")
+    if not (_num(before) and _num(after)) or before == after or not (lower or any(
+            k in key for k in HIGHER_IS_BETTER)):
         return ""
-    better = (after < before) if key in run_dir.LOWER_IS_BETTER or key.endswith("_ppl") else (after > before)
-    return "<span class='good'>better</span>" if better else "<span class='bad'>worse</span>"
+    better = (after < before) if lower else (after > before)
+    return Markup("<span class='good'>better</span>" if better else "<span class='bad'>worse</span>")
 
 
 def _label(run: Run, runs: list[Run]) -> str:
@@ -431,10 +456,9 @@ def _duration(seconds: Any) -> str:
 
 
 def _table(head: list[str], rows: list[tuple], cls: str = "") -> str:
-    """Cells are escaped unless they are already markup (the better/worse verdicts)."""
+    """Every cell escaped, but the Markup this module wrote (the better/worse verdicts)."""
     def cell(value: Any) -> str:
-        text = str(value)
-        return text if text.startswith("<span class=") else _e(text)
+        return value if isinstance(value, Markup) else _e(value)
 
     header = "" if not any(head) else "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>"
     body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)

@@ -279,10 +279,21 @@ def save_manifest(out: Path, source: str) -> None:
 
     path = Path(source)
     for folder in (path, path.parent):
-        if (folder / "manifest.json").is_file() and path.is_dir():
+        manifest = folder / "manifest.json"
+        if manifest.is_file() and path.is_dir() and _is_build_manifest(manifest):
             (out / MANIFEST_COPY).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(folder / "manifest.json", out / MANIFEST_COPY)
+            shutil.copy2(manifest, out / MANIFEST_COPY)
             return
+
+
+def _is_build_manifest(path: Path) -> bool:
+    """Only llmft's own manifests (a dict with its sources listed): another tool's manifest.json stays behind."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("sources"), list) and all(
+        isinstance(s, dict) for s in raw["sources"])
 
 
 def save_metric_scripts(out: Path, metrics: list[str]) -> None:

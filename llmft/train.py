@@ -20,6 +20,7 @@ from llmft.data import load_splits
 from llmft.errors import LaunchError, Preempted
 from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, PerplexityCallback, eval_items,
                               held_out_pairs, load_metrics, samples)
+from llmft.hardware import tune_allocator
 from llmft.masking import masking_for
 from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
 from llmft.progress import LiveProgress
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Run one recipe end to end; returns the run directory. `callbacks` are added to the Trainer's own."""
     started, stage = time.time(), STAGES[recipe.training.stage]
+    tune_allocator()
     check_launch(recipe.training.world_size)
     loaded_metrics = load_metrics(recipe.eval.metrics) if recipe.eval.num_generate else {}  # fail before loading
     launch = resolve_launch(recipe.training, stage.micro_batches)

@@ -219,3 +219,16 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def assert_report(out: Path, *expected: str) -> str:
+    """The run's report.html exists and holds `expected`; drawn again here so a failure shows its traceback (after
+    training, a page that cannot be drawn is only a warning)."""
+    from llmft.report import render
+    from llmft.run_dir import read_run
+
+    page = (out / "report.html").read_text()
+    assert render([read_run(out)]).count("class='chart'") == page.count("class='chart'")
+    missing = [text for text in expected if text not in page]
+    assert not missing, f"report.html lacks {missing}"
+    return page

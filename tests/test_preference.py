@@ -19,7 +19,7 @@ from llmft.config import GenerationEval
 from llmft.run_dir import read_run
 from llmft.schema import RowError
 from llmft.train import train
-from tests.helpers import SHARED_DATA, chat_rows, pair_rows, write_jsonl, write_recipe
+from tests.helpers import SHARED_DATA, assert_report, chat_rows, pair_rows, write_jsonl, write_recipe
 from tests.test_templates import tokenizer_for
 
 USER = [{"role": "user", "content": "Hi?"}]
@@ -191,6 +191,7 @@ def test_dpo_lora_starts_at_log_2_trains_and_reports_pair_metrics(tmp_path, tiny
     assert before["eval_rewards/accuracies"] == 0 and "eval_pair_accuracy" in before
     assert after["eval_loss"] < before["eval_loss"]
     assert after["eval_rewards/accuracies"] > 0.5
+    assert_report(out, "eval_pair_accuracy", "eval_rewards/accuracies", "Speed and cost")
     capfd.readouterr()
     evaluate_command(EvalOptions(target=str(out), baseline="base"), GenerationEval(num_generate=0))
     results = json.loads((out / "eval_results.json").read_text())
@@ -237,6 +238,7 @@ def test_reward_model_trains_a_score_head_and_is_evaluated_as_one(tmp_path, tiny
     evaluate_command(EvalOptions(target=str(out)), GenerationEval(num_generate=0))
     results = json.loads((out / "eval_results.json").read_text())["results"]
     assert set(results) == {"eval_reward_accuracy", "eval_reward_margin"}
+    assert_report(out, "eval_reward_accuracy", "Training curves")  # refreshed by llmft eval
 
 
 def test_stages_refuse_the_wrong_kind_of_rows(tmp_path, tiny_model_dir, pairs_file):

@@ -16,7 +16,7 @@ from llmft.errors import ConfigError, DataError
 from llmft.run_dir import read_run
 from llmft.stages.pretrain import text_blocks
 from llmft.train import train
-from tests.helpers import chat_rows, make_tokenizer, write_jsonl, write_recipe
+from tests.helpers import assert_report, chat_rows, make_tokenizer, write_jsonl, write_recipe
 
 C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory_demo" / "c4_demo.jsonl"
 DOCS = ["The river rises in the hills and runs to the sea.", "Bread is made from flour, water and salt.",
@@ -100,6 +100,7 @@ def test_continued_pretraining_lowers_held_out_perplexity_with_replay(tmp_path, 
     assert run.info.data["replay"].sha256  # the replayed conversations are recorded beside the text
     assert run.info.data["eval"].tokenized["rows_out"] == 8  # held-out text only: replay joins the training split
     assert "\nperplexity " in capfd.readouterr().out  # the summary's row
+    assert_report(out, "eval_perplexity", "eval_forgetting_ppl_ratio", "train example length (tokens)")
 
 
 @pytest.mark.slow

@@ -14,8 +14,11 @@ from llmft.cli import run as llmft
 from llmft.config import load_recipe
 from llmft.train import train
 from tests.conftest import LLMFT
-from tests.helpers import chat_rows, write_jsonl, write_recipe
+from tests.helpers import assert_report, chat_rows, write_jsonl, write_recipe
 
+WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
+         "lima", "mike", "november", "oscar", "papa")
+MARKUP = "</td><script>window.injected = 1</script> & <b>bold</b>"
 # Screenshots of the pages the browser test loaded, kept for people to look at.
 SCREENSHOTS = Path(os.environ.get("LLMFT_TEST_OUTPUT", Path(__file__).parent.parent / "test-output"))
 
@@ -25,9 +28,9 @@ def runs(tmp_path_factory, tiny_model_dir):
     """Two tiny LoRA runs on a built dataset (with its manifest), differing in learning rate; the first saves
     checkpoints and evaluates during training."""
     tmp = tmp_path_factory.mktemp("report")
-    source = write_jsonl(tmp / "chats.jsonl", chat_rows(8) + [  # one-turn rows whose prompts share no word
-        {"messages": [{"role": "user", "content": f"Repeat {word}"}, {"role": "assistant", "content": word}]}
-        for word in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")])
+    source = write_jsonl(tmp / "chats.jsonl", [  # prompts that share no word, and markup that must stay text
+        {"messages": [{"role": "user", "content": f"Repeat {word} {MARKUP}"}, {"role": "assistant", "content": word}]}
+        for word in WORDS])
     assert llmft(["data", "convert", str(source), "--out", str(tmp / "built"), "--near-dedupe", "off",
                   "--test-fraction", "0.25"]) == 0
     made = []
@@ -49,11 +52,20 @@ def test_every_run_gets_a_self_contained_page(runs):
                     "Speed and cost", "Recipe"):
         assert section in page
     assert "checkpoint at step 2" in page and "checkpoint at step 4" in page
+    assert "<script>window.injected" not in page and "&lt;script&gt;window.injected" in page  # samples are text
     assert "chats" in page and "Sources (data build manifest)" in page  # the build manifest travelled with the run
     assert (runs[0] / "data" / "manifest.json").exists()
     info = json.loads((runs[0] / "run.json").read_text())["data"]["train"]["tokenized"]
     assert info["length"]["max"] >= info["length"]["p50"] > 0 and sum(info["length_histogram"]["counts"]) == \
         info["examples"]
+
+
+def test_a_run_without_held_out_data_gets_a_page_without_those_sections(tmp_path, tiny_model_dir):
+    out = train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir,
+                                         write_jsonl(tmp_path / "t.jsonl", chat_rows(6)), tmp_path / "run",
+                                         data={"eval_fraction": 0.0})))
+    page = assert_report(out, "Training curves", "Data", "Speed and cost", "Recipe")
+    assert "Before and after training" not in page and "Samples (" not in page
 
 
 def test_several_runs_side_by_side_with_their_recipe_differences(runs, tmp_path):
@@ -91,6 +103,7 @@ def test_the_page_works_in_a_real_browser(runs, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
     browser_path = _browser()
     if browser_path is None:
+        assert not os.environ.get("LLMFT_REQUIRE_BROWSER"), "LLMFT_REQUIRE_BROWSER is set but no Chromium is found"
         pytest.skip("no Chromium installed (.ci/run installs Debian's chromium package)")
     both = tmp_path / "both.html"
     assert llmft(["report", *map(str, runs), "--out", str(both)]) == 0
@@ -111,6 +124,7 @@ def test_the_page_works_in_a_real_browser(runs, tmp_path):
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === "
                                    "document.querySelectorAll('.chart').length")
             assert errors == []
+            assert page.evaluate("window.injected") is None  # the samples' markup stayed text
             drawn = page.evaluate("""Array.from(document.querySelectorAll('.js-plotly-plot')).map(el =>
                 [el.layout.title.text, el.querySelectorAll('.scatterlayer .trace path.js-line, .scatterlayer '
                  + '.point, .barlayer .point').length, el.data.reduce((n, t) => n + (t.y ? t.y.length : 0), 0)])""")
@@ -141,10 +155,14 @@ def _check_filter(page):
     assert page.locator(".shown").first.inner_text() == "0 shown"
     box.fill("")
     assert page.locator(".shown").first.inner_text() == "3 shown"
-    wrong = sum(not s["exact_match"] for s in samples)
-    if wrong:  # the tiny model answers wrong; the status menu lists only the statuses present
-        page.locator(".sample-status").first.select_option("wrong")
-        assert page.locator(".shown").first.inner_text() == f"{wrong} shown"
+    menu = page.locator(".sample-status").first
+    statuses = [v for v in menu.locator("option").evaluate_all("os => os.map(o => o.value)") if v]
+    assert statuses  # every row has one of fixed, broken, right, wrong
+    for status in statuses:
+        menu.select_option(status)
+        expected = sum(rows.nth(i).get_attribute("data-status") == status for i in range(rows.count()))
+        assert page.locator(".shown").first.inner_text() == f"{expected} shown" and expected > 0
+    menu.select_option("")
 
 
 def _check_token_axis(page):

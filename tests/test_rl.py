@@ -19,7 +19,7 @@ from llmft.rewards import RewardError, build_reward, reward_name
 from llmft.run_dir import read_run
 from llmft.train import train
 from tests.conftest import LLMFT
-from tests.helpers import REPO, chat_rows, write_jsonl, write_recipe
+from tests.helpers import REPO, assert_report, chat_rows, write_jsonl, write_recipe
 from tests.test_resume import KILLER
 
 GSM8K_ANSWER = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
@@ -131,6 +131,7 @@ def test_grpo_lora_trains_logs_each_reward_and_leaves_a_complete_run(tmp_path, t
     assert (out / "adapter_model.safetensors").exists() and (out / "eval_samples.jsonl").exists()
     assert (out / "reward_curve.png").exists()  # the reward curves, pushed with the model card
     assert "\nreward " in capfd.readouterr().out  # the summary's row
+    assert_report(out, '"text":"reward"', "exact_match_gsm8k", "vowels")  # the reward chart, each reward
     evaluate_command(EvalOptions(target=str(out)), GenerationEval(num_generate=2, max_new_tokens=4))
     assert "eval_exact_match" in json.loads((out / "eval_results.json").read_text())["results"]
 

@@ -27,10 +27,13 @@ out = {}
 events = EventAccumulator(glob.glob(sys.argv[1] + "/runs/*")[0]); events.Reload()
 out["tensorboard"] = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 client = MlflowClient()
-run = client.search_runs([client.get_experiment_by_name("llmft-test").experiment_id])[0]
+runs = client.search_runs([client.get_experiment_by_name("llmft-test").experiment_id])
+out["mlflow_runs"] = len(runs)
+run = runs[0]
 out["mlflow"] = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
                  for key in run.data.metrics}
 project = SQLiteStorage.get_projects()[0]
+out["trackio_runs"] = len(SQLiteStorage.get_runs(project))
 logs = SQLiteStorage.get_logs(project, SQLiteStorage.get_runs(project)[0])
 out["trackio"] = {key: [(row["step"], row[key]) for row in logs if key in row]
                   for key in {k for row in logs for k in row} - {"step", "timestamp"}}
@@ -56,6 +59,7 @@ def test_trackers_record_offline_and_read_back(tmp_path, tiny_model_dir):
                           cwd=tmp_path, timeout=300)
     assert read.returncode == 0, read.stderr[-3000:]
     logged = json.loads(read.stdout.strip().splitlines()[-1])
+    assert logged.pop("mlflow_runs") == logged.pop("trackio_runs") == 1  # one llmft run, one tracker run
     names = {  # each tracker's name for the same values: TensorBoard splits train/ and eval/ itself
         "tensorboard": ("train/loss", "train/tokens_per_second", "train/memory_gb", "eval/loss", "eval/exact_match",
                         "eval/general_ppl", "eval/forgetting_ppl_ratio"),
