@@ -180,10 +180,11 @@ def _report(argv: list[str]) -> Callable[[], None]:
 
 
 def _merge(argv: list[str]) -> Callable[[], None]:
-    from llmft.hub import MergeOptions, RunOptions, merge_command
+    from llmft.hub import RunOptions
+    from llmft.merge import MergeOptions, merge_command
 
-    options = parse([RunOptions, MergeOptions], argv, "llmft merge")
-    return lambda: merge_command(*options)
+    target, options = parse([RunOptions, MergeOptions], argv, "llmft merge")
+    return lambda: merge_command(target.run, options)
 
 
 def _check(argv: list[str]) -> Callable[[], None]:

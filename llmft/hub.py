@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmft import run_dir
-from llmft.errors import ConfigError, DataError, HubError
+from llmft.errors import DataError, HubError
 from llmft.run_dir import Run, read_run, template_hash
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,6 @@ RUN_RECORDS = (run_dir.RECIPE_FILE, run_dir.RUN_FILE, run_dir.METRICS_FILE, run_
 @dataclass
 class RunOptions:
     run: str = field(metadata={"positional": True, "help": "A run directory made by llmft train."})
-
-
-@dataclass
-class MergeOptions:
-    out: str = field(metadata={"help": "Folder for the merged model."})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16."})
-    max_shard_size: str = field(default="2GB", metadata={"help": "Largest safetensors shard."})
-
-    def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError([f"--dtype: '{self.dtype}' is not float32 or bfloat16."], what="the options of llmft merge")
 
 
 @dataclass
@@ -67,27 +56,6 @@ class PushOptions:
 
 
 # Merge ---------------------------------------------------------------------------------------------------------
-
-
-def merge(run: Path, out: Path, dtype: str = "float32", max_shard_size: str = "2GB") -> Path:
-    """The adapter folded into its base weights, saved as a standalone model that plain transformers loads.
-
-    peft merges in place, so memory stays about one copy of the base model in `dtype`; weights are written in
-    shards of `max_shard_size`.
-    """
-    from llmft.config import ModelConfig
-    from llmft.model import load_run_model, load_tokenizer
-
-    info = read_run(run)
-    if not info.is_adapter:
-        raise HubError(f"{run} holds a full model, not an adapter: it loads as it is, there is nothing to merge.")
-    if info.recipe.peft.method == "qlora":
-        log.warning("The adapter was trained on a 4-bit base; merging into the %s base instead (dequantized).", dtype)
-    model = load_run_model(info, dtype).merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    load_tokenizer(ModelConfig(name_or_path=str(run))).save_pretrained(out)
-    return out
 
 
 # Train/serve agreement -----------------------------------------------------------------------------------------
@@ -340,10 +308,6 @@ def _upload(run: Path, info: Run, repo_id: str, private: bool, revision: str | N
 
 
 # Commands ------------------------------------------------------------------------------------------------------
-
-
-def merge_command(target: RunOptions, options: MergeOptions) -> None:
-    print(f"merged model: {merge(Path(target.run), Path(options.out), options.dtype, options.max_shard_size)}")
 
 
 def check_command(target: RunOptions, artifact: ArtifactOptions) -> None:

@@ -188,11 +188,10 @@ def run_as_base(path: Path) -> str:
     digest = hashlib.sha256(adapter.read_bytes()).hexdigest()[:16]
     target = cache_dir() / "merged-runs" / f"{path.name}-{digest}"
     if not (target / "config.json").exists():
+        from llmft.merge import merge
+
         log.info("Merging the adapter of %s into its base, once, into %s", path, target)
-        partial = target.with_name(target.name + ".partial")
-        load_run_model(run).merge_and_unload().save_pretrained(partial)
-        load_tokenizer(ModelConfig(name_or_path=str(path))).save_pretrained(partial)
-        partial.replace(target)  # complete or absent: a killed merge leaves only the .partial folder
+        merge(path, target)  # shard by shard; complete or absent
     return str(target)
 
 

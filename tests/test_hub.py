@@ -9,7 +9,8 @@ import torch
 
 from llmft.config import load_recipe
 from llmft.errors import HubError
-from llmft.hub import check, gate, merge, model_card
+from llmft.hub import check, gate, model_card
+from llmft.merge import merge
 from llmft.train import train
 from tests.conftest import LLMFT
 from tests.helpers import FakeHub, chat_rows, write_jsonl, write_recipe

@@ -61,7 +61,7 @@ def test_lora_on_smollm2_lowers_held_out_loss_and_writes_a_complete_run(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llmft.hub import merge
+    from llmft.merge import merge
 
     merged = merge(out, tmp_path / "merged")
     base = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32)
