@@ -46,6 +46,7 @@ commands:
                                    fits or what to change, time per epoch
   report RUN_DIR [RUN_DIR ...]     one self-contained HTML page: curves, before/after metrics, samples, data, speed,
                                    recipe; several runs side by side with their recipe differences
+  chat RUN_DIR                     talk to a run in the terminal (its template, streaming; /reset, /system)
   merge RUN_DIR --out DIR          fold a LoRA adapter into its base: a standalone model for plain transformers
   check RUN_DIR [--merged DIR]     train/serve agreement: base model, chat template, answers stop at end of turn
   push RUN_DIR --repo-id ORG/NAME  check, regression gate, model card, upload (adapter, or --merged DIR)
@@ -179,6 +180,13 @@ def _report(argv: list[str]) -> Callable[[], None]:
     return lambda: report_command(*options)
 
 
+def _chat(argv: list[str]) -> Callable[[], None]:
+    from llmft.chat import ChatOptions, chat_command
+
+    options = parse([ChatOptions], argv, "llmft chat", description="An interactive chat with a run or a model.")
+    return lambda: chat_command(*options)
+
+
 def _merge(argv: list[str]) -> Callable[[], None]:
     from llmft.hub import RunOptions
     from llmft.merge import MergeOptions, merge_command
@@ -202,7 +210,8 @@ def _push(argv: list[str]) -> Callable[[], None]:
 
 
 COMMANDS = {"train": _train, "compare": _compare, "data": _data, "selfchat": _selfchat, "augment": _augment,
-            "eval": _eval, "estimate": _estimate, "report": _report, "merge": _merge, "check": _check, "push": _push}
+            "eval": _eval, "estimate": _estimate, "report": _report, "chat": _chat, "merge": _merge, "check": _check,
+            "push": _push}
 
 
 class _UnknownCommand(LlmftError):
