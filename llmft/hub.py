@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmft import run_dir
-from llmft.errors import DataError, HubError
+from llmft.errors import ConfigError, DataError, HubError
 from llmft.run_dir import Run, read_run, template_hash
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,15 @@ class RunOptions:
 
 @dataclass
 class ArtifactOptions:
-    merged: str | None = field(default=None, metadata={"help": "Check/push this merged model folder instead of the "
-                                                               "adapter."})
+    merged: str | None = field(default=None, metadata={"help": "Check/push this merged model folder (llmft merge) "
+                                                               "instead of the adapter."})
+    gguf: str | None = field(default=None, metadata={"help": "Check/push this folder of GGUF files and its Ollama "
+                                                             "Modelfile (llmft export) instead of the adapter."})
+
+    def __post_init__(self):
+        if self.merged and self.gguf:
+            raise ConfigError(["--merged and --gguf: push one artifact per repository (or per --revision)."],
+                              what="the options of llmft check/push")
 
 
 @dataclass
@@ -61,13 +68,16 @@ class PushOptions:
 # Train/serve agreement -----------------------------------------------------------------------------------------
 
 
-def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tokens: int = 48) -> dict[str, Any]:
+def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tokens: int = 48,
+          gguf: Path | None = None) -> dict[str, Any]:
     """Reload the artifact as a user would and fail on anything that differs from training.
 
     Checks: the adapter's base model is the run's; the tokenizer's chat template is the one trained with; greedy
     answers to a few held-out prompts end with the trained end-of-turn token. `artifact` is a merged model
-    folder; by default the run's adapter is checked on its base.
+    folder; by default the run's adapter is checked on its base. A `gguf` folder is checked by check_gguf.
     """
+    if gguf is not None:
+        return check_gguf(run, gguf)
     from llmft.config import ModelConfig, PeftSettings
     from llmft.evaluation import prompt_texts, prompts_and_references
     from llmft.model import load_model, load_run_model, load_tokenizer
@@ -126,6 +136,63 @@ def _template_agreement(tokenizer, meta, items, reasoning: str) -> list[str]:
     return problems
 
 
+def check_gguf(run: Path, folder: Path) -> dict[str, Any]:
+    """An export folder's GGUF files carry the run's chat template and end-of-turn token in their metadata, and
+    its Ollama Modelfile names one of them and stops at that token."""
+    from llmft.config import ModelConfig
+    from llmft.model import load_tokenizer
+
+    read_run(run)  # a complete run directory, or the error that says what is missing
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(run)))
+    files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if not files:
+        raise HubError(f"{folder}: no .gguf file. Make one with `llmft export {run} --format gguf --out {folder}`.")
+    problems, types = [], {}
+    for path in files:
+        try:
+            meta = gguf_metadata(path)
+        except Exception as err:  # gguf's reader raises ValueError, struct errors, KeyError on damaged files
+            problems.append(f"{path.name}: not a readable GGUF file ({type(err).__name__}: {err}).")
+            continue
+        types[path.name] = meta["file_type"]
+        if (meta["chat_template"] or "").strip() != (tokenizer.chat_template or "").strip():
+            problems.append(f"{path.name}: its chat template differs from the one used in training.")
+        if meta["eos_token_id"] != tokenizer.eos_token_id:
+            problems.append(f"{path.name}: end-of-turn token id {meta['eos_token_id']}, trained with "
+                            f"{tokenizer.eos_token!r} ({tokenizer.eos_token_id}).")
+    modelfile = folder / "Modelfile"
+    if not modelfile.exists():
+        problems.append(f"{folder}: no Ollama Modelfile; `llmft export` writes one beside the GGUF.")
+    else:
+        text = modelfile.read_text()
+        if not any(f"FROM ./{path.name}" in text for path in files):
+            problems.append(f"{modelfile}: its FROM line names none of {', '.join(p.name for p in files)}.")
+        if f"PARAMETER stop {json.dumps(tokenizer.eos_token)}" not in text:
+            problems.append(f"{modelfile}: no `PARAMETER stop {json.dumps(tokenizer.eos_token)}`: Ollama would not "
+                            "stop at the trained end-of-turn token.")
+    if problems:
+        raise HubError("GGUF check failed:\n  - " + "\n  - ".join(problems))
+    return {"files": types, "prompts": 0, "stopped_at_end_of_turn": 0}
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """What the checks and the model card read from a GGUF file: chat template, end-of-turn id, file type."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def scalar(key: str):
+        return fields[key].contents() if key in fields else None
+
+    kind = scalar("general.file_type")
+    try:
+        name = gguf.LlamaFileType(kind).name.removeprefix("MOSTLY_").removeprefix("ALL_") if kind is not None else "?"
+    except ValueError:
+        name = str(kind)
+    return {"chat_template": scalar("tokenizer.chat_template"), "eos_token_id": scalar("tokenizer.ggml.eos_token_id"),
+            "file_type": name}
+
+
 @torch.no_grad()
 def _ends_with_eot(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[bool]:
     model.eval()
@@ -144,8 +211,12 @@ def _ends_with_eot(model, tokenizer, texts: list[str], max_new_tokens: int) -> l
 # Model card ----------------------------------------------------------------------------------------------------
 
 
-def model_card(run: Path, repo_id: str) -> str:
-    """README.md with Hub metadata: base model, peft, datasets by fingerprint, hyperparameters, eval vs baseline."""
+def model_card(run: Path, repo_id: str, merged: Path | None = None, gguf: Path | None = None) -> str:
+    """README.md with Hub metadata: base model, library, datasets by fingerprint, hyperparameters, eval vs baseline.
+
+    The card says which artifact the repository holds: the run's adapter (library peft) or full model, a merged
+    model (transformers alone loads it) or GGUF files with an Ollama Modelfile (llama.cpp, Ollama).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     from llmft.config import EMBEDDED_MODEL
@@ -156,15 +227,18 @@ def model_card(run: Path, repo_id: str) -> str:
     method, base = recipe.peft.method, hub_base_model(meta.base_model)
     scratch = meta.base_model.init == "scratch"
     on_hub = "/" in base and not Path(base).exists() and not scratch
-    data = ModelCardData(base_model=base if on_hub else None,
-                         library_name="peft" if method != "full" else "transformers",
-                         tags=["llmft", *(STAGES[meta.stage].tags if meta.stage in STAGES else [meta.stage]), method],
-                         license=None, pipeline_tag="text-generation")
+    adapter = info.is_adapter and merged is None and gguf is None
+    library = "gguf" if gguf is not None else "peft" if adapter else "transformers"
+    tags = ["llmft", *(STAGES[meta.stage].tags if meta.stage in STAGES else [meta.stage]), method]
+    tags += ["gguf", "llama.cpp", "ollama"] if gguf is not None else ["merged"] if merged is not None else []
+    data = ModelCardData(base_model=base if on_hub else None, library_name=library, tags=tags, license=None,
+                         pipeline_tag="text-generation",
+                         base_model_relation=("adapter" if adapter else "finetune") if on_hub else None)
     origin = (" It was trained on llmft's embedded copy of that model (a Q4_1 GGUF, dequantized), whose weights "
               "differ slightly from the original's." if meta.base_model.name_or_path == EMBEDDED_MODEL else "")
     made = (f"A model trained from scratch (random initial weights) with the architecture and tokenizer of `{base}`, "
             "made with llmft." if scratch else f"A {method} fine-tune ({meta.stage}) of `{base}` made with llmft.{origin}")
-    lines = [f"# {repo_id}", "", made, "",
+    lines = [f"# {repo_id}", "", made, "", *_artifact_lines(repo_id, merged, gguf, adapter), "",
              "## Training data", "", "| split | file | sha256 | rows used |", "|---|---|---|---|"]
     for split, record in meta.data.items():
         if record:
@@ -191,6 +265,28 @@ def model_card(run: Path, repo_id: str) -> str:
     lines += ["", "## Reproduce", "", "```bash", "llmft train recipe.yaml   # the recipe of this run, in this repository",
               "llmft eval RUN_DIR --baseline base", "```", ""]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content
+
+
+def _artifact_lines(repo_id: str, merged: Path | None, gguf: Path | None, adapter: bool) -> list[str]:
+    """What the repository holds and how to load it."""
+    if gguf is not None:
+        rows = [f"| `{path.name}` | {gguf_metadata(path)['file_type']} | {path.stat().st_size / 1e6:,.0f} MB |"
+                for path in sorted(gguf.glob("*.gguf"))]
+        return ["## Files", "", "GGUF files for llama.cpp and Ollama, converted by llama.cpp's own converter (the "
+                "adapter merged into the base first), with the chat template and end-of-turn token in their "
+                "metadata, and an Ollama `Modelfile` (template, stop token, parameters).", "",
+                "| file | type | size |", "|---|---|---|", *rows, "", "```bash",
+                f"huggingface-cli download {repo_id} --local-dir model && cd model && ollama create NAME -f Modelfile",
+                f"llama-cli -hf {repo_id}   # llama.cpp", "```"]
+    if merged is not None:
+        return ["The adapter is merged into the base weights: transformers alone loads it (no peft).", "",
+                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```"]
+    if adapter:
+        return ["A LoRA adapter: peft loads it on its base model.", "", "```python",
+                "from peft import AutoPeftModelForCausalLM",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```"]
+    return []
 
 
 def _evaluation_lines(run: Run) -> list[str]:
@@ -257,8 +353,10 @@ def gate(run: Path, metrics: list[str]) -> list[str]:
 
 
 def push(run: Path, repo_id: str, private: bool = True, revision: str | None = None, merged: Path | None = None,
-         gate_metrics: list[str] | None = None, force: bool = False, allow_pickles: bool = False) -> str:
-    """Check, gate, write the card and upload the adapter (or a merged model) with its tokenizer; the commit URL.
+         gate_metrics: list[str] | None = None, force: bool = False, allow_pickles: bool = False,
+         gguf: Path | None = None) -> str:
+    """Check, gate, write the card and upload the adapter (or a merged model with its tokenizer, or GGUF files with
+    their Modelfile); the commit URL.
 
     The token comes from huggingface_hub's usual places (HF_TOKEN, the login cache) and is never written.
     """
@@ -266,10 +364,10 @@ def push(run: Path, repo_id: str, private: bool = True, revision: str | None = N
     if problems and not force:
         raise HubError("regression gate: the tuned model is worse than its baseline on "
                        + "; ".join(problems) + ". Fix the run, or pass --force to push anyway.")
-    check(run, merged)
+    check(run, merged, gguf=gguf)
     info = read_run(run)
     try:
-        return _upload(run, info, repo_id, private, revision, merged, allow_pickles)
+        return _upload(run, info, repo_id, private, revision, merged, allow_pickles, gguf)
     except Exception as err:  # the Hub client's errors (HTTP, auth, URI) have many types; report, do not trace
         if type(err).__module__.startswith(("huggingface_hub", "httpx", "requests")):
             raise HubError(f"the Hub refused: {err}") from err
@@ -277,27 +375,22 @@ def push(run: Path, repo_id: str, private: bool = True, revision: str | None = N
 
 
 def _upload(run: Path, info: Run, repo_id: str, private: bool, revision: str | None, merged: Path | None,
-            allow_pickles: bool = False) -> str:
-    """The run's files (never its training_args.bin pickle) or the merged model's (without pickles unless allowed)
-    and the model card, staged in a temporary folder, uploaded in one commit; the commit URL."""
+            allow_pickles: bool = False, gguf: Path | None = None) -> str:
+    """The run's files (never its training_args.bin pickle), the merged model's (without pickles unless allowed) or
+    the GGUF files and Modelfile, with the run's records and the model card, staged in a temporary folder,
+    uploaded in one commit; the commit URL."""
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory(prefix="llmft-push-") as tmp:
         staging = Path(tmp)
-        for path in (merged or run).iterdir():
-            wanted = path.name in PUSHED_FILES if merged is None else (
-                allow_pickles or not path.name.endswith(PICKLES))
-            if path.is_file() and wanted:
-                shutil.copy2(path, staging / path.name)
-            elif path.is_file() and merged is not None:
-                log.warning("Not pushing %s: a pickle, which can run code when loaded (--allow-pickles to push it).",
-                            path.name)
-        for name in RUN_RECORDS if merged is not None else ():
+        for path in _artifact_files(run, merged, gguf, allow_pickles):
+            shutil.copy2(path, staging / path.name)
+        for name in RUN_RECORDS if merged or gguf else ():
             if (run / name).exists():
                 shutil.copy2(run / name, staging / name)
         if (staging / "adapter_config.json").exists():
             _point_adapter_at_hub_base(staging / "adapter_config.json", info.info.base_model)
-        (staging / "README.md").write_text(model_card(run, repo_id))
+        (staging / "README.md").write_text(model_card(run, repo_id, merged, gguf))
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
@@ -307,13 +400,35 @@ def _upload(run: Path, info: Run, repo_id: str, private: bool, revision: str | N
     return str(commit)
 
 
+def _artifact_files(run: Path, merged: Path | None, gguf: Path | None, allow_pickles: bool) -> list[Path]:
+    if gguf is not None:
+        return [p for p in gguf.iterdir() if p.is_file() and (p.suffix == ".gguf" or p.name == "Modelfile")]
+    if merged is None:
+        return [p for p in run.iterdir() if p.is_file() and p.name in PUSHED_FILES]
+    files = [p for p in merged.iterdir() if p.is_file()]
+    for path in files:
+        if path.name.endswith(PICKLES) and not allow_pickles:
+            log.warning("Not pushing %s: a pickle, which can run code when loaded (--allow-pickles to push it).",
+                        path.name)
+    return [p for p in files if allow_pickles or not p.name.endswith(PICKLES)]
+
+
 # Commands ------------------------------------------------------------------------------------------------------
 
 
 def check_command(target: RunOptions, artifact: ArtifactOptions) -> None:
-    result = check(Path(target.run), Path(artifact.merged) if artifact.merged else None)
+    merged, gguf = _paths(artifact)
+    result = check(Path(target.run), merged, gguf=gguf)
+    if gguf is not None:
+        print("check passed: " + ", ".join(f"{name} ({kind})" for name, kind in result["files"].items())
+              + " carry the trained chat template and end-of-turn token; the Modelfile stops at it.")
+        return
     print(f"check passed: {result['stopped_at_end_of_turn']}/{result['prompts']} answers stopped at the end-of-turn "
           "token; chat template and base model match training.")
+
+
+def _paths(artifact: ArtifactOptions) -> tuple[Path | None, Path | None]:
+    return (Path(artifact.merged) if artifact.merged else None), (Path(artifact.gguf) if artifact.gguf else None)
 
 
 def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOptions) -> None:
@@ -323,6 +438,7 @@ def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOpt
     if not repo_id:
         raise HubError("no repository: pass --repo-id ORG/NAME or set hub.repo_id in the recipe.")
     gates = hub.gate_metrics if options.gate is None else options.gate
-    url = push(run, repo_id, not options.public, options.revision, Path(artifact.merged) if artifact.merged else None,
-               gates, options.force, options.allow_pickles)
+    merged, gguf = _paths(artifact)
+    url = push(run, repo_id, not options.public, options.revision, merged, gates, options.force, options.allow_pickles,
+               gguf)
     print(f"pushed to {repo_id}: {url}")

@@ -12,6 +12,7 @@ import pytest
 from llmft.config import ModelConfig, load_recipe
 from llmft.errors import HubError
 from llmft.evaluation import prompt_texts
+from llmft.hub import check
 from llmft.export import export_gguf, render_pieces, template_pieces
 from llmft.model import generate_texts, load_run_model, load_tokenizer
 from llmft.run_dir import read_run
@@ -77,6 +78,7 @@ def test_the_tuned_embedded_model_exports_and_llama_cpp_writes_the_iso_dates(dem
     template = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
     assert template.strip() == tokenizer.chat_template.strip()  # the run's template, in the file
     assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == tokenizer.eos_token_id
+    assert check(run, gguf=out)["files"] == {path.name: quant.upper()}  # what llmft check/push --gguf verify
     modelfile = (out / "Modelfile").read_text()
     assert f"FROM ./{path.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 

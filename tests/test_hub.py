@@ -124,3 +124,72 @@ def test_push_never_sends_a_pickle_unless_asked(run, tmp_path, fake_hub, quiet_e
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("pytorch_model.bin" in FakeHub.files) is expected
         assert "training_args.bin" not in FakeHub.files and "model.safetensors" in FakeHub.files
+        assert "library_name: transformers" in FakeHub.files["README.md"].decode()
+
+
+def _gguf_folder(run, folder, template=None):
+    """A folder as llmft export leaves it, its GGUF written by the gguf library with the run's metadata (llama.cpp's
+    converter refuses the tests' tiny tokenizer; the real export is pushed in tests/test_export.py)."""
+    import gguf
+
+    from llmft.config import ModelConfig
+    from llmft.export import write_modelfile
+    from llmft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(run)))
+    folder.mkdir()
+    path = folder / "run-q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_chat_template(template or tokenizer.chat_template)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    write_modelfile(path, run)
+    return folder
+
+
+def test_push_gguf_sends_the_files_and_modelfile_with_a_card_that_says_so(run, tmp_path, fake_hub, quiet_env):
+    from huggingface_hub import ModelCard
+
+    folder = _gguf_folder(run, tmp_path / "gguf")
+    env = {**quiet_env, "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([LLMFT, "push", str(run), "--repo-id", "org/tiny-gguf", "--gate", "--gguf", str(folder)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert FakeHub.files["run-q8_0.gguf"] == (folder / "run-q8_0.gguf").read_bytes()
+    assert FakeHub.files["Modelfile"] == (folder / "Modelfile").read_bytes()
+    assert "run.json" in FakeHub.files and "recipe.yaml" in FakeHub.files
+    assert "adapter_model.safetensors" not in FakeHub.files and "training_args.bin" not in FakeHub.files
+    card = ModelCard(FakeHub.files["README.md"].decode())
+    assert card.data.library_name == "gguf" and {"gguf", "llama.cpp", "ollama"} <= set(card.data.tags)
+    assert "| `run-q8_0.gguf` | Q8_0 |" in card.text and "ollama create NAME -f Modelfile" in card.text
+
+
+def test_check_gguf_catches_a_file_without_the_trained_template_or_stop(run, tmp_path):
+    folder = _gguf_folder(run, tmp_path / "gguf")
+    assert check(run, gguf=folder)["files"] == {"run-q8_0.gguf": "Q8_0"}
+    other = _gguf_folder(run, tmp_path / "other", template="{{ messages[0]['content'] }}")
+    modelfile = other / "Modelfile"
+    modelfile.write_text(modelfile.read_text().replace("PARAMETER stop", "PARAMETER top_k"))
+    with pytest.raises(HubError) as err:
+        check(run, gguf=other)
+    assert "run-q8_0.gguf: its chat template differs" in str(err.value) and "PARAMETER stop" in str(err.value)
+    (other / "broken.gguf").write_bytes(b"GGUF not really")
+    with pytest.raises(HubError, match="broken.gguf: not a readable GGUF file"):
+        check(run, gguf=other)
+    with pytest.raises(HubError, match="no .gguf file"):
+        check(run, gguf=tmp_path)
+
+
+def test_cards_name_the_library_of_each_artifact(run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    adapter = ModelCard(model_card(run, "org/a"))
+    merged = ModelCard(model_card(run, "org/m", merged=tmp_path))
+    assert adapter.data.library_name == "peft" and "AutoPeftModelForCausalLM" in adapter.text
+    assert merged.data.library_name == "transformers" and "merged" in merged.data.tags
+    assert "transformers alone loads it" in merged.text
