@@ -1,6 +1,6 @@
-"""SFT speed and memory: plain TRL defaults vs llmft's defaults vs each lever alone, same model, data and machine.
+"""SFT speed and memory: TRL as a user gets it vs llmft's defaults vs each lever alone, same model, data and machine.
 
-    python benchmarks/sft_throughput.py [--steps 6] [--methods lora full] [--quick]
+    python benchmarks/sft_throughput.py [--steps 6] [--methods lora full] [--configs trl llmft ...]
 
 Data: ../shared/data/lima.json when present (converted by `llmft data convert`, examples longer than 512 tokens
 dropped), else generated chat rows of realistic lengths. Model: the embedded SmolLM2-135M-Instruct. Each
@@ -10,9 +10,12 @@ first step is warm-up and not timed. Reported per configuration:
   padding       share of the batch positions that were padding
   peak RSS      the process's peak resident memory up to the end of training (or peak GPU memory on CUDA)
   training MB   how much of it training added over the process at the start of training (model loaded)
-  MFU           model FLOPs (6N per token full, 4N LoRA: no weight gradients) / measured fp32 matmul peak
+  MFU           model FLOPs (6N per token full, 4N LoRA: no weight gradients) / the measured matmul peak of the
+                dtype the row's matmuls run in (bf16 autocast or bf16 weights: bf16; else fp32)
   eval loss     mean assistant-token loss on 32 held-out conversations after training (same yardstick for all)
-  vs TRL        tokens/s ratio to TRL's defaults of the same method
+  vs TRL        ratio to TRL as shipped, same method: `SFTConfig(use_cpu=True)` with its own defaults (bf16
+                autocast, activation checkpointing, padded batches of 4), plus `bf16=False` only on a CPU without
+                native bf16 (where bf16 runs ~100x slower); the "TRL fp32" row is the extra `bf16=False` row
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ LR = {"lora": 2e-4, "full": 2e-5}
 
 # name -> (what it is, TRL SFTConfig overrides, llmft recipe overrides or None for a plain-TRL run)
 CONFIGS = {
-    "trl": ("TRL defaults (fp32, padding, activation checkpointing)", {}, None),
+    "trl": ("TRL as shipped (SFTConfig(use_cpu=True): bf16 autocast where native, padding, checkpointing)", {}, None),
+    "trl-fp32": ("TRL with bf16=False (fp32)", {"bf16": False}, None),
     "no-ckpt": ("TRL + no activation checkpointing", {"gradient_checkpointing": False}, None),
     "group": ("TRL + length-grouped batches", {"train_sampling_strategy": "group_by_length"}, None),
     "bfd": ("TRL + bfd packing (padding-free)", {"packing": True}, None),
@@ -50,7 +54,7 @@ CONFIGS = {
 
 
 def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """The matmul peak of this machine in `dtype`: the best of a few timings (others may share the cores)."""
+    """The matmul speed of this machine in `dtype` at n^3: the best of a few timings (others may share the cores)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
@@ -60,6 +64,26 @@ def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch
             a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 * repeat / best / 1e9
+
+
+def matmul_peaks() -> dict[str, float]:
+    """fp32 and bf16 matmul peaks (GFLOP/s): the best of 1024^3 and 2048^3 (AMX reaches its rate only on the larger)."""
+    return {name: max(matmul_gflops(1024, 10, 5, dtype), matmul_gflops(2048, 3, 3, dtype))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+def hardware_line() -> str:
+    """The CPU model and the flags that decide the matmul paths (or the GPU's name)."""
+    import platform
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model}, {torch.get_num_threads()} threads, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, torch {torch.__version__}"
 
 
 def make_data(workdir: Path, examples: int) -> dict[str, str]:
@@ -177,10 +201,14 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
     if llmft_overrides is None:
         from trl import SFTConfig, SFTTrainer
 
+        from llmft.hardware import fast_bf16_available
+
         model = load_model(ModelConfig(dtype="float32"), PeftSettings(method=method))
-        settings = {"per_device_train_batch_size": BATCH, **trl_overrides}
-        args = SFTConfig(output_dir=str(workdir / name), use_cpu=not torch.cuda.is_available(),
-                         bf16=torch.cuda.is_available(), max_length=MAX_LENGTH, max_steps=steps, logging_steps=1,
+        # What a user of this hardware gets: SFTConfig's own defaults, bf16 off only where it is not native.
+        hardware = {} if torch.cuda.is_available() or fast_bf16_available() else {"bf16": False}
+        settings = {"per_device_train_batch_size": BATCH, **hardware, **trl_overrides}
+        args = SFTConfig(output_dir=str(workdir / method / name), use_cpu=not torch.cuda.is_available(),
+                         max_length=MAX_LENGTH, max_steps=steps, logging_steps=1,
                          report_to="none", save_strategy="no", learning_rate=LR[method], **settings)
         trainer = SFTTrainer(model=model, args=args, train_dataset=_rows(data, tokenizer, "train", examples),
                              processing_class=tokenizer, callbacks=[meter])
@@ -200,8 +228,9 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
     from llmft.run_dir import read_run
     from llmft.train import train
 
-    out = workdir / name
-    recipe = workdir / f"{name}.yaml"
+    out = workdir / method / name  # each method's rows in their own directories
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recipe = out.parent / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name_or_path": "smollm2-135m-instruct"},
         "data": {"train_data": data["train"], "eval_fraction": 0},
@@ -274,28 +303,31 @@ def main() -> None:
     if args is None:
         return
 
-    peak = matmul_gflops()
+    peaks = matmul_peaks()
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), BATCH * args.steps * 2)
+        print(f"{hardware_line()}\nmatmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
         print(f"SmolLM2-135M-Instruct, {data['source']} (<= {MAX_LENGTH} tokens), batch {BATCH}, {args.steps} steps "
-              f"(first untimed), {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s\n")
+              "(first untimed)\n")
         print("| method | configuration | tokens/s | vs TRL | padding | peak RSS MB | vs TRL | training MB | vs TRL "
-              "| MFU | eval loss |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| dtype | MFU | eval loss |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for method in args.methods:
             base = None
             for name in args.configs:
                 result = run_config(name, method, args.steps, data, Path(tmp))
                 label = CONFIGS[name][0]
                 if "error" in result:
-                    print(f"| {method} | {label} | failed: {result['error']} | | | | | | | | |")
+                    print(f"| {method} | {label} | failed: {result['error']} | | | | | | | | | |")
                     continue
-                base = base or result
-                mfu = result["tokens_per_s"] * flops_per_token(method) / (peak * 1e9)
+                if name == "trl" or base is None:
+                    base = result  # the first row is the yardstick when TRL as shipped is not among the configs
+                dtype = "bf16" if result["bf16"] else "fp32"
+                mfu = result["tokens_per_s"] * flops_per_token(method) / (peaks[dtype] * 1e9)
                 print(f"| {method} | {label} | {result['tokens_per_s']:.1f} | "
                       f"{result['tokens_per_s'] / base['tokens_per_s']:.2f}x | {result['padding']:.0%} | "
                       f"{result['peak_mb']:.0f} | {result['peak_mb'] / base['peak_mb']:.2f}x | {result['train_mb']:.0f} | "
-                      f"{result['train_mb'] / base['train_mb']:.2f}x | {mfu:.0%} | "
+                      f"{result['train_mb'] / base['train_mb']:.2f}x | {dtype} | {mfu:.0%} | "
                       f"{result['eval_loss']:.4f} |", flush=True)
 
 

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 
 from llmft.errors import LlmftError, Preempted
+from llmft.hardware import preload_allocator
 from llmft.parsing import parse
 
 USAGE = """usage: llmft COMMAND [ARGS]
@@ -255,4 +256,6 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    preload_allocator(argv)  # may start this command again with tcmalloc/jemalloc (llmft.hardware)
+    sys.exit(run(argv))

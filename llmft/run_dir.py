@@ -413,7 +413,8 @@ def hardware() -> dict[str, Any]:
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
+            "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb(),
+            "allocator": os.environ.get("LD_PRELOAD") or "system malloc"}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

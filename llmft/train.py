@@ -104,6 +104,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     check_sharding(trainer)
     tuning.check_launch(recipe.tuning, args.world_size, trainer.accelerator)
     restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
+    if args.use_cpu:
+        cpu_speed(trainer.model, stage.name, recipe.peft.method, bool(args.bf16))
     groups = None
     if recipe.tuning.custom_param_groups:  # the Trainer builds its optimizer over these instead of its two groups
         trainer.optimizer, groups = tuning.build_optimizer(trainer, recipe.tuning)
@@ -174,6 +176,23 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                   f"{push(out, recipe.hub.repo_id, recipe.hub.private, gate_metrics=recipe.hub.gate_metrics)}")
     _end_process_group()
     return out
+
+
+def cpu_speed(model, stage: str, method: str, bf16: bool) -> None:
+    """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
+    TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout at a quarter of the random
+    draws."""
+    from llmft import cpu_speed as levers
+
+    done = []
+    if stage in ("sft", "pretrain") and levers.loss_positions_head(model):
+        done.append("LM head on loss positions")
+    if method == "lora" and bf16 and levers.adapters_follow_autocast(model):
+        done.append("bf16 adapter inputs under autocast")
+    if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
+        done.append("cheap LoRA dropout")
+    if done:
+        log.info("CPU speed: %s", ", ".join(done))
 
 
 def save_adapter_fp32(trainer, out: Path) -> None:

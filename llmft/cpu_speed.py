@@ -1,0 +1,136 @@
+"""Training on CPUs without waste: three places where the libraries' general code costs a CPU run a third of its time.
+
+Applied by llmft.train to CPU runs (benchmarks/README.md#what-each-lever-did-on-that-cpu-and-why has the figures):
+- adapters_follow_autocast: under bf16 autocast peft copies every LoRA adapter's input to float32 (seven copies per
+  decoder layer) only for autocast to cast it back to bf16 for the matmul.
+- cheap_lora_dropout: torch's dropout draws one 32-bit random number per element, which costs a LoRA step more
+  than its matmuls; four 16-bit draws from each 64-bit one give the same dropout at a quarter of the draws.
+- loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
+  (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
+  head, in chunks, with PyTorch's fused log-softmax.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+HEAD_CHUNK = 128  # tokens per LM-head chunk: 128 x 49k float32 logits (25 MB) stay in cache-sized pieces
+
+
+# LoRA adapters under autocast ---------------------------------------------------------------------------------------
+
+
+def adapters_follow_autocast(model: torch.nn.Module) -> int:
+    """Under bf16 autocast, LoRA adapters take their bf16 input as it comes; outside it, as before, float32.
+
+    The adapters' weights stay float32 (autocast casts those small matrices per use; the optimizer updates them in
+    float32). Decided per call, since generation and evaluation outside the Trainer run without autocast. Returns
+    the number of LoRA layers changed.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def cast_outside_autocast(self, x, dtype):
+        if x is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(dtype=dtype)
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:  # peft's own switch (cast_input_dtype_enabled) cannot follow autocast per call
+        layer._cast_input_dtype = types.MethodType(cast_outside_autocast, layer)
+    return len(layers)
+
+
+# LoRA dropout -------------------------------------------------------------------------------------------------------
+
+
+class CheapDropout(torch.nn.Module):
+    """Dropout with probability p (to 1/65536) from 16-bit random numbers, four per 64-bit draw of torch's generator
+    (seeded as usual): the same mask distribution and scaling as torch.nn.Dropout, a quarter of the draws."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = -(2**15) + round(p * 2**16)  # int16 draws below it are dropped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x * keep * (1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def cheap_lora_dropout(model: torch.nn.Module) -> int:
+    """Replace every LoRA adapter's torch.nn.Dropout with CheapDropout; the number replaced."""
+    from peft.tuners.lora import LoraLayer
+
+    replaced = 0
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        for name, dropout in layer.lora_dropout.items():
+            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                layer.lora_dropout[name] = CheapDropout(dropout.p)
+                replaced += 1
+    return replaced
+
+
+# The LM head on loss positions ---------------------------------------------------------------------------------------
+
+
+def loss_positions_head(model: torch.nn.Module) -> bool:
+    """On CPU, answer TRL's fused-head calls (`model(..., fused_lm_head=True)`) by projecting only the positions
+    that carry a label, in chunks of HEAD_CHUNK tokens, through PyTorch's log-softmax; other calls, other devices
+    and models whose logits are scaled or soft-capped go to TRL's head. True when installed."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trl_forward = base.forward
+    text = base.config.get_text_config()
+    if not isinstance(trl_forward, types.MethodType) or "fused_lm_head" not in trl_forward.__func__.__code__.co_varnames:
+        return False  # TRL has not put its fused head on this model
+    plain = not any(getattr(text, key, None) not in (None, 1, 1.0) for key in (
+        "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    if not plain or getattr(text, "output_router_logits", False):
+        return False
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        head = self.get_output_embeddings()
+        if not fused_lm_head or head.weight.device.type != "cpu" or kwargs.get("output_router_logits"):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+        mask = shift_labels != -100
+        log_probs, entropy, is_top1 = _score(hidden[mask], head, shift_labels[mask])
+        log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
+                                       for x in (log_probs, entropy, is_top1))
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+
+    base.forward = types.MethodType(forward, base)
+    return True
+
+
+def _score(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor):
+    """Per-token log-probability of the target (with gradient), entropy and whether the target is the argmax."""
+    parts = []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[start:start + HEAD_CHUNK]).float()  # bf16 under autocast; softmax in float32
+        target = targets[start:start + HEAD_CHUNK]
+        log_p = torch.log_softmax(logits, dim=-1)
+        picked = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            top1 = (logits.argmax(-1) == target).float()
+        parts.append((picked, entropy, top1))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph for an all-masked row
+        return empty, empty.detach(), empty.detach()
+    return tuple(torch.cat(column) for column in zip(*parts))

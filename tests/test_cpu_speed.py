@@ -1,0 +1,132 @@
+"""llmft.cpu_speed: each CPU lever computes what the code it replaces computes (same loss, gradients, metrics and
+dropout statistics), and a CPU training run uses them."""
+
+import copy
+
+import pytest
+import torch
+
+from llmft.config import ModelConfig, PeftSettings
+from llmft.cpu_speed import CheapDropout, adapters_follow_autocast, cheap_lora_dropout, loss_positions_head
+from llmft.model import add_lora, load_model
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    return load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"), PeftSettings(method="full"))
+
+
+def _batch(vocab: int):
+    ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :10] = -100  # a prompt
+    labels[1, :20] = -100  # mostly prompt
+    return ids, labels
+
+
+def _fused(model, ids, labels):
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True, num_items_in_batch=torch.tensor(17))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out, grads
+
+
+def test_the_loss_positions_head_gives_trl_fused_heads_loss_gradients_and_metrics(tiny):
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(tiny, outputs=("log_probs", "entropy", "is_top1"))
+    ids, labels = _batch(tiny.config.vocab_size)
+    theirs, their_grads = _fused(tiny, ids, labels)
+    assert loss_positions_head(tiny)
+    ours, our_grads = _fused(tiny, ids, labels)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    for field in ("log_probs", "entropy", "label_mask"):
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field).to(getattr(ours, field).dtype))
+    assert torch.equal(ours.is_top1.bool(), theirs.is_top1.bool())
+    assert their_grads.keys() == our_grads.keys() and len(our_grads) > 5
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6)
+    # A batch with nothing to learn: a finite zero that still reaches the weights (as TRL's head gives).
+    nothing = tiny(input_ids=ids, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    nothing.loss.backward()
+    assert nothing.loss.item() == 0 and tiny.lm_head.weight.grad is not None
+    tiny.zero_grad()
+    # Without fused_lm_head (generation, plain evaluation) the model's own forward answers.
+    plain = tiny(input_ids=ids, labels=torch.where(labels == -100, -100, ids))
+    assert plain.logits.shape == (2, 24, tiny.config.vocab_size)
+
+
+def test_the_loss_positions_head_stays_off_models_without_trls_head(tiny):
+    assert not loss_positions_head(tiny)
+
+
+def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    for p in (0.05, 0.1, 0.5):
+        y = CheapDropout(p).train()(x)
+        kept = (y != 0).float().mean().item()
+        assert abs(kept - (1 - p)) < 0.002, (p, kept)
+        assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+        assert abs(y.mean().item() - 1) < 0.005  # the expectation is kept, as torch.nn.Dropout keeps it
+    # Masks differ between calls and between elements (no period from reusing a 64-bit draw).
+    a, b = CheapDropout(0.5).train()(x[:4096]), CheapDropout(0.5).train()(x[:4096])
+    assert not torch.equal(a, b) and 1800 < int((a != 0).sum()) < 2300
+    assert torch.equal(CheapDropout(0.5).eval()(x), x)
+    # Seeded like torch: the same seed gives the same mask; the gradient flows through the kept elements only.
+    torch.manual_seed(3)
+    leaf = torch.randn(64, 32, requires_grad=True)
+    y = CheapDropout(0.2).train()(leaf)
+    y.sum().backward()
+    torch.manual_seed(3)
+    torch.randn(64, 32)
+    again = CheapDropout(0.2).train()(leaf.detach())
+    assert torch.equal(y.detach(), again)
+    assert torch.equal(leaf.grad, (y != 0).float() / 0.8)
+
+
+def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny):
+    model = add_lora(copy.deepcopy(tiny).to(torch.bfloat16), PeftSettings(method="lora", lora_dropout=0.1))
+    ids = torch.randint(3, model.config.vocab_size, (1, 16))
+    model.eval()
+    with torch.autocast("cpu", torch.bfloat16):
+        before = model(input_ids=ids).logits
+    plain = model(input_ids=ids).logits
+    assert adapters_follow_autocast(model) > 0 and cheap_lora_dropout(model) > 0
+    with torch.autocast("cpu", torch.bfloat16):
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after.float(), before.float(), rtol=0.02, atol=0.02)  # bf16 rounding of the input only
+    assert torch.equal(model(input_ids=ids).logits, plain)  # outside autocast: peft's float32 path, unchanged
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    assert any(isinstance(m, CheapDropout) for m in model.modules())
+    model.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
+
+
+def test_training_starts_again_with_tcmalloc_or_jemalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
+    """`llmft train` re-runs itself with the allocator preloaded (llmft.hardware.preload_allocator) and records it;
+    LLMFT_ALLOCATOR=system keeps glibc's."""
+    import json
+    import subprocess
+
+    from llmft.hardware import allocator_library
+    from tests.conftest import LLMFT
+    from tests.helpers import chat_rows, write_jsonl, write_recipe
+
+    library = allocator_library()
+    if library is None:
+        pytest.skip("neither tcmalloc nor jemalloc is installed (apt-get install libtcmalloc-minimal4)")
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    for env, expected in (({}, library), ({"LLMFT_ALLOCATOR": "system"}, "system malloc")):
+        out = tmp_path / f"run-{expected.split('.')[0]}"
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, training={"max_steps": 1},
+                              eval={"num_generate": 0, "baseline": False})
+        done = subprocess.run([LLMFT, "train", str(recipe)], capture_output=True, text=True,
+                              env={**quiet_env, **env})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads((out / "run.json").read_text())["hardware"]["allocator"] == expected
