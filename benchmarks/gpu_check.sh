@@ -103,6 +103,8 @@ estimate = json.loads(shown[shown.index("{"):])["memory_gb"]
 print(json.dumps({"measured_peak_gb": round(measured, 2), "estimate": estimate}))
 assert 0.75 * measured <= estimate["total"] <= 1.5 * measured, (estimate["total"], measured)
 EOF
-# Not in this script: tokens/s and MFU against plain TRL on the GPU (benchmarks/sft_throughput.py reads the embedded
-# model and ../shared/data, which a bare GPU machine lacks; it needs a --model and --data option first).
+# Tokens/s, MFU (against the GPU's measured bf16 matmul peak) and peak memory: TRL as shipped vs llmft's defaults, on
+# the ~0.5B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
+step sft_speed_lora 240 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
+    --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs trl llmft
 cat "$SUMMARY"

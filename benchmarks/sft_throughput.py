@@ -1,6 +1,7 @@
 """SFT speed and memory: TRL as a user gets it vs llmft's defaults vs each lever alone, same model, data and machine.
 
     python benchmarks/sft_throughput.py [--steps 6] [--methods lora full] [--configs trl llmft ...]
+           [--model PATH --train-file TRAIN.jsonl --eval-file EVAL.jsonl]   # another model and chat data (GPU check)
 
 Data: ../shared/data/lima.json when present (converted by `llmft data convert`, examples longer than 512 tokens
 dropped), else generated chat rows of realistic lengths. Model: the embedded SmolLM2-135M-Instruct. Each
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = "smollm2-135m-instruct"
 LIMA = REPO.parent / "shared" / "data" / "lima.json"
 MAX_LENGTH, BATCH = 512, 4
 LR = {"lora": 2e-4, "full": 2e-5}
@@ -46,6 +48,7 @@ CONFIGS = {
     "micro1": ("TRL + 1 example per micro-batch, accumulation 4 (no padding)",
                {"per_device_train_batch_size": 1, "gradient_accumulation_steps": BATCH}, None),
     "llmft": ("llmft defaults", {}, []),
+    "llmft-glibc": ("llmft defaults with glibc's malloc (LLMFT_ALLOCATOR=system)", {}, []),
     "llmft-ckpt": ("llmft defaults + activation checkpointing", {}, ["--activation_checkpointing", "true"]),
     "llmft-8bit": ("llmft defaults + 8-bit AdamW (bitsandbytes)", {}, ["--optim", "adamw_bnb_8bit"]),
     "llmft-lowmem": ("llmft defaults + activation checkpointing + 8-bit AdamW", {},
@@ -55,15 +58,23 @@ CONFIGS = {
 
 def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The matmul speed of this machine in `dtype` at n^3: the best of a few timings (others may share the cores)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(trials):
+        _sync()
         start = time.perf_counter()
         for _ in range(repeat):
             a @ b
+        _sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 * repeat / best / 1e9
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def matmul_peaks() -> dict[str, float]:
@@ -86,9 +97,13 @@ def hardware_line() -> str:
     return f"{model}, {torch.get_num_threads()} threads, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, torch {torch.__version__}"
 
 
-def make_data(workdir: Path, examples: int) -> dict[str, str]:
-    """Train/eval chat datasets on disk: LIMA when present, else generated rows of realistic lengths."""
-    if LIMA.exists():
+def make_data(workdir: Path, examples: int, model: str = EMBEDDED, train_file: str | None = None,
+              eval_file: str | None = None) -> dict[str, str]:
+    """Train/eval chat datasets on disk (and the model, which every worker reads from here): the given files, else
+    LIMA when present, else generated rows of realistic lengths."""
+    if train_file:
+        data = {"train": train_file, "eval": eval_file or train_file, "source": Path(train_file).name}
+    elif LIMA.exists():
         out = workdir / "lima"
         subprocess.run([str(Path(sys.executable).parent / "llmft"), "data", "convert", str(LIMA), "--out", str(out),
                         "--test-fraction", "0.05"], check=True, capture_output=True)
@@ -98,11 +113,12 @@ def make_data(workdir: Path, examples: int) -> dict[str, str]:
 
         paths = write_demo_data(workdir / "demo", train_rows=256, eval_rows=32)
         data = {"train": str(paths["train"]), "eval": str(paths["eval"]), "source": "generated demo rows"}
-    data["train"] = _training_subset(data["train"], workdir / "train_subset.jsonl", examples)
+    data["model"] = model
+    data["train"] = _training_subset(data["train"], workdir / "train_subset.jsonl", examples, model)
     return data
 
 
-def _training_subset(source: str, target: Path, examples: int) -> str:
+def _training_subset(source: str, target: Path, examples: int, model: str = EMBEDDED) -> str:
     """The same rows for every configuration: conversations that fit max_length, shuffled once (seed 0)."""
     import re
 
@@ -111,7 +127,7 @@ def _training_subset(source: str, target: Path, examples: int) -> str:
     from llmft.model import load_tokenizer
 
     rows = load_rows(source)
-    prepared, _ = prepare_dataset(rows, load_tokenizer(ModelConfig()), MAX_LENGTH, "drop", source)
+    prepared, _ = prepare_dataset(rows, load_tokenizer(ModelConfig(name_or_path=model)), MAX_LENGTH, "drop", source)
     picked = prepared.shuffle(seed=0).select(range(min(examples, len(prepared))))
     numbers = [int(re.match(r"row (\d+)", e).group(1)) - 1 for e in picked["example_id"]]
     rows.select(numbers).remove_columns([c for c in rows.column_names if c.startswith("_")]).to_json(target)
@@ -181,7 +197,7 @@ def _eval_loss(model, eval_ds) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for row in eval_ds:
-            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            ids, labels = torch.tensor([row["input_ids"]], device=model.device), torch.tensor([row["labels"]], device=model.device)
             n = int((labels[:, 1:] != -100).sum())
             if n:
                 total += model(input_ids=ids, labels=labels, use_cache=False).loss.item() * n
@@ -194,7 +210,8 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
     from llmft.model import load_model, load_tokenizer
 
     _, trl_overrides, llmft_overrides = CONFIGS[name]
-    tokenizer = load_tokenizer(ModelConfig())
+    model_name = data.get("model", EMBEDDED)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=model_name))
     eval_ds = _rows(data, tokenizer, "eval", 32)
     meter = make_meter()
     examples = BATCH * steps * 2
@@ -203,7 +220,7 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
 
         from llmft.hardware import fast_bf16_available
 
-        model = load_model(ModelConfig(dtype="float32"), PeftSettings(method=method))
+        model = load_model(ModelConfig(name_or_path=model_name, dtype="float32"), PeftSettings(method=method))
         # What a user of this hardware gets: SFTConfig's own defaults, bf16 off only where it is not native.
         hardware = {} if torch.cuda.is_available() or fast_bf16_available() else {"bf16": False}
         settings = {"per_device_train_batch_size": BATCH, **hardware, **trl_overrides}
@@ -216,7 +233,10 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
         trained = trainer.model
     else:
         trained = _llmft_run(name, method, steps, data, workdir, examples, llmft_overrides, meter)
-    return {**meter.result(), "eval_loss": _eval_loss(trained, eval_ds)}
+    import os
+
+    allocator = os.environ.get("LD_PRELOAD", "").split("/")[-1].split(".")[0].removeprefix("lib")
+    return {**meter.result(), "eval_loss": _eval_loss(trained, eval_ds), "allocator": allocator}
 
 
 def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
@@ -232,7 +252,7 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": "smollm2-135m-instruct"},
+        "model": {"name_or_path": data.get("model", EMBEDDED)},
         "data": {"train_data": data["train"], "eval_fraction": 0},
         "peft": {"method": method},
         "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
@@ -258,13 +278,13 @@ def _memory_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: peak only
 
 
-def flops_per_token(method: str) -> float:
+def flops_per_token(method: str, model: str = EMBEDDED) -> float:
     """Matmul FLOPs per trained token: forward 2N, input gradients 2N, weight gradients 2N (full only)."""
     from transformers import AutoConfig
 
-    from llmft.model import embedded_model_dir
+    from llmft.model import resolve_model_path
 
-    config = AutoConfig.from_pretrained(embedded_model_dir())
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
     d, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
     kv = d * config.num_key_value_heads // config.num_attention_heads
     per_layer = d * d * 2 + d * kv * 2 + d * inter * 3  # q, o, k, v, gate/up/down
@@ -272,11 +292,20 @@ def flops_per_token(method: str) -> float:
     return (6 if method == "full" else 4) * matmul_params
 
 
-def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, script: str = __file__) -> dict:
-    """One configuration of `script` in a fresh process (its own peak memory): its result, or the error."""
+def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, script: str = __file__,
+               llmft: bool = False) -> dict:
+    """One configuration of `script` in a fresh process (its own peak memory): its result, or the error. An llmft
+    row runs with the allocator `llmft train` preloads (llmft.hardware.preload_allocator), a TRL row with the
+    system's."""
+    import os
+
+    from llmft.hardware import allocator_library
+
     command = [sys.executable, script, "--worker", name, "--method", method, "--steps", str(steps),
                "--data", json.dumps(data), "--workdir", str(workdir)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    library = allocator_library() if llmft and os.environ.get("LLMFT_ALLOCATOR") != "system" else None
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "LD_PRELOAD": library} if library else env)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -289,6 +318,9 @@ def parse_args(doc: str, configs: dict, work) -> argparse.Namespace | None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--configs", nargs="+", default=list(configs), choices=list(configs))
+    parser.add_argument("--model", default=EMBEDDED, help="Hub id or folder (default: the embedded SmolLM2).")
+    parser.add_argument("--train-file", help="Chat JSONL to train on (default: LIMA, else generated rows).")
+    parser.add_argument("--eval-file", help="Chat JSONL for the eval loss (default: the training file's rows).")
     for hidden in ("--worker", "--method", "--data", "--workdir"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,9 +337,9 @@ def main() -> None:
 
     peaks = matmul_peaks()
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp), BATCH * args.steps * 2)
+        data = make_data(Path(tmp), BATCH * args.steps * 2, args.model, args.train_file, args.eval_file)
         print(f"{hardware_line()}\nmatmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-        print(f"SmolLM2-135M-Instruct, {data['source']} (<= {MAX_LENGTH} tokens), batch {BATCH}, {args.steps} steps "
+        print(f"{args.model}, {data['source']} (<= {MAX_LENGTH} tokens), batch {BATCH}, {args.steps} steps "
               "(first untimed)\n")
         print("| method | configuration | tokens/s | vs TRL | padding | peak RSS MB | vs TRL | training MB | vs TRL "
               "| dtype | MFU | eval loss |")
@@ -315,15 +347,16 @@ def main() -> None:
         for method in args.methods:
             base = None
             for name in args.configs:
-                result = run_config(name, method, args.steps, data, Path(tmp))
-                label = CONFIGS[name][0]
+                result = run_config(name, method, args.steps, data, Path(tmp), 
+                                    llmft=CONFIGS[name][2] is not None and name != "llmft-glibc")
+                label = CONFIGS[name][0] + (f" ({result['allocator']})" if result.get("allocator") else "")
                 if "error" in result:
                     print(f"| {method} | {label} | failed: {result['error']} | | | | | | | | | |")
                     continue
                 if name == "trl" or base is None:
                     base = result  # the first row is the yardstick when TRL as shipped is not among the configs
                 dtype = "bf16" if result["bf16"] else "fp32"
-                mfu = result["tokens_per_s"] * flops_per_token(method) / (peaks[dtype] * 1e9)
+                mfu = result["tokens_per_s"] * flops_per_token(method, args.model) / (peaks[dtype] * 1e9)
                 print(f"| {method} | {label} | {result['tokens_per_s']:.1f} | "
                       f"{result['tokens_per_s'] / base['tokens_per_s']:.2f}x | {result['padding']:.0%} | "
                       f"{result['peak_mb']:.0f} | {result['peak_mb'] / base['peak_mb']:.2f}x | {result['train_mb']:.0f} | "
