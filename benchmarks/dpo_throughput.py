@@ -175,7 +175,8 @@ def main() -> None:
               "| pair acc. | reward acc. |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for method in args.methods:
-            results = {name: run_config(name, method, args.steps, data, Path(tmp) / method, __file__)
+            results = {name: run_config(name, method, args.steps, data, Path(tmp) / method, __file__,
+                                        llmft=CONFIGS[name][1] is None)  # llmft rows with llmft's allocator
                        for name in args.configs}
             base = results.get("trl")
             for name, result in results.items():

@@ -256,6 +256,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    preload_allocator(argv)  # may start this command again with tcmalloc/jemalloc (llmft.hardware)
+    if argv is None:  # the `llmft` command or `python -m llmft`, not a call from Python code
+        argv = sys.argv[1:]
+        preload_allocator(argv)  # may start this command line again with jemalloc/tcmalloc (llmft.hardware)
     sys.exit(run(argv))

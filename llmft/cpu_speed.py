@@ -1,10 +1,10 @@
 """Training on CPUs without waste: three places where the libraries' general code costs a CPU run a third of its time.
 
-Applied by llmft.train to CPU runs (benchmarks/README.md#what-each-lever-did-on-that-cpu-and-why has the figures):
+Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 has the figures):
 - adapters_follow_autocast: under bf16 autocast peft copies every LoRA adapter's input to float32 (seven copies per
   decoder layer) only for autocast to cast it back to bf16 for the matmul.
-- cheap_lora_dropout: torch's dropout draws one 32-bit random number per element, which costs a LoRA step more
-  than its matmuls; four 16-bit draws from each 64-bit one give the same dropout at a quarter of the draws.
+- cheap_lora_dropout: torch's dropout draws one random number per element, which costs a LoRA step a quarter of
+  its time; four 16-bit numbers from each 64-bit draw give the same dropout at half the generator's work.
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
   head, in chunks, with PyTorch's fused log-softmax.
@@ -12,11 +12,16 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#what-each-lever-did-on-
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 
 HEAD_CHUNK = 128  # tokens per LM-head chunk: 128 x 49k float32 logits (25 MB) stay in cache-sized pieces
+# Above this many bytes of float32 log-probabilities kept for the backward (labelled tokens x vocabulary x 4), each
+# chunk is recomputed in the backward instead (activation checkpointing): memory stays flat for long answers and
+# large vocabularies, at one more head projection per chunk.
+HEAD_KEEP_BYTES = 256 * 2**20
 
 
 # LoRA adapters under autocast ---------------------------------------------------------------------------------------
@@ -47,10 +52,12 @@ def adapters_follow_autocast(model: torch.nn.Module) -> int:
 
 class CheapDropout(torch.nn.Module):
     """Dropout with probability p (to 1/65536) from 16-bit random numbers, four per 64-bit draw of torch's generator
-    (seeded as usual): the same mask distribution and scaling as torch.nn.Dropout, a quarter of the draws."""
+    (seeded as usual): the same mask distribution and scaling as torch.nn.Dropout, half the generator's work."""
 
     def __init__(self, p: float):
         super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability {p}: must be in [0, 1)")
         self.p = p
         self.threshold = -(2**15) + round(p * 2**16)  # int16 draws below it are dropped
 
@@ -114,23 +121,33 @@ def loss_positions_head(model: torch.nn.Module) -> bool:
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
 
-    base.forward = types.MethodType(forward, base)
+    # TRL's forward carries the model's signature (functools.wraps), which generate() reads: keep it.
+    base.forward = types.MethodType(functools.wraps(trl_forward.__func__)(forward), base)
     return True
 
 
 def _score(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor):
     """Per-token log-probability of the target (with gradient), entropy and whether the target is the argmax."""
+    if hidden.shape[0] == 0:  # nothing to learn: a finite zero that still reaches the backbone and the head
+        zero = hidden.sum() * 0 + head.weight.sum() * 0
+        empty = zero.float().reshape(1)[:0]
+        return empty, empty.detach(), empty.detach()
+    recompute = hidden.shape[0] * head.weight.shape[0] * 4 > HEAD_KEEP_BYTES
     parts = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = head(hidden[start:start + HEAD_CHUNK]).float()  # bf16 under autocast; softmax in float32
-        target = targets[start:start + HEAD_CHUNK]
-        log_p = torch.log_softmax(logits, dim=-1)
-        picked = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(log_p.exp() * log_p).sum(-1)
-            top1 = (logits.argmax(-1) == target).float()
-        parts.append((picked, entropy, top1))
-    if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph for an all-masked row
-        return empty, empty.detach(), empty.detach()
+        chunk, target = hidden[start:start + HEAD_CHUNK], targets[start:start + HEAD_CHUNK]
+        if recompute:
+            parts.append(torch.utils.checkpoint.checkpoint(_score_chunk, chunk, head, target, use_reentrant=False))
+        else:
+            parts.append(_score_chunk(chunk, head, target))
     return tuple(torch.cat(column) for column in zip(*parts))
+
+
+def _score_chunk(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor):
+    logits = head(hidden)  # bf16 under autocast; the softmax in float32
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        top1 = (logits.argmax(-1) == target).float()
+    return picked, entropy, top1

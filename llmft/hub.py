@@ -144,6 +144,7 @@ def check_gguf(run: Path, folder: Path) -> dict[str, Any]:
 
     read_run(run)  # a complete run directory, or the error that says what is missing
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(run)))
+    trained = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
     if not files:
         raise HubError(f"{folder}: no .gguf file. Make one with `llmft export {run} --format gguf --out {folder}`.")
@@ -151,11 +152,13 @@ def check_gguf(run: Path, folder: Path) -> dict[str, Any]:
     for path in files:
         try:
             meta = gguf_metadata(path)
+        except HubError:
+            raise
         except Exception as err:  # gguf's reader raises ValueError, struct errors, KeyError on damaged files
             problems.append(f"{path.name}: not a readable GGUF file ({type(err).__name__}: {err}).")
             continue
         types[path.name] = meta["file_type"]
-        if (meta["chat_template"] or "").strip() != (tokenizer.chat_template or "").strip():
+        if (meta["chat_template"] or "").strip() != (trained or "").strip():
             problems.append(f"{path.name}: its chat template differs from the one used in training.")
         if meta["eos_token_id"] != tokenizer.eos_token_id:
             problems.append(f"{path.name}: end-of-turn token id {meta['eos_token_id']}, trained with "
@@ -177,8 +180,10 @@ def check_gguf(run: Path, folder: Path) -> dict[str, Any]:
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
     """What the checks and the model card read from a GGUF file: chat template, end-of-turn id, file type."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError as err:  # a dependency of llmft; missing only in a broken environment
+        raise HubError(f"reading {path.name} needs the gguf package: pip install 'gguf>=0.19,<0.20'.") from err
     fields = gguf.GGUFReader(str(path)).fields
 
     def scalar(key: str):
@@ -276,7 +281,7 @@ def _artifact_lines(repo_id: str, merged: Path | None, gguf: Path | None, adapte
                 "adapter merged into the base first), with the chat template and end-of-turn token in their "
                 "metadata, and an Ollama `Modelfile` (template, stop token, parameters).", "",
                 "| file | type | size |", "|---|---|---|", *rows, "", "```bash",
-                f"huggingface-cli download {repo_id} --local-dir model && cd model && ollama create NAME -f Modelfile",
+                f"hf download {repo_id} --local-dir model && cd model && ollama create NAME -f Modelfile",
                 f"llama-cli -hf {repo_id}   # llama.cpp", "```"]
     if merged is not None:
         return ["The adapter is merged into the base weights: transformers alone loads it (no peft).", "",

@@ -412,9 +412,11 @@ def hardware() -> dict[str, Any]:
     """The machine, and this process's peak memory so far."""
     import torch
 
+    from llmft.hardware import allocator_in_use
+
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb(),
-            "allocator": os.environ.get("LD_PRELOAD") or "system malloc"}
+            "allocator": allocator_in_use()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

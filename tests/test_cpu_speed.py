@@ -33,13 +33,19 @@ def _fused(model, ids, labels):
     return out, grads
 
 
-def test_the_loss_positions_head_gives_trl_fused_heads_loss_gradients_and_metrics(tiny):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_loss_positions_head_gives_trl_fused_heads_loss_gradients_and_metrics(tiny, recompute, monkeypatch):
+    import inspect
+
     from trl.trainer.utils import add_fused_lm_head
 
+    if recompute:  # long answers x large vocabularies: each chunk recomputed in the backward
+        monkeypatch.setattr("llmft.cpu_speed.HEAD_KEEP_BYTES", 0)
     add_fused_lm_head(tiny, outputs=("log_probs", "entropy", "is_top1"))
     ids, labels = _batch(tiny.config.vocab_size)
     theirs, their_grads = _fused(tiny, ids, labels)
     assert loss_positions_head(tiny)
+    assert "logits_to_keep" in inspect.signature(tiny.forward).parameters  # generate() reads the model's signature
     ours, our_grads = _fused(tiny, ids, labels)
     torch.testing.assert_close(ours.loss, theirs.loss)
     for field in ("log_probs", "entropy", "label_mask"):
@@ -60,6 +66,15 @@ def test_the_loss_positions_head_gives_trl_fused_heads_loss_gradients_and_metric
 
 def test_the_loss_positions_head_stays_off_models_without_trls_head(tiny):
     assert not loss_positions_head(tiny)
+
+
+def test_a_batch_without_labels_still_reaches_an_untied_head():
+    from llmft.cpu_speed import _score
+
+    head, hidden = torch.nn.Linear(8, 32, bias=False), torch.randn(0, 8, requires_grad=True)
+    log_p, entropy, top1 = _score(hidden, head, torch.zeros(0, dtype=torch.long))
+    (-log_p.sum()).backward()
+    assert log_p.shape == (0,) and head.weight.grad is not None and not head.weight.grad.any()
 
 
 def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
@@ -108,19 +123,24 @@ def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-def test_training_starts_again_with_tcmalloc_or_jemalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
+def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
     """`llmft train` re-runs itself with the allocator preloaded (llmft.hardware.preload_allocator) and records it;
     LLMFT_ALLOCATOR=system keeps glibc's."""
     import json
     import subprocess
+    from pathlib import Path
 
     from llmft.hardware import allocator_library
     from tests.conftest import LLMFT
     from tests.helpers import chat_rows, write_jsonl, write_recipe
 
+    from llmft.hardware import GPU_DEVICES
+
     library = allocator_library()
+    if any(Path(device).exists() for device in GPU_DEVICES):
+        pytest.skip("a GPU machine: llmft keeps the system allocator there")
     if library is None:
-        pytest.skip("neither tcmalloc nor jemalloc is installed (apt-get install libtcmalloc-minimal4)")
+        pytest.skip("neither jemalloc nor tcmalloc is installed (apt-get install libjemalloc2)")
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
     for env, expected in (({}, library), ({"LLMFT_ALLOCATOR": "system"}, "system malloc")):
         out = tmp_path / f"run-{expected.split('.')[0]}"
