@@ -142,11 +142,23 @@ def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_pat
     if library is None:
         pytest.skip("neither jemalloc nor tcmalloc is installed (apt-get install libjemalloc2)")
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    for env, expected in (({}, library), ({"LLMFT_ALLOCATOR": "system"}, "system malloc")):
-        out = tmp_path / f"run-{expected.split('.')[0]}"
-        recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, training={"max_steps": 1},
-                              eval={"num_generate": 0, "baseline": False})
-        done = subprocess.run([LLMFT, "train", str(recipe)], capture_output=True, text=True,
-                              env={**quiet_env, **env})
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert json.loads((out / "run.json").read_text())["hardware"]["allocator"] == expected
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, training={"max_steps": 1},
+                          eval={"num_generate": 0, "baseline": False})
+    done = subprocess.run([LLMFT, "train", str(recipe)], capture_output=True, text=True, env=quiet_env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["hardware"]["allocator"] == library
+
+
+def test_the_allocator_is_left_alone_when_asked_or_preloaded_already(monkeypatch):
+    """Each of these returns instead of starting the command again (an exec would end this test process)."""
+    from llmft.hardware import allocator_in_use, preload_allocator
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("LLMFT_ALLOCATOR", "system")
+    assert preload_allocator(["train", "recipe.yaml"]) is None and allocator_in_use() == "system malloc"
+    monkeypatch.delenv("LLMFT_ALLOCATOR")
+    assert preload_allocator(["data", "convert", "x.json"]) is None  # only training and evaluation
+    monkeypatch.setenv("LD_PRELOAD", "/opt/mine/libmymalloc.so")
+    assert preload_allocator(["train", "recipe.yaml"]) is None
+    assert allocator_in_use() == "LD_PRELOAD=/opt/mine/libmymalloc.so"
