@@ -295,8 +295,8 @@ def flops_per_token(method: str, model: str = EMBEDDED) -> float:
 def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, script: str = __file__,
                llmft: bool = False) -> dict:
     """One configuration of `script` in a fresh process (its own peak memory): its result, or the error. An llmft
-    row runs with the allocator `llmft train` preloads (llmft.hardware.preload_allocator), a TRL row with the
-    system's."""
+    row runs with the allocator `llmft train` would (llmft.hardware.preload_allocator: a user's LD_PRELOAD, else
+    jemalloc/tcmalloc where installed), a TRL row with the system's."""
     import os
 
     from llmft.hardware import allocator_library
@@ -304,7 +304,8 @@ def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, sc
     command = [sys.executable, script, "--worker", name, "--method", method, "--steps", str(steps),
                "--data", json.dumps(data), "--workdir", str(workdir)]
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
-    library = allocator_library() if llmft and os.environ.get("LLMFT_ALLOCATOR") != "system" else None
+    library = (os.environ.get("LD_PRELOAD") or allocator_library()
+               if llmft and os.environ.get("LLMFT_ALLOCATOR") != "system" else None)
     done = subprocess.run(command, capture_output=True, text=True, env={**env, "LD_PRELOAD": library} if library else env)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1][:120]}

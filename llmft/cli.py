@@ -52,8 +52,9 @@ commands:
                                    Modelfile
   chat RUN_DIR                     talk to a run in the terminal (its template, streaming; /reset, /system)
   merge RUN_DIR --out DIR          fold a LoRA adapter into its base: a standalone model for plain transformers
-  check RUN_DIR [--merged DIR]     train/serve agreement: base model, chat template, answers stop at end of turn
-  push RUN_DIR --repo-id ORG/NAME  check, regression gate, model card, upload (adapter, or --merged DIR)
+  check RUN_DIR [--merged DIR | --gguf DIR]
+                                   train/serve agreement: base model, chat template, answers stop at end of turn
+  push RUN_DIR --repo-id ORG/NAME  check, regression gate, model card, upload (adapter, --merged DIR or --gguf DIR)
 
 `llmft COMMAND --help` lists a command's options.
 """
@@ -221,8 +222,8 @@ def _push(argv: list[str]) -> Callable[[], None]:
 
 
 COMMANDS = {"train": _train, "compare": _compare, "data": _data, "selfchat": _selfchat, "augment": _augment,
-            "eval": _eval, "estimate": _estimate, "report": _report, "chat": _chat, "export": _export, "merge": _merge, "check": _check,
-            "push": _push}
+            "eval": _eval, "estimate": _estimate, "report": _report, "chat": _chat, "export": _export, "merge": _merge,
+            "check": _check, "push": _push}
 
 
 class _UnknownCommand(LlmftError):

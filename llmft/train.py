@@ -180,8 +180,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
 def cpu_speed(model, stage: str, method: str, bf16: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
-    TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout at a quarter of the random
-    draws."""
+    TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout at half the random-number
+    work."""
     from llmft import cpu_speed as levers
 
     done = []
