@@ -92,7 +92,8 @@ class ModelConfig:
         metadata={
             "help": "Weights dtype: auto | float32 | bfloat16. auto = bfloat16 frozen base weights for LoRA where "
             "bf16 is fast (CUDA, or a CPU with avx512_bf16/AMX), float32 otherwise and for full fine-tuning "
-            "(training.bf16 then gives mixed precision)."
+            "(training.bf16 then gives mixed precision). bfloat16 with full fine-tuning trains bf16 weights with "
+            "Kahan-summed AdamW (less memory, slower learning)."
         },
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 ..."})
@@ -833,6 +834,28 @@ def read_recipe_file(path: Path) -> Recipe:
     return recipe_from_dict(values, str(path))
 
 
+# The optimizers that bf16 full fine-tuning replaces with torch-optimi's AdamW with Kahan summation (the same update).
+KAHAN_REPLACES = ("adamw_torch", "adamw_torch_fused")
+
+
+def bf16_full_training(model: ModelConfig, peft: PeftSettings, training) -> bool:
+    """Whether full fine-tuning trains bf16 weights, gradients and AdamW moments, with a bf16 Kahan compensation
+    buffer per weight that keeps the updates bf16 rounding would lose (torch-optimi's AdamW): model.dtype bfloat16,
+    in place of the default AdamW, without DeepSpeed or FSDP (they keep float32 master weights of their own).
+
+    10 bytes a weight instead of 16 and no autocast copy of every weight per micro-batch, but not auto's choice: a
+    weight moves only once its updates add up to half a bf16 step, so at fine-tuning learning rates it learns more
+    slowly than float32 weights (benchmarks/README.md#a-cpu-with-native-bf16).
+    """
+    if peft.method != "full" or _optim_name(training) not in KAHAN_REPLACES or training.deepspeed or training.fsdp:
+        return False
+    return model.dtype == "bfloat16"
+
+
+def _optim_name(training) -> str:
+    return str(getattr(training.optim, "value", training.optim))
+
+
 def cross_check(sections: dict[str, Any]) -> list[str]:
     """Problems that involve more than one section."""
     problems = []
@@ -840,10 +863,13 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
     if peft.method != "qlora" and (peft.quant_bits, peft.quant_type, peft.double_quant) != (4, "nf4", True):
         problems.append(f"peft.quant_bits/quant_type/double_quant apply to method qlora only (method is "
                         f"{peft.method}): remove them, or set peft.method: qlora.")
-    if peft.method == "full" and model.dtype == "bfloat16":
+    if peft.method == "full" and model.dtype == "bfloat16" and not bf16_full_training(model, peft, training):
         problems.append(
-            "model.dtype: bfloat16 weights with peft.method: full lose small updates in AdamW; use dtype auto or "
-            "float32 and training.bf16: true for mixed precision."
+            f"model.dtype: bfloat16 with peft.method: full trains with AdamW and Kahan summation (training.optim "
+            f"{' or '.join(KAHAN_REPLACES)}, without DeepSpeed or FSDP), which keeps the small updates bf16 weights "
+            f"would lose; training.optim {_optim_name(training)} "
+            f"{'under DeepSpeed or FSDP ' if training.deepspeed or training.fsdp else ''}would lose them. Use "
+            "dtype auto or float32 (training.bf16: true for mixed precision), or training.optim adamw_torch."
         )
     if model.init == "scratch" and peft.method != "full":
         problems.append(f"model.init: scratch trains every weight from random values; peft.method {peft.method} would "

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from llmft.config import Recipe, load_recipe
+from llmft.config import Recipe, bf16_full_training, load_recipe
 from llmft.errors import ConfigError
 
 GB = 2**30
@@ -286,6 +286,8 @@ def memory_per_device(recipe: Recipe, shape: Shape, lengths: dict[str, Any], tar
     trainable_bytes = weight_bytes if method == "full" else 4
     grads = shape.trainable * trainable_bytes
     optimizer = shape.trainable * _optimizer_bytes(training.optim, trainable_bytes)
+    if _bf16_full(recipe):  # and a bf16 Kahan compensation buffer per weight
+        optimizer += shape.trainable * 2
     n = sharding.processes
     if sharding.zero_stage >= 1:
         optimizer = 0 if sharding.offload_optimizer else optimizer / n
@@ -316,6 +318,11 @@ def memory_per_device(recipe: Recipe, shape: Shape, lengths: dict[str, Any], tar
 def _needs_reference(recipe: Recipe) -> bool:
     stage = recipe.training.stage
     return stage in ("dpo", "kto") or (stage == "grpo" and getattr(recipe.training, "beta", 0) > 0)
+
+
+def _bf16_full(recipe: Recipe) -> bool:
+    """Full fine-tuning in bf16 weights with Kahan-summed AdamW (config.bf16_full_training)."""
+    return bf16_full_training(recipe.model, recipe.peft, recipe.training)
 
 
 def _weight_bytes(recipe: Recipe, target: Target) -> int:

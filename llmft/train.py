@@ -15,7 +15,7 @@ from transformers import TrainerCallback, set_seed
 
 from llmft import report, run_dir, tuning
 from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resume_point
-from llmft.config import Recipe
+from llmft.config import Recipe, bf16_full_training
 from llmft.data import load_splits
 from llmft.errors import LaunchError, Preempted
 from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, PerplexityCallback, eval_items,
@@ -104,6 +104,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     check_sharding(trainer)
     tuning.check_launch(recipe.tuning, args.world_size, trainer.accelerator)
     restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
+    if bf16_full_training(recipe.model, recipe.peft, args):
+        trainer.optimizer_cls_and_kwargs = kahan_adamw(args)
     if args.use_cpu:
         cpu_speed(trainer.model, stage.name, recipe.peft.method, bool(args.bf16))
     groups = None
@@ -193,6 +195,17 @@ def cpu_speed(model, stage: str, method: str, bf16: bool) -> None:
         done.append("cheap LoRA dropout")
     if done:
         log.info("CPU speed: %s", ", ".join(done))
+
+
+def kahan_adamw(args) -> tuple[type, dict]:
+    """torch-optimi's AdamW with the Trainer's AdamW settings, for bf16 weights (config.bf16_full_training): the same
+    update as torch's AdamW, summed into each weight with a bf16 compensation buffer, so that updates smaller than
+    the weight's bf16 rounding step add up instead of vanishing."""
+    from optimi import AdamW
+
+    log.info("Full fine-tuning in bf16 weights: AdamW with Kahan summation (torch-optimi)")
+    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                   "weight_decay": args.weight_decay, "kahan_sum": True, "foreach": True}
 
 
 def save_adapter_fp32(trainer, out: Path) -> None:
@@ -425,14 +438,31 @@ class WeightChangeCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start = self._fingerprints(model)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         end = self._fingerprints(model)
-        unchanged = sorted(n for n, fp in end.items() if self.start.get(n) == fp)
+        same = {n for n, fp in end.items() if self.start.get(n) == fp}
+        held = same & _held_by_kahan(model, optimizer)
+        unchanged = sorted(same - held)
         self.report = {"total": len(end), "changed": len(end) - len(unchanged), "unchanged": unchanged[:20]}
+        if held:  # trained: their updates add up in the compensation buffer until they reach a bf16 step
+            self.report["below_bf16_step"] = sorted(held)[:20]
+            log.info("%d of %d trainable tensors have moved less than their bf16 rounding step so far (first: %s); "
+                     "their updates add up in AdamW's Kahan compensation buffer.", len(held), len(end), min(held))
         if unchanged and state.global_step > 0:
             log.warning("%d of %d trainable tensors did not change in training (first: %s): no gradient reached "
                         "them, or the run was too short (LoRA A matrices first move on the step after B does).",
                         len(unchanged), len(end), unchanged[0])
+
+
+def _held_by_kahan(model, optimizer) -> set[str]:
+    """Tensors with updates waiting in a Kahan compensation buffer (bf16 full fine-tuning, `kahan_adamw`)."""
+    state = getattr(getattr(optimizer, "optimizer", optimizer), "state", {})  # accelerate wraps the optimizer
+    held = set()
+    for name, param in model.named_parameters():
+        comp = state[param].get("kahan_comp") if param in state else None
+        if isinstance(comp, torch.Tensor) and comp.shape == param.shape and bool(comp.any()):
+            held.add(name)
+    return held
 
 
 def _numel(param: torch.Tensor) -> int:

@@ -130,11 +130,12 @@ def describe_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build_optimizer(trainer, cfg: TuningConfig) -> tuple[torch.optim.Optimizer, list[dict[str, Any]]]:
-    """The Trainer's own optimizer class and settings (training.optim), over llmft's parameter groups."""
+    """The Trainer's optimizer class and settings (training.optim, or the class llmft gave the Trainer), over llmft's
+    parameter groups."""
     args, model = trainer.args, trainer.model
     groups = param_groups(model, cfg, args.learning_rate, args.weight_decay,
                           set(trainer.get_decay_parameter_names(model)))
-    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_cls, kwargs = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, model)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("lr", "weight_decay")}
     optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "numel"} for g in groups], **kwargs)
     return optimizer, describe_groups(groups)

@@ -96,6 +96,20 @@ def test_fp16_is_refused_with_the_fix(tmp_path):
         load_recipe(_recipe(tmp_path, BASE), ["--fp16", "true"])
 
 
+def test_bf16_full_fine_tuning_needs_adamw_it_can_kahan_sum(tmp_path):
+    """bf16 weights for full fine-tuning train with torch-optimi's Kahan-summed AdamW in place of the default AdamW;
+    another optimizer would lose AdamW's small updates in them, so the recipe is refused with the ways out."""
+    from llmft.config import bf16_full_training
+
+    full_bf16 = ["--method", "full", "--dtype", "bfloat16"]
+    recipe = load_recipe(_recipe(tmp_path, BASE), full_bf16)
+    assert bf16_full_training(recipe.model, recipe.peft, recipe.training)
+    assert not bf16_full_training(load_recipe(_recipe(tmp_path, BASE), ["--method", "full"]).model, recipe.peft,
+                                  recipe.training)  # auto keeps float32 weights for full fine-tuning
+    with pytest.raises(ConfigError, match="training.optim adamw_bnb_8bit would lose them. Use dtype auto or float32"):
+        load_recipe(_recipe(tmp_path, BASE), full_bf16 + ["--optim", "adamw_bnb_8bit"])
+
+
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")

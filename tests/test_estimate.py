@@ -20,7 +20,8 @@ LLAMA = {"7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_lay
          "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                  "num_attention_heads": 64, "num_key_value_heads": 8}}
 # LLaMA-Factory's README, "Hardware Requirement" (estimated GB for a 7B and a 70B model).
-# (llmft refuses pure-bf16 full fine-tuning, the table's 60 GB row: AdamW loses small updates in bf16 weights.)
+# (The table's pure-bf16 full fine-tuning row, 60 GB, counts 8 bytes a parameter; llmft's bf16 full fine-tuning adds a
+# Kahan compensation buffer, 10 bytes, since AdamW without one loses the small updates in bf16 weights.)
 PUBLISHED = {("7b", "full", "float32"): 120, ("7b", "lora", "auto"): 16,
              ("7b", "qlora8", "auto"): 10, ("7b", "qlora", "auto"): 6, ("70b", "qlora", "auto"): 48}
 
@@ -81,6 +82,18 @@ def test_stages_count_what_their_trainer_holds(tmp_path):
     reward = estimate(EstimateOptions(str(_recipe(tmp_path, model, "lora", stage="reward")), gpu="H100", data=False))
     lora = estimate(EstimateOptions(str(_recipe(tmp_path, model, "lora")), gpu="H100", data=False))
     assert reward["memory_gb"]["logits"] < 0.001 < lora["memory_gb"]["logits"]
+
+
+def test_bf16_full_fine_tuning_counts_its_kahan_buffer(tmp_path):
+    """model.dtype bfloat16 with full fine-tuning: bf16 weights and gradients (2 bytes each), AdamW's moments and the
+    Kahan compensation buffer in bf16 (6 bytes), against 4 + 4 + 8 for float32 weights."""
+    model = _model(tmp_path, "7b")
+    fp32 = estimate(EstimateOptions(str(_recipe(tmp_path, model, "full", "float32")), gpu="H100", data=False))
+    bf16 = estimate(EstimateOptions(str(_recipe(tmp_path, model, "full", "bfloat16")), gpu="H100", data=False))
+    n = bf16["model"]["parameters"] / 2**30
+    for part, (bf16_bytes, fp32_bytes) in {"weights": (2, 4), "gradients": (2, 4), "optimizer": (6, 8)}.items():
+        assert bf16["memory_gb"][part] == pytest.approx(n * bf16_bytes, rel=0.01), part
+        assert fp32["memory_gb"][part] == pytest.approx(n * fp32_bytes, rel=0.01), part
 
 
 def test_the_command_prints_a_verdict_and_what_to_try(tmp_path):

@@ -210,3 +210,39 @@ def test_low_memory_full_fine_tuning_with_8bit_adamw_and_checkpointing(tmp_path,
     mlp = {dtype for numel, dtype in seen.states if numel == 4096}
     assert mlp == {torch.uint8}, seen.states
     assert run.metrics.after["eval_loss"] < run.metrics.before["eval_loss"]
+
+
+def test_bf16_full_fine_tuning_trains_with_kahan_summed_adamw(tmp_path, tiny_model_dir, train_file):
+    """model.dtype bfloat16 with peft.method full: bf16 weights, gradients and moments, torch-optimi's AdamW with a
+    Kahan compensation buffer per weight. The run directory holds bf16 weights; every tensor trains, the norms (1.0,
+    where a bf16 step is 2^-7) with their updates still in the buffer; at this learning rate the eval loss lands
+    where float32 weights put it."""
+    from transformers import TrainerCallback
+
+    class OptimizerState(TrainerCallback):
+        def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+            inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # accelerate wraps it
+            self.name = f"{type(inner).__module__}.{type(inner).__name__}"
+            self.kahan = [getattr(s.get("kahan_comp"), "dtype", None) for s in inner.state.values()]
+
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        seen, out = OptimizerState(), tmp_path / dtype
+        recipe = load_recipe(write_recipe(tmp_path / f"{dtype}.yaml", tiny_model_dir, train_file, out,
+                                          peft={"method": "full"}), ["--learning_rate", "1e-3", "--dtype", dtype])
+        train(recipe, callbacks=[seen])
+        runs[dtype] = (_assert_complete(out), seen, load_file(out / "model.safetensors"))
+    run, seen, after = runs["bfloat16"]
+    checks = run.info.trainable_tensors
+    assert seen.name == "optimi.adamw.AdamW"
+    assert seen.kahan == [torch.bfloat16] * checks["total"]  # one bf16 compensation buffer per trained tensor
+    assert {w.dtype for w in after.values()} == {torch.bfloat16}
+    assert checks["changed"] == checks["total"] and checks["unchanged"] == []
+    before = load_file(tiny_model_dir / "model.safetensors")
+    not_moved = sorted(k for k in before if torch.equal(before[k].to(torch.bfloat16), after[k]))
+    assert not_moved and all(k.endswith("norm.weight") for k in not_moved), not_moved  # 3 steps x 1e-3 < 2^-8
+    assert not_moved == sorted(checks["below_bf16_step"])
+    assert run.metrics.after["eval_loss"] < run.metrics.before["eval_loss"]
+    fp32_run, fp32_seen, fp32_after = runs["float32"]
+    assert fp32_seen.name.startswith("torch.optim") and {w.dtype for w in fp32_after.values()} == {torch.float32}
+    assert run.metrics.after["eval_loss"] == pytest.approx(fp32_run.metrics.after["eval_loss"], rel=0.01)
