@@ -50,6 +50,8 @@ CONFIGS = {
     "llmft": ("llmft defaults", {}, []),
     "llmft-glibc": ("llmft defaults with glibc's malloc (LLMFT_ALLOCATOR=system)", {}, []),
     "llmft-ckpt": ("llmft defaults + activation checkpointing", {}, ["--activation_checkpointing", "true"]),
+    "llmft-fp32": ("llmft in fp32 (--dtype float32 --bf16 false: what a CPU without native bf16 runs)", {},
+                   ["--dtype", "float32", "--bf16", "false"]),
     "llmft-bf16w": ("llmft + bf16 weights, AdamW with Kahan summation (full: model.dtype bfloat16)", {},
                     ["--dtype", "bfloat16"]),
     "llmft-8bit": ("llmft defaults + 8-bit AdamW (bitsandbytes)", {}, ["--optim", "adamw_bnb_8bit"]),

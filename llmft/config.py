@@ -838,18 +838,39 @@ def read_recipe_file(path: Path) -> Recipe:
 KAHAN_REPLACES = ("adamw_torch", "adamw_torch_fused")
 
 
-def bf16_full_training(model: ModelConfig, peft: PeftSettings, training) -> bool:
+def bf16_full_training(model: ModelConfig, peft: PeftSettings) -> bool:
     """Whether full fine-tuning trains bf16 weights, gradients and AdamW moments, with a bf16 Kahan compensation
-    buffer per weight that keeps the updates bf16 rounding would lose (torch-optimi's AdamW): model.dtype bfloat16,
-    in place of the default AdamW, without DeepSpeed or FSDP (they keep float32 master weights of their own).
+    buffer per weight that keeps the updates bf16 rounding would lose (torch-optimi's AdamW in place of the default
+    AdamW): model.dtype bfloat16. `bf16_full_problems` lists what it cannot be combined with.
 
     10 bytes a weight instead of 16 and no autocast copy of every weight per micro-batch, but not auto's choice: a
     weight moves only once its updates add up to half a bf16 step, so at fine-tuning learning rates it learns more
     slowly than float32 weights (benchmarks/README.md#a-cpu-with-native-bf16).
     """
-    if peft.method != "full" or _optim_name(training) not in KAHAN_REPLACES or training.deepspeed or training.fsdp:
-        return False
-    return model.dtype == "bfloat16"
+    return peft.method == "full" and model.dtype == "bfloat16"
+
+
+def bf16_full_problems(training, tuning) -> list[str]:
+    """What bf16 full fine-tuning (bf16_full_training) cannot run with, and the way out of each."""
+    problems, optim = [], _optim_name(training)
+    head = "model.dtype: bfloat16 with peft.method: full"
+    if optim not in KAHAN_REPLACES:
+        problems.append(f"{head} needs training.optim {' or '.join(KAHAN_REPLACES)} (llmft trains it with "
+                        f"Kahan-summed AdamW); {optim} has no Kahan summation and would lose the small updates in bf16 "
+                        f"weights. Remove training.optim, or use model.dtype: auto (float32 weights) with {optim}.")
+    launched = {key: os.environ.get(f"ACCELERATE_USE_{key.upper()}", "").lower() == "true"
+                for key in ("deepspeed", "fsdp")}
+    if training.deepspeed or training.fsdp or any(launched.values()):
+        problems.append(f"{head}: DeepSpeed and FSDP keep float32 master weights of their own; use model.dtype: auto.")
+    if training.weight_decay:
+        problems.append(f"{head}: training.weight_decay {training.weight_decay:g} would do nothing (the decay is "
+                        "applied to the bf16 weight, where learning_rate x weight_decay is below a bf16 step). Set "
+                        "training.weight_decay: 0, or use model.dtype: auto.")
+    if tuning.unfreeze_every is not None:
+        problems.append(f"{head}: tuning.unfreeze_every is not supported (torch-optimi counts AdamW steps per "
+                        "parameter group, so a block unfrozen late would start with the wrong bias correction); use "
+                        "model.dtype: auto.")
+    return problems
 
 
 def _optim_name(training) -> str:
@@ -863,14 +884,8 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
     if peft.method != "qlora" and (peft.quant_bits, peft.quant_type, peft.double_quant) != (4, "nf4", True):
         problems.append(f"peft.quant_bits/quant_type/double_quant apply to method qlora only (method is "
                         f"{peft.method}): remove them, or set peft.method: qlora.")
-    if peft.method == "full" and model.dtype == "bfloat16" and not bf16_full_training(model, peft, training):
-        problems.append(
-            f"model.dtype: bfloat16 with peft.method: full trains with AdamW and Kahan summation (training.optim "
-            f"{' or '.join(KAHAN_REPLACES)}, without DeepSpeed or FSDP), which keeps the small updates bf16 weights "
-            f"would lose; training.optim {_optim_name(training)} "
-            f"{'under DeepSpeed or FSDP ' if training.deepspeed or training.fsdp else ''}would lose them. Use "
-            "dtype auto or float32 (training.bf16: true for mixed precision), or training.optim adamw_torch."
-        )
+    if bf16_full_training(model, peft):
+        problems += bf16_full_problems(training, sections["tuning"])
     if model.init == "scratch" and peft.method != "full":
         problems.append(f"model.init: scratch trains every weight from random values; peft.method {peft.method} would "
                         "train adapters on a random frozen base. Set peft.method: full.")

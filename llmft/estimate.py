@@ -322,7 +322,7 @@ def _needs_reference(recipe: Recipe) -> bool:
 
 def _bf16_full(recipe: Recipe) -> bool:
     """Full fine-tuning in bf16 weights with Kahan-summed AdamW (config.bf16_full_training)."""
-    return bf16_full_training(recipe.model, recipe.peft, recipe.training)
+    return bf16_full_training(recipe.model, recipe.peft)
 
 
 def _weight_bytes(recipe: Recipe, target: Target) -> int:
@@ -427,7 +427,7 @@ def suggestions(recipe: Recipe, shape: Shape, lengths: dict[str, Any], target: T
         changes.append((f"training.per_device_train_batch_size: 1 with gradient_accumulation_steps: "
                         f"{t.per_device_train_batch_size * t.gradient_accumulation_steps}",
                         replace(recipe, training=replace(t, per_device_train_batch_size=1)), sharding, shape))
-    if "8bit" not in str(t.optim):
+    if "8bit" not in str(t.optim) and not _bf16_full(recipe):  # bf16 full fine-tuning needs its Kahan AdamW
         changes.append(("training.optim: paged_adamw_8bit",
                         replace(recipe, training=replace(t, optim="paged_adamw_8bit")), sharding, shape))
     if recipe.peft.method == "full":

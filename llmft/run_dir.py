@@ -58,7 +58,8 @@ MANIFEST_COPY = "data/manifest.json"  # the training data's build manifest, when
 EVAL_SPLIT = "data/eval"
 FEW_SHOT_SPLIT = "data/few_shot"
 METRIC_SCRIPTS = "metrics"  # copies of the local `evaluate:` metric scripts the run was evaluated with
-LIBRARIES = ("llmft", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
+LIBRARIES = ("llmft", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed",
+             "torch-optimi")
 # Files a complete run directory has, whatever the method.
 REQUIRED = (RECIPE_FILE, RUN_FILE, METRICS_FILE, STATE_FILE, "tokenizer_config.json")
 LOWER_IS_BETTER = ("eval_loss", "eval_general_ppl", "eval_forgetting_ppl_ratio", "eval_perplexity")

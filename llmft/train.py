@@ -104,7 +104,10 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     check_sharding(trainer)
     tuning.check_launch(recipe.tuning, args.world_size, trainer.accelerator)
     restore_adapter_dtype(trainer.model, recipe.peft, weights_dtype(recipe.model, recipe.peft))
-    if bf16_full_training(recipe.model, recipe.peft, args):
+    if bf16_full_training(recipe.model, recipe.peft):
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # launched with a config the recipe cannot see
+            raise LaunchError("model.dtype: bfloat16 with peft.method: full: DeepSpeed and FSDP keep float32 master "
+                              "weights of their own; use model.dtype: auto.")
         trainer.optimizer_cls_and_kwargs = kahan_adamw(args)
     if args.use_cpu:
         cpu_speed(trainer.model, stage.name, recipe.peft.method, bool(args.bf16))
@@ -198,14 +201,14 @@ def cpu_speed(model, stage: str, method: str, bf16: bool) -> None:
 
 
 def kahan_adamw(args) -> tuple[type, dict]:
-    """torch-optimi's AdamW with the Trainer's AdamW settings, for bf16 weights (config.bf16_full_training): the same
-    update as torch's AdamW, summed into each weight with a bf16 compensation buffer, so that updates smaller than
-    the weight's bf16 rounding step add up instead of vanishing."""
+    """torch-optimi's AdamW with the Trainer's AdamW settings, for bf16 weights (config.bf16_full_training): AdamW's
+    update, summed into each weight with a bf16 compensation buffer, so that updates smaller than the weight's bf16
+    rounding step add up instead of vanishing (optimi picks its foreach or Triton kernels)."""
     from optimi import AdamW
 
     log.info("Full fine-tuning in bf16 weights: AdamW with Kahan summation (torch-optimi)")
     return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-                   "weight_decay": args.weight_decay, "kahan_sum": True, "foreach": True}
+                   "weight_decay": args.weight_decay, "kahan_sum": True}
 
 
 def save_adapter_fp32(trainer, out: Path) -> None:

@@ -96,18 +96,23 @@ def test_fp16_is_refused_with_the_fix(tmp_path):
         load_recipe(_recipe(tmp_path, BASE), ["--fp16", "true"])
 
 
-def test_bf16_full_fine_tuning_needs_adamw_it_can_kahan_sum(tmp_path):
-    """bf16 weights for full fine-tuning train with torch-optimi's Kahan-summed AdamW in place of the default AdamW;
-    another optimizer would lose AdamW's small updates in them, so the recipe is refused with the ways out."""
+def test_bf16_full_fine_tuning_is_refused_with_what_would_undo_it(tmp_path):
+    """bf16 weights for full fine-tuning train with torch-optimi's Kahan-summed AdamW in place of the default AdamW.
+    Another optimizer, weight decay (below a bf16 step), gradual unfreezing (per-group step counts) and DeepSpeed
+    (its own float32 masters) would undo it: each is reported, all at once, with the way out."""
     from llmft.config import bf16_full_training
 
     full_bf16 = ["--method", "full", "--dtype", "bfloat16"]
     recipe = load_recipe(_recipe(tmp_path, BASE), full_bf16)
-    assert bf16_full_training(recipe.model, recipe.peft, recipe.training)
-    assert not bf16_full_training(load_recipe(_recipe(tmp_path, BASE), ["--method", "full"]).model, recipe.peft,
-                                  recipe.training)  # auto keeps float32 weights for full fine-tuning
-    with pytest.raises(ConfigError, match="training.optim adamw_bnb_8bit would lose them. Use dtype auto or float32"):
-        load_recipe(_recipe(tmp_path, BASE), full_bf16 + ["--optim", "adamw_bnb_8bit"])
+    assert bf16_full_training(recipe.model, recipe.peft)
+    auto = load_recipe(_recipe(tmp_path, BASE), ["--method", "full"])
+    assert not bf16_full_training(auto.model, auto.peft)  # auto keeps float32 weights for full fine-tuning
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_recipe(tmp_path, BASE), full_bf16 + ["--optim", "adamw_bnb_8bit", "--weight_decay", "0.1",
+                                                          "--unfreeze_every", "10"])
+    text = str(err.value)
+    assert "adamw_bnb_8bit has no Kahan summation" in text and "Remove training.optim" in text
+    assert "training.weight_decay 0.1 would do nothing" in text and "tuning.unfreeze_every is not supported" in text
 
 
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
