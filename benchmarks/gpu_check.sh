@@ -2,15 +2,16 @@
 # bash benchmarks/gpu_check.sh [OUT_DIR]
 #
 # Every check that needs a CUDA GPU, in one run of under 10 minutes on one GPU: the tests marked `gpu`, then
-# llmft train on the GPU with bf16 LoRA, QLoRA (4-bit NF4), full fine-tuning, DeepSpeed ZeRO-3 and FSDP2 (one
-# process each where one GPU is all there is), `llmft eval` of the GPU run, DPO and GRPO (vLLM colocated in the gpu
-# tests, where vLLM is installed), and llmft estimate against the GPU peak the LoRA run recorded. Models are random
+# llmft train on the GPU with bf16 LoRA, QLoRA (4-bit NF4), full fine-tuning (float32 and bf16 weights), DeepSpeed
+# ZeRO-3 and FSDP2 (one process each where one GPU is all there is), `llmft eval` of the GPU run, DPO and GRPO (vLLM
+# colocated in the gpu tests, where vLLM is installed), and llmft estimate against the GPU peak the LoRA run recorded. Models are random
 # Llama configs built locally (a tiny one, and ~0.5B parameters for speed), so nothing is downloaded.
 #
 # On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
 # .whl/ (the script installs them first when the folder exists), downloaded elsewhere, for example:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl trl==1.16.0 datasets==5.2.0 transformers==5.23.0 peft==0.21.2 datasketch ijson rouge-score
+#       -d .whl trl==1.16.0 datasets==5.2.0 transformers==5.23.0 peft==0.21.2 torch-optimi==0.3.3 datasketch ijson \
+#       rouge-score
 # Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +80,9 @@ step qlora_4bit 120 $PY -m llmft train recipes/smollm2-135m-instruct/qlora/demo.
     --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/qlora" --bf16 true
 step full_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --method full \
     --learning_rate 1e-4 --output_dir "$OUT_DIR/runs/full"
+# Full fine-tuning in bf16 weights: torch-optimi's Kahan-summed AdamW (its Triton kernel on CUDA).
+step full_bf16_kahan 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --method full \
+    --dtype bfloat16 --learning_rate 1e-4 --output_dir "$OUT_DIR/runs/full_kahan"
 step zero3_lora 180 accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 1 \
     -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/zero3"
 step fsdp2_lora 180 accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 1 \
