@@ -858,9 +858,8 @@ def bf16_full_problems(training, tuning) -> list[str]:
         problems.append(f"{head} needs training.optim {' or '.join(KAHAN_REPLACES)} (llmft trains it with "
                         f"Kahan-summed AdamW); {optim} has no Kahan summation and would lose the small updates in bf16 "
                         f"weights. Remove training.optim, or use model.dtype: auto (float32 weights) with {optim}.")
-    launched = {key: os.environ.get(f"ACCELERATE_USE_{key.upper()}", "").lower() == "true"
-                for key in ("deepspeed", "fsdp")}
-    if training.deepspeed or training.fsdp or any(launched.values()):
+    launched = any(os.environ.get(f"ACCELERATE_USE_{key}", "").lower() == "true" for key in ("DEEPSPEED", "FSDP"))
+    if training.deepspeed or training.fsdp or launched:  # from the recipe, or from `accelerate launch --config_file`
         problems.append(f"{head}: DeepSpeed and FSDP keep float32 master weights of their own; use model.dtype: auto.")
     if training.weight_decay:
         problems.append(f"{head}: training.weight_decay {training.weight_decay:g} would do nothing (the decay is "

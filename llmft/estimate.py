@@ -286,7 +286,7 @@ def memory_per_device(recipe: Recipe, shape: Shape, lengths: dict[str, Any], tar
     trainable_bytes = weight_bytes if method == "full" else 4
     grads = shape.trainable * trainable_bytes
     optimizer = shape.trainable * _optimizer_bytes(training.optim, trainable_bytes)
-    if _bf16_full(recipe):  # and a bf16 Kahan compensation buffer per weight
+    if bf16_full_training(recipe.model, recipe.peft):  # and a bf16 Kahan compensation buffer per weight
         optimizer += shape.trainable * 2
     n = sharding.processes
     if sharding.zero_stage >= 1:
@@ -318,11 +318,6 @@ def memory_per_device(recipe: Recipe, shape: Shape, lengths: dict[str, Any], tar
 def _needs_reference(recipe: Recipe) -> bool:
     stage = recipe.training.stage
     return stage in ("dpo", "kto") or (stage == "grpo" and getattr(recipe.training, "beta", 0) > 0)
-
-
-def _bf16_full(recipe: Recipe) -> bool:
-    """Full fine-tuning in bf16 weights with Kahan-summed AdamW (config.bf16_full_training)."""
-    return bf16_full_training(recipe.model, recipe.peft)
 
 
 def _weight_bytes(recipe: Recipe, target: Target) -> int:
@@ -427,7 +422,7 @@ def suggestions(recipe: Recipe, shape: Shape, lengths: dict[str, Any], target: T
         changes.append((f"training.per_device_train_batch_size: 1 with gradient_accumulation_steps: "
                         f"{t.per_device_train_batch_size * t.gradient_accumulation_steps}",
                         replace(recipe, training=replace(t, per_device_train_batch_size=1)), sharding, shape))
-    if "8bit" not in str(t.optim) and not _bf16_full(recipe):  # bf16 full fine-tuning needs its Kahan AdamW
+    if "8bit" not in str(t.optim) and not bf16_full_training(recipe.model, recipe.peft):  # bf16 full fine-tuning needs its Kahan AdamW
         changes.append(("training.optim: paged_adamw_8bit",
                         replace(recipe, training=replace(t, optim="paged_adamw_8bit")), sharding, shape))
     if recipe.peft.method == "full":

@@ -115,6 +115,13 @@ def test_bf16_full_fine_tuning_is_refused_with_what_would_undo_it(tmp_path):
     assert "training.weight_decay 0.1 would do nothing" in text and "tuning.unfreeze_every is not supported" in text
 
 
+def test_bf16_full_fine_tuning_under_an_accelerate_deepspeed_launch_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --config_file deepspeed_*.yaml` tells the process through its environment, not the recipe."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed and FSDP keep float32 master weights"):
+        load_recipe(_recipe(tmp_path, BASE), ["--method", "full", "--dtype", "bfloat16"])
+
+
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
