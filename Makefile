@@ -33,11 +33,14 @@ compare: setup
 	$(VENV)/bin/llmft compare recipes/smollm2-135m-instruct/compare/finetune.yaml \
 	    recipes/smollm2-135m-instruct/compare/scratch.yaml --sizes 10 40 160 --out reports/finetune-vs-scratch
 
+# Parallel workers, one test file each at a time (module fixtures such as a trained run are built once); each
+# worker's processes get its share of the cores (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bf16_cpu.py
