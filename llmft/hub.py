@@ -78,11 +78,11 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     """
     if gguf is not None:
         return check_gguf(run, gguf)
+    info = read_run(run)  # a half-written run is reported before the model libraries load
     from llmft.config import ModelConfig, PeftSettings
     from llmft.evaluation import prompt_texts, prompts_and_references
     from llmft.model import load_model, load_run_model, load_tokenizer
 
-    info = read_run(run)
     meta, problems = info.info, []
     target = artifact or run
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(target)))
@@ -139,10 +139,10 @@ def _template_agreement(tokenizer, meta, items, reasoning: str) -> list[str]:
 def check_gguf(run: Path, folder: Path) -> dict[str, Any]:
     """An export folder's GGUF files carry the run's chat template and end-of-turn token in their metadata, and
     its Ollama Modelfile names one of them and stops at that token."""
+    read_run(run)  # a complete run directory, or the error that says what is missing
     from llmft.config import ModelConfig
     from llmft.model import load_tokenizer
 
-    read_run(run)  # a complete run directory, or the error that says what is missing
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(run)))
     trained = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []

@@ -35,13 +35,15 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from llmft.config import Recipe, read_recipe_file
 from llmft.errors import RunDirError
 from llmft.schema import file_fingerprint
+
+if TYPE_CHECKING:  # llmft.config imports TRL (seconds): a missing or half-written run is reported before that
+    from llmft.config import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
@@ -224,6 +226,8 @@ def read_run(out: Path) -> Run:
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise RunDirError(f"{out}: run.json or metrics.json is not what this llmft writes ({err}); the run may "
                           "come from an older llmft: retrain it with llmft train RUN/recipe.yaml --output_dir NEW_DIR.") from err
+    from llmft.config import read_recipe_file
+
     return Run(out, read_recipe_file(out / RECIPE_FILE), info, metrics)
 
 
