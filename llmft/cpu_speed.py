@@ -8,10 +8,13 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
   head, in chunks, with PyTorch's fused log-softmax.
+- weights_cast_once_per_step: full fine-tuning under bf16 autocast casts every float32 weight to bf16 in every
+  micro-batch's forward; the weights only change at the optimizer step, so one cast per step serves them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -151,3 +154,38 @@ def _score_chunk(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tens
         entropy = -(log_p.exp() * log_p).sum(-1)
         top1 = (logits.argmax(-1) == target).float()
     return picked, entropy, top1
+
+
+# Weight casts under autocast ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def weights_cast_once_per_step(trainer):
+    """While training, each float32 weight is cast to bf16 once per optimizer step instead of once per micro-batch.
+
+    Autocast caches the bf16 copy of a trainable float32 weight until its outermost context exits; accelerate enters
+    one per forward, so every micro-batch (one example each on CPU) casts the whole model again. One more autocast
+    level held open around the training loop keeps the copies across the micro-batches of a step: the gradients are
+    the same to the bit. The copies are dropped before the optimizer changes the weights, and at the start of every
+    step, so that a copy made outside a step (evaluation runs under no_grad, whose copies carry no gradient) never
+    reaches a training forward. Only for stages whose step does no no-grad forward of the trained weights (SFT and
+    pretraining; GRPO generates inside its step).
+    """
+    from transformers import TrainerCallback
+
+    class DropCasts(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.clear_autocast_cache()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            torch.clear_autocast_cache()
+
+    callback = DropCasts()
+    trainer.add_callback(callback)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        torch.autocast_decrement_nesting()
+        torch.clear_autocast_cache()
+        trainer.remove_callback(callback)

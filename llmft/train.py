@@ -125,7 +125,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         before_gen = evaluation.last
 
     # Train (from the latest complete checkpoint, when resuming) ----------------------------------------------------
-    metrics.train = trainer.train(resume_from_checkpoint=resume).metrics
+    with _weight_casts(trainer, stage.name, recipe, bool(args.use_cpu and args.bf16)):
+        metrics.train = trainer.train(resume_from_checkpoint=resume).metrics
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         end_tracker_runs()
         _end_process_group()
@@ -198,6 +199,18 @@ def cpu_speed(model, stage: str, method: str, bf16: bool) -> None:
         done.append("cheap LoRA dropout")
     if done:
         log.info("CPU speed: %s", ", ".join(done))
+
+
+def _weight_casts(trainer, stage: str, recipe: Recipe, cpu_autocast: bool):
+    """Full fine-tuning of float32 weights under bf16 autocast on CPU: one bf16 copy of the weights per optimizer
+    step, not per micro-batch (llmft.cpu_speed.weights_cast_once_per_step)."""
+    full_fp32 = recipe.peft.method == "full" and not bf16_full_training(recipe.model, recipe.peft)
+    if not (cpu_autocast and full_fp32 and stage in ("sft", "pretrain")):
+        return contextlib.nullcontext()
+    from llmft import cpu_speed as levers
+
+    log.info("CPU speed: bf16 weight copies once per optimizer step")
+    return levers.weights_cast_once_per_step(trainer)
 
 
 def kahan_adamw(args) -> tuple[type, dict]:

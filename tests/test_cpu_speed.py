@@ -1,13 +1,15 @@
 """llmft.cpu_speed: each CPU lever computes what the code it replaces computes (same loss, gradients, metrics and
 dropout statistics), and a CPU training run uses them."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
 from llmft.config import ModelConfig, PeftSettings
-from llmft.cpu_speed import CheapDropout, adapters_follow_autocast, cheap_lora_dropout, loss_positions_head
+from llmft.cpu_speed import (CheapDropout, adapters_follow_autocast, cheap_lora_dropout, loss_positions_head,
+                             weights_cast_once_per_step)
 from llmft.model import add_lora, load_model
 
 
@@ -121,6 +123,46 @@ def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny)
     with torch.autocast("cpu", torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
+
+
+def _train_full_under_autocast(model_dir, out, once_per_step: bool):
+    """Three optimizer steps of three micro-batches each under bf16 autocast on CPU, evaluated after every step (its
+    no-grad forwards are what must not leak into training); the trained weights and the weight casts it made."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name_or_path=str(model_dir), dtype="float32"), PeftSettings(method="full"))
+    ids = torch.randint(3, model.config.vocab_size, (9, 16), generator=torch.Generator().manual_seed(2)).tolist()
+    rows = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, bf16=True, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=3, max_steps=3, learning_rate=1e-2, eval_strategy="steps",
+                             eval_steps=1, per_device_eval_batch_size=3, save_strategy="no", report_to="none",
+                             seed=0, data_seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows.select(range(3)))
+    weights = {p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        with weights_cast_once_per_step(trainer) if once_per_step else contextlib.nullcontext():
+            trainer.train()
+    weight_shapes = [list(p.shape) for p in weights]
+    casts = sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                and e.input_shapes[0] in weight_shapes)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, casts, len(weights)
+
+
+def test_weights_cast_once_per_step_trains_the_same_weights_with_fewer_casts(tiny_model_dir, tmp_path):
+    """Full fine-tuning under autocast: holding the bf16 weight copies across a step's micro-batches changes no bit of
+    the trained weights, even with evaluation (no-grad forwards) between steps, and casts each weight once per step
+    (3 micro-batches: a third of the training casts)."""
+    before = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"), PeftSettings(method="full"))
+    each, casts_each, n = _train_full_under_autocast(tiny_model_dir, tmp_path / "each", once_per_step=False)
+    once, casts_once, _ = _train_full_under_autocast(tiny_model_dir, tmp_path / "once", once_per_step=True)
+    assert any(not torch.equal(each[k], v) for k, v in before.state_dict().items() if k in each), "nothing trained"
+    assert all(torch.equal(each[k], once[k]) for k in each)
+    # 3 steps x 3 micro-batches: 9 casts of each weight in training become 3; evaluation casts the same either way.
+    assert casts_each - casts_once == 3 * 2 * n
+    assert torch.autocast_increment_nesting() == 1, "the autocast level held for training was not released"
+    torch.autocast_decrement_nesting()
 
 
 def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
