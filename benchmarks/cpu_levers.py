@@ -8,6 +8,9 @@
 - LoRA dropout on one adapter input (436 x 576 bf16): torch.nn.functional.dropout vs llmft's CheapDropout.
 - Attention, forward and backward, 9 query / 3 key-value heads of 64, causal, bf16: SDPA's flash kernel vs the
   math kernel vs eager (matmul, softmax, matmul), at 128, 350 and 512 tokens.
+- A 113 MB float32 buffer (49,152 x 576, the tied embedding's gradient) zeroed, cast to bf16 and freed again, as the
+  allocator does it and, under a preloaded jemalloc (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`), with
+  its decay off as llmft keeps it within a step (freed_pages_kept_within_steps).
 Prints milliseconds per call (the best of five timings of five calls each), the CPU flags and the thread count.
 """
 
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sft_throughput import hardware_line  # noqa: E402
 
 from llmft.cpu_speed import CheapDropout, _score  # noqa: E402
+from llmft.hardware import Jemalloc, allocator_in_use  # noqa: E402
 
 TOKENS, HIDDEN, VOCAB = 436, 576, 49152
 
@@ -103,11 +107,24 @@ def attention_rows() -> list[tuple[str, float]]:
     return rows
 
 
+def allocation_rows() -> list[tuple[str, float]]:
+    def buffer() -> None:
+        torch.zeros(VOCAB, HIDDEN).to(torch.bfloat16)
+
+    rows = [(f"113 MB buffer, {allocator_in_use()}", best_ms(buffer, 5))]
+    jemalloc = Jemalloc.loaded()
+    if jemalloc is not None:
+        jemalloc.set_decay(-1)
+        rows.append(("113 MB buffer, jemalloc with freed pages kept", best_ms(buffer, 5)))
+        jemalloc.set_decay(jemalloc.default_decay)
+    return rows
+
+
 def main() -> None:
     print(hardware_line() + "\n")
     print("| operation (forward + backward where it has one) | ms per call |")
     print("|---|---|")
-    for name, ms in head_rows() + dropout_rows() + attention_rows():
+    for name, ms in head_rows() + dropout_rows() + attention_rows() + allocation_rows():
         print(f"| {name} | {ms:.2f} |", flush=True)
 
 

@@ -110,7 +110,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                               "weights of their own; use model.dtype: auto.")
         trainer.optimizer_cls_and_kwargs = kahan_adamw(args)
     if args.use_cpu:
-        cpu_speed(trainer.model, stage.name, recipe.peft.method, bool(args.bf16))
+        cpu_speed(trainer, stage.name, recipe.peft.method, bool(args.bf16))
     groups = None
     if recipe.tuning.custom_param_groups:  # the Trainer builds its optimizer over these instead of its two groups
         trainer.optimizer, groups = tuning.build_optimizer(trainer, recipe.tuning)
@@ -184,19 +184,21 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     return out
 
 
-def cpu_speed(model, stage: str, method: str, bf16: bool) -> None:
+def cpu_speed(trainer, stage: str, method: str, bf16: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout at half the random-number
-    work."""
+    work, jemalloc's freed pages reused within each optimizer step."""
     from llmft import cpu_speed as levers
 
-    done = []
+    model, done = trainer.model, []
     if stage in ("sft", "pretrain") and levers.loss_positions_head(model):
         done.append("LM head on loss positions")
     if method == "lora" and bf16 and levers.adapters_follow_autocast(model):
         done.append("bf16 adapter inputs under autocast")
     if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
         done.append("cheap LoRA dropout")
+    if levers.freed_pages_kept_within_steps(trainer):
+        done.append("jemalloc keeps freed pages within each step")
     if done:
         log.info("CPU speed: %s", ", ".join(done))
 

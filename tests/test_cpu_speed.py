@@ -190,6 +190,67 @@ def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_pat
     done = subprocess.run([LLMFT, "train", str(recipe)], capture_output=True, text=True, env=quiet_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["hardware"]["allocator"] == library
+    assert ("jemalloc keeps freed pages within each step" in done.stderr) == ("jemalloc" in library)
+
+
+# Run under a preloaded jemalloc: a tiny Trainer's steps with freed_pages_kept_within_steps, recording jemalloc's
+# decay time inside each step and after it.
+KEEP_WITHIN_STEP = """
+import json, sys
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from llmft.config import ModelConfig, PeftSettings
+from llmft.cpu_speed import freed_pages_kept_within_steps
+from llmft.hardware import Jemalloc
+from llmft.model import load_model
+
+jemalloc = Jemalloc.loaded()
+seen = {"default": jemalloc.default_decay, "in_step": [], "between_steps": []}
+
+class Record(TrainerCallback):
+    def on_substep_end(self, args, state, control, **kwargs):
+        seen["in_step"].append(jemalloc.decay())
+
+    def on_log(self, args, state, control, **kwargs):  # after on_step_end
+        seen["between_steps"].append(jemalloc.decay())
+
+model = load_model(ModelConfig(name_or_path=sys.argv[1], dtype="float32"), PeftSettings(method="full"))
+ids = torch.randint(3, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+args = TrainingArguments(output_dir=sys.argv[2], use_cpu=True, per_device_train_batch_size=1,
+                         gradient_accumulation_steps=2, max_steps=2, logging_steps=1, save_strategy="no",
+                         report_to="none")
+trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                  callbacks=[Record()])
+assert freed_pages_kept_within_steps(trainer)
+trainer.train()
+seen["after"] = jemalloc.decay()
+print(json.dumps(seen))
+"""
+
+
+def test_jemalloc_keeps_freed_pages_within_a_step_and_its_decay_between_steps(tmp_path, tiny_model_dir, quiet_env):
+    """Inside a step jemalloc never returns freed pages (decay -1: reused instead of faulted in again); at its end
+    they are purged and jemalloc's own decay is back, for evaluation, generation and what follows training."""
+    import json
+    import subprocess
+    import sys
+
+    from llmft.hardware import Jemalloc, allocator_library
+
+    library = allocator_library()
+    if library is None or "jemalloc" not in library:
+        pytest.skip("jemalloc is not installed (apt-get install libjemalloc2)")
+    assert Jemalloc.loaded() is None or "jemalloc" in quiet_env.get("LD_PRELOAD", "")  # glibc's malloc: nothing to do
+    script = tmp_path / "keep.py"
+    script.write_text(KEEP_WITHIN_STEP)
+    done = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**quiet_env, "LD_PRELOAD": library})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["in_step"] == [-1, -1]  # the first micro-batch of each of the 2 steps (the second ends the step)
+    assert len(seen["between_steps"]) >= 2 and set(seen["between_steps"]) == {seen["default"]["dirty"]}
+    assert seen["after"] == seen["default"]["dirty"]
 
 
 def test_the_allocator_is_left_alone_when_asked_or_preloaded_already(monkeypatch):
