@@ -57,7 +57,10 @@ CONFIGS = {
     "llmft-8bit": ("llmft defaults + 8-bit AdamW (bitsandbytes)", {}, ["--optim", "adamw_bnb_8bit"]),
     "llmft-lowmem": ("llmft defaults + activation checkpointing + 8-bit AdamW", {},
                      ["--activation_checkpointing", "true", "--optim", "adamw_bnb_8bit"]),
+    "llmft-pages-off": ("llmft defaults without jemalloc's freed pages kept within a step", {}, []),
 }
+# llmft rows with a CPU lever of the training loop (llmft.cpu_speed) switched off, to measure what it does.
+LEVERS_OFF = {"llmft-pages-off": "freed_pages_kept_within_steps"}
 
 
 def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -236,6 +239,12 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
         trainer.train()
         trained = trainer.model
     else:
+        if name in LEVERS_OFF:
+            import contextlib
+
+            from llmft import cpu_speed
+
+            setattr(cpu_speed, LEVERS_OFF[name], lambda trainer: contextlib.nullcontext(False))
         trained = _llmft_run(name, method, steps, data, workdir, examples, llmft_overrides, meter)
     import os
 

@@ -1,4 +1,5 @@
-"""Training on CPUs without waste: three places where the libraries' general code costs a CPU run a third of its time.
+"""Training on CPUs without waste: four places where the libraries' general code, or the allocator, costs a CPU run
+a third of its time.
 
 Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 has the figures):
 - adapters_follow_autocast: under bf16 autocast peft copies every LoRA adapter's input to float32 (seven copies per
@@ -8,8 +9,6 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
   head, in chunks, with PyTorch's fused log-softmax.
-- weights_cast_once_per_step: full fine-tuning under bf16 autocast casts every float32 weight to bf16 in every
-  micro-batch's forward; the weights only change at the optimizer step, so one cast per step serves them all.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
 """
@@ -158,52 +157,18 @@ def _score_chunk(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tens
     return picked, entropy, top1
 
 
-# Weight casts under autocast ----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def weights_cast_once_per_step(trainer):
-    """While training, each float32 weight is cast to bf16 once per optimizer step instead of once per micro-batch.
-
-    Autocast caches the bf16 copy of a trainable float32 weight until its outermost context exits; accelerate enters
-    one per forward, so every micro-batch (one example each on CPU) casts the whole model again. One more autocast
-    level held open around the training loop keeps the copies across the micro-batches of a step: the gradients are
-    the same to the bit. The copies are dropped before the optimizer changes the weights, and at the start of every
-    step, so that a copy made outside a step (evaluation runs under no_grad, whose copies carry no gradient) never
-    reaches a training forward. Only for stages whose step does no no-grad forward of the trained weights (SFT and
-    pretraining; GRPO generates inside its step).
-    """
-    from transformers import TrainerCallback
-
-    class DropCasts(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            torch.clear_autocast_cache()
-
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            torch.clear_autocast_cache()
-
-    callback = DropCasts()
-    trainer.add_callback(callback)
-    torch.autocast_increment_nesting()
-    try:
-        yield
-    finally:
-        torch.autocast_decrement_nesting()
-        torch.clear_autocast_cache()
-        trainer.remove_callback(callback)
-
-
 # Freed memory within a step -----------------------------------------------------------------------------------------
 
 
-def freed_pages_kept_within_steps(trainer) -> bool:
+@contextlib.contextmanager
+def freed_pages_kept_within_steps(trainer):
     """Under jemalloc (preloaded by llmft train on CPUs), freed pages stay with the process from each optimizer step's
-    start to its end, where they are returned to the system and jemalloc's own decay is restored.
+    start to its end, where each arena gets its own decay time back and the pages are returned to the system.
 
     A step's micro-batches allocate and free the same large tensors over and over (gradient buffers the size of the
     embedding, LM-head chunks, activations); taking fresh pages for each was a third of a full fine-tuning step.
-    Evaluation and generation between steps run with jemalloc's defaults, so their peak memory is unchanged.
-    False (nothing done) on any other allocator.
+    Evaluation and generation between steps run with jemalloc's own settings, so their peak memory is unchanged.
+    Yields False (nothing done) on any other allocator.
     """
     from transformers import TrainerCallback
 
@@ -211,17 +176,29 @@ def freed_pages_kept_within_steps(trainer) -> bool:
 
     jemalloc = Jemalloc.loaded()
     if jemalloc is None:
-        return False
+        yield False
+        return
+    saved: dict[str, int] = {}
+
+    def give_back() -> None:
+        if saved:
+            jemalloc.set_decays(saved)
+            saved.clear()
+            jemalloc.purge()
 
     class KeepWithinStep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            jemalloc.set_decay(-1)
+            give_back()
+            saved.update(jemalloc.decays())  # each arena's own: jemalloc's arena for large blocks has 0
+            jemalloc.set_decays(dict.fromkeys(saved, -1))
 
         def on_step_end(self, args, state, control, **kwargs):
-            jemalloc.set_decay(jemalloc.default_decay)
-            jemalloc.purge()
+            give_back()
 
-        on_train_end = on_step_end  # a run stopped mid-step gives its pages back too
-
-    trainer.add_callback(KeepWithinStep())
-    return True
+    callback = KeepWithinStep()
+    trainer.add_callback(callback)
+    try:
+        yield True
+    finally:  # also when a step raises
+        give_back()
+        trainer.remove_callback(callback)

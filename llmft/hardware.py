@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
 
@@ -102,63 +103,60 @@ def preload_allocator(argv: list[str]) -> None:
 class Jemalloc:
     """The jemalloc this process runs on (preloaded), through its mallctl interface.
 
-    jemalloc returns freed pages to the system over its decay time (10 s by default) yet, for tensors of several MB
-    freed and allocated again within milliseconds, still hands out fresh pages: each one faults on first touch and
-    is zeroed by the kernel (a 113 MB gradient buffer: ~75 ms instead of ~9 ms). With decay off (-1) freed pages
-    are reused as they are; purge() returns them.
+    jemalloc gave a tensor of several MB fresh pages although the same size had just been freed: each page faults on
+    first touch and is zeroed by the kernel (a 113 MB gradient buffer: ~57-80 ms instead of ~9 ms). Its arena for
+    large blocks returns freed pages at once (decay 0). With an arena's decay at -1, freed pages are reused as they
+    are; purge() returns them to the system.
     """
 
     ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL
 
     def __init__(self, mallctl):
         self._mallctl = mallctl
-        self.default_decay = {kind: self._read_ssize(f"opt.{kind}_decay_ms") for kind in ("dirty", "muzzy")}
 
     @classmethod
     def loaded(cls) -> Jemalloc | None:
-        """None unless jemalloc is this process's allocator (its unprefixed mallctl answers `version`)."""
-        import ctypes
-
+        """None unless jemalloc 5 (per-arena decay times) is this process's allocator."""
         try:
             mallctl = ctypes.CDLL(None).mallctl
         except (AttributeError, OSError):
             return None
         mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-        version, size = ctypes.c_char_p(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_char_p))
-        if mallctl(b"version", ctypes.byref(version), ctypes.byref(size), None, 0) != 0:
+        jemalloc = cls(mallctl)
+        try:
+            jemalloc._read("opt.dirty_decay_ms", ctypes.c_ssize_t())  # jemalloc 4 has none: nothing to tune
+        except OSError:
             return None
-        return cls(mallctl)
+        return jemalloc
 
     def _read(self, name: str, value):
-        import ctypes
-
         size = ctypes.c_size_t(ctypes.sizeof(value))
         if self._mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
             raise OSError(f"jemalloc mallctl {name}: not readable")
         return value.value
 
-    def _read_ssize(self, name: str) -> int:
-        import ctypes
-
-        return self._read(name, ctypes.c_ssize_t())
-
-    def set_decay(self, milliseconds: dict[str, int] | int) -> None:
-        """Every arena's dirty and muzzy decay time (-1: never return freed pages on its own)."""
-        import ctypes
-
+    def decays(self) -> dict[str, int]:
+        """The dirty and muzzy decay times (ms) of every arena created so far, by mallctl name."""
+        found = {}
         for arena in range(self._read("arenas.narenas", ctypes.c_uint())):
             for kind in ("dirty", "muzzy"):
-                ms = milliseconds[kind] if isinstance(milliseconds, dict) else milliseconds
-                value = ctypes.c_ssize_t(ms)  # an arena not yet in use refuses: nothing to set there
-                self._mallctl(f"arena.{arena}.{kind}_decay_ms".encode(), None, None, ctypes.byref(value),
-                              ctypes.sizeof(value))
+                name = f"arena.{arena}.{kind}_decay_ms"
+                try:
+                    found[name] = self._read(name, ctypes.c_ssize_t())
+                except OSError:  # an arena index not in use yet
+                    break
+        return found
 
-    def decay(self, kind: str = "dirty", arena: int = 0) -> int:
-        return self._read_ssize(f"arena.{arena}.{kind}_decay_ms")
+    def set_decays(self, decays: dict[str, int]) -> None:
+        for name, milliseconds in decays.items():
+            value = ctypes.c_ssize_t(milliseconds)
+            if self._mallctl(name.encode(), None, None, ctypes.byref(value), ctypes.sizeof(value)) != 0:
+                raise OSError(f"jemalloc mallctl {name}: not writable")
 
     def purge(self) -> None:
         """Return every arena's freed pages to the system now."""
-        self._mallctl(f"arena.{self.ALL_ARENAS}.purge".encode(), None, None, None, 0)
+        if self._mallctl(f"arena.{self.ALL_ARENAS}.purge".encode(), None, None, None, 0) != 0:
+            raise OSError("jemalloc mallctl arena.<all>.purge failed")
 
 
 def allocator_in_use() -> str:

@@ -125,7 +125,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         before_gen = evaluation.last
 
     # Train (from the latest complete checkpoint, when resuming) ----------------------------------------------------
-    with _weight_casts(trainer, stage.name, recipe, bool(args.use_cpu and args.bf16)):
+    with cpu_step_levers(trainer):
         metrics.train = trainer.train(resume_from_checkpoint=resume).metrics
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         end_tracker_runs()
@@ -187,7 +187,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 def cpu_speed(trainer, stage: str, method: str, bf16: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout at half the random-number
-    work, jemalloc's freed pages reused within each optimizer step."""
+    work (the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []
@@ -197,22 +197,20 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool) -> None:
         done.append("bf16 adapter inputs under autocast")
     if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
         done.append("cheap LoRA dropout")
-    if levers.freed_pages_kept_within_steps(trainer):
-        done.append("jemalloc keeps freed pages within each step")
     if done:
         log.info("CPU speed: %s", ", ".join(done))
 
 
-def _weight_casts(trainer, stage: str, recipe: Recipe, cpu_autocast: bool):
-    """Full fine-tuning of float32 weights under bf16 autocast on CPU: one bf16 copy of the weights per optimizer
-    step, not per micro-batch (llmft.cpu_speed.weights_cast_once_per_step)."""
-    full_fp32 = recipe.peft.method == "full" and not bf16_full_training(recipe.model, recipe.peft)
-    if not (cpu_autocast and full_fp32 and stage in ("sft", "pretrain")):
-        return contextlib.nullcontext()
+@contextlib.contextmanager
+def cpu_step_levers(trainer):
+    """The CPU lever that lives as long as the training loop: jemalloc's freed pages reused within each optimizer
+    step (llmft.cpu_speed.freed_pages_kept_within_steps)."""
     from llmft import cpu_speed as levers
 
-    log.info("CPU speed: bf16 weight copies once per optimizer step")
-    return levers.weights_cast_once_per_step(trainer)
+    with contextlib.ExitStack() as stack:
+        if trainer.args.use_cpu and stack.enter_context(levers.freed_pages_kept_within_steps(trainer)):
+            log.info("CPU speed: jemalloc keeps freed pages within each step")
+        yield
 
 
 def kahan_adamw(args) -> tuple[type, dict]:

@@ -9,7 +9,7 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n N` runs N workers on the same cores: each gets its share of math threads (and so does every
     # process it starts) instead of all of them oversubscribing every core.
-    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 from tests.helpers import FakeHub, make_tiny_model_dir

@@ -1,15 +1,13 @@
 """llmft.cpu_speed: each CPU lever computes what the code it replaces computes (same loss, gradients, metrics and
 dropout statistics), and a CPU training run uses them."""
 
-import contextlib
 import copy
 
 import pytest
 import torch
 
 from llmft.config import ModelConfig, PeftSettings
-from llmft.cpu_speed import (CheapDropout, adapters_follow_autocast, cheap_lora_dropout, loss_positions_head,
-                             weights_cast_once_per_step)
+from llmft.cpu_speed import CheapDropout, adapters_follow_autocast, cheap_lora_dropout, loss_positions_head
 from llmft.model import add_lora, load_model
 
 
@@ -125,46 +123,6 @@ def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-def _train_full_under_autocast(model_dir, out, once_per_step: bool):
-    """Three optimizer steps of three micro-batches each under bf16 autocast on CPU, evaluated after every step (its
-    no-grad forwards are what must not leak into training); the trained weights and the weight casts it made."""
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
-    torch.manual_seed(0)
-    model = load_model(ModelConfig(name_or_path=str(model_dir), dtype="float32"), PeftSettings(method="full"))
-    ids = torch.randint(3, model.config.vocab_size, (9, 16), generator=torch.Generator().manual_seed(2)).tolist()
-    rows = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(output_dir=str(out), use_cpu=True, bf16=True, per_device_train_batch_size=1,
-                             gradient_accumulation_steps=3, max_steps=3, learning_rate=1e-2, eval_strategy="steps",
-                             eval_steps=1, per_device_eval_batch_size=3, save_strategy="no", report_to="none",
-                             seed=0, data_seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows.select(range(3)))
-    weights = {p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        with weights_cast_once_per_step(trainer) if once_per_step else contextlib.nullcontext():
-            trainer.train()
-    weight_shapes = [list(p.shape) for p in weights]
-    casts = sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
-                and e.input_shapes[0] in weight_shapes)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, casts, len(weights)
-
-
-def test_weights_cast_once_per_step_trains_the_same_weights_with_fewer_casts(tiny_model_dir, tmp_path):
-    """Full fine-tuning under autocast: holding the bf16 weight copies across a step's micro-batches changes no bit of
-    the trained weights, even with evaluation (no-grad forwards) between steps, and casts each weight once per step
-    (3 micro-batches: a third of the training casts)."""
-    before = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"), PeftSettings(method="full"))
-    each, casts_each, n = _train_full_under_autocast(tiny_model_dir, tmp_path / "each", once_per_step=False)
-    once, casts_once, _ = _train_full_under_autocast(tiny_model_dir, tmp_path / "once", once_per_step=True)
-    assert any(not torch.equal(each[k], v) for k, v in before.state_dict().items() if k in each), "nothing trained"
-    assert all(torch.equal(each[k], once[k]) for k in each)
-    # 3 steps x 3 micro-batches: 9 casts of each weight in training become 3; evaluation casts the same either way.
-    assert casts_each - casts_once == 3 * 2 * n
-    assert torch.autocast_increment_nesting() == 1, "the autocast level held for training was not released"
-    torch.autocast_decrement_nesting()
-
-
 def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
     """`llmft train` re-runs itself with the allocator preloaded (llmft.hardware.preload_allocator) and records it;
     LLMFT_ALLOCATOR=system keeps glibc's."""
@@ -193,8 +151,8 @@ def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_pat
     assert ("jemalloc keeps freed pages within each step" in done.stderr) == ("jemalloc" in library)
 
 
-# Run under a preloaded jemalloc: a tiny Trainer's steps with freed_pages_kept_within_steps, recording jemalloc's
-# decay time inside each step and after it.
+# Run under a preloaded jemalloc: a tiny Trainer's steps with freed_pages_kept_within_steps, recording every arena's
+# decay times inside each step and between steps; a 16 MB block in each step reaches jemalloc's arena for large blocks.
 KEEP_WITHIN_STEP = """
 import json, sys
 import torch
@@ -206,14 +164,16 @@ from llmft.hardware import Jemalloc
 from llmft.model import load_model
 
 jemalloc = Jemalloc.loaded()
-seen = {"default": jemalloc.default_decay, "in_step": [], "between_steps": []}
+torch.zeros(4 * 2**20).add_(1)  # the arena for large blocks exists before training, with its own decay
+seen = {"before": jemalloc.decays(), "in_step": [], "between_steps": []}
 
 class Record(TrainerCallback):
     def on_substep_end(self, args, state, control, **kwargs):
-        seen["in_step"].append(jemalloc.decay())
+        torch.zeros(4 * 2**20).add_(1)
+        seen["in_step"].append(jemalloc.decays())
 
     def on_log(self, args, state, control, **kwargs):  # after on_step_end
-        seen["between_steps"].append(jemalloc.decay())
+        seen["between_steps"].append(jemalloc.decays())
 
 model = load_model(ModelConfig(name_or_path=sys.argv[1], dtype="float32"), PeftSettings(method="full"))
 ids = torch.randint(3, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
@@ -222,35 +182,45 @@ args = TrainingArguments(output_dir=sys.argv[2], use_cpu=True, per_device_train_
                          report_to="none")
 trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
                   callbacks=[Record()])
-assert freed_pages_kept_within_steps(trainer)
-trainer.train()
-seen["after"] = jemalloc.decay()
+with freed_pages_kept_within_steps(trainer) as kept:
+    assert kept
+    trainer.train()
+seen["after"] = jemalloc.decays()
 print(json.dumps(seen))
 """
 
 
 def test_jemalloc_keeps_freed_pages_within_a_step_and_its_decay_between_steps(tmp_path, tiny_model_dir, quiet_env):
-    """Inside a step jemalloc never returns freed pages (decay -1: reused instead of faulted in again); at its end
-    they are purged and jemalloc's own decay is back, for evaluation, generation and what follows training."""
+    """Inside a step no arena returns freed pages (decay -1: reused instead of faulted in again); at its end each
+    arena has its own decay time back (jemalloc's arena for large blocks: 0, the others 10 s by default) and the
+    pages are purged, for evaluation, generation and what follows training."""
     import json
+    import os
     import subprocess
     import sys
 
     from llmft.hardware import Jemalloc, allocator_library
 
+    if "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
+        assert Jemalloc.loaded() is None  # glibc's malloc: nothing to set
     library = allocator_library()
     if library is None or "jemalloc" not in library:
         pytest.skip("jemalloc is not installed (apt-get install libjemalloc2)")
-    assert Jemalloc.loaded() is None or "jemalloc" in quiet_env.get("LD_PRELOAD", "")  # glibc's malloc: nothing to do
     script = tmp_path / "keep.py"
     script.write_text(KEEP_WITHIN_STEP)
     done = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path / "out")],
                           capture_output=True, text=True, env={**quiet_env, "LD_PRELOAD": library})
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["in_step"] == [-1, -1]  # the first micro-batch of each of the 2 steps (the second ends the step)
-    assert len(seen["between_steps"]) >= 2 and set(seen["between_steps"]) == {seen["default"]["dirty"]}
-    assert seen["after"] == seen["default"]["dirty"]
+    before = seen["before"]
+    dirty = {name: ms for name, ms in before.items() if name.endswith("dirty_decay_ms")}
+    assert len(set(dirty.values())) > 1, before  # arenas with their own decay times, each to be given back
+    assert len(seen["in_step"]) == 2  # the first micro-batch of each of the 2 steps (the second ends the step)
+    for in_step in seen["in_step"]:
+        assert all(in_step[name] == -1 for name in before), in_step
+    for between in [*seen["between_steps"], seen["after"]]:
+        assert {name: between[name] for name in before} == before
+    assert len(seen["between_steps"]) >= 2
 
 
 def test_the_allocator_is_left_alone_when_asked_or_preloaded_already(monkeypatch):

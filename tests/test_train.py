@@ -1,7 +1,6 @@
 """Training end to end on a tiny random model: weights change, the run directory holds what a user needs."""
 
 import json
-import logging
 import subprocess
 
 import pytest
@@ -80,14 +79,11 @@ def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_mode
     assert len(losses["true"]) == 4
 
 
-def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_dir, train_file, caplog):
-    """Under bf16 autocast on CPU (float32 weights), with the weights cast once per optimizer step."""
+def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_dir, train_file):
     out = tmp_path / "run"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
-                                      peft={"method": "full"}), ["--learning_rate", "1e-3", "--bf16", "true"])
-    with caplog.at_level(logging.INFO, logger="llmft"):
-        train(recipe)
-    assert "bf16 weight copies once per optimizer step" in caplog.text
+                                      peft={"method": "full"}), ["--learning_rate", "1e-3"])
+    train(recipe)
     run = _assert_complete(out)
     assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"]
     before = load_file(tiny_model_dir / "model.safetensors")
