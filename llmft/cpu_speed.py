@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import types
 
 import torch
@@ -179,18 +180,27 @@ def freed_pages_kept_within_steps(trainer):
         yield False
         return
     saved: dict[str, int] = {}
+    failed: list[OSError] = []
 
     def give_back() -> None:
         if saved:
-            jemalloc.set_decays(saved)
+            try:
+                jemalloc.set_decays(saved)
+                jemalloc.purge()
+            except OSError as err:  # an allocator setting never stops a run
+                _stop_keeping(failed, err)
             saved.clear()
-            jemalloc.purge()
 
     class KeepWithinStep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             give_back()
+            if failed:
+                return
             saved.update(jemalloc.decays())  # each arena's own: jemalloc's arena for large blocks has 0
-            jemalloc.set_decays(dict.fromkeys(saved, -1))
+            try:
+                jemalloc.set_decays(dict.fromkeys(saved, -1))
+            except OSError as err:
+                _stop_keeping(failed, err)
 
         def on_step_end(self, args, state, control, **kwargs):
             give_back()
@@ -202,3 +212,10 @@ def freed_pages_kept_within_steps(trainer):
     finally:  # also when a step raises
         give_back()
         trainer.remove_callback(callback)
+
+
+def _stop_keeping(failed: list[OSError], err: OSError) -> None:
+    if not failed:
+        logging.getLogger(__name__).warning("jemalloc refused a setting (%s): freed pages are no longer kept within "
+                                            "steps; training goes on with jemalloc's own settings.", err)
+    failed.append(err)

@@ -207,8 +207,11 @@ def cpu_step_levers(trainer):
     step (llmft.cpu_speed.freed_pages_kept_within_steps)."""
     from llmft import cpu_speed as levers
 
-    with contextlib.ExitStack() as stack:
-        if trainer.args.use_cpu and stack.enter_context(levers.freed_pages_kept_within_steps(trainer)):
+    if not trainer.args.use_cpu:
+        yield
+        return
+    with levers.freed_pages_kept_within_steps(trainer) as kept:
+        if kept:
             log.info("CPU speed: jemalloc keeps freed pages within each step")
         yield
 
