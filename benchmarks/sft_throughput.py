@@ -6,7 +6,8 @@
 Data: ../shared/data/lima.json when present (converted by `llmft data convert`, examples longer than 512 tokens
 dropped), else generated chat rows of realistic lengths. Model: the embedded SmolLM2-135M-Instruct. Each
 configuration runs in a fresh process (its own peak RSS) for `--steps` optimizer steps of 4 examples each; the
-first step is warm-up and not timed. Reported per configuration:
+first step is warm-up and not timed; a configuration named twice runs twice (the spread is the run-to-run noise).
+Reported per configuration:
   tokens/s      non-padding tokens per second over the timed steps (TRL's own `num_tokens` count)
   padding       share of the batch positions that were padding
   peak RSS      the process's peak resident memory up to the end of training (or peak GPU memory on CUDA)
@@ -22,6 +23,7 @@ first step is warm-up and not timed. Reported per configuration:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -60,7 +62,7 @@ CONFIGS = {
     "llmft-pages-off": ("llmft defaults without jemalloc's freed pages kept within a step", {}, []),
 }
 # llmft rows with a CPU lever of the training loop (llmft.cpu_speed) switched off, to measure what it does.
-LEVERS_OFF = {"llmft-pages-off": "freed_pages_kept_within_steps"}
+LEVERS_OFF = {"llmft-pages-off": ("freed_pages_kept_within_steps", lambda trainer: contextlib.nullcontext(False))}
 
 
 def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -240,11 +242,9 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
         trained = trainer.model
     else:
         if name in LEVERS_OFF:
-            import contextlib
-
             from llmft import cpu_speed
 
-            setattr(cpu_speed, LEVERS_OFF[name], lambda trainer: contextlib.nullcontext(False))
+            setattr(cpu_speed, *LEVERS_OFF[name])
         trained = _llmft_run(name, method, steps, data, workdir, examples, llmft_overrides, meter)
     import os
 
@@ -360,8 +360,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for method in args.methods:
             base = None
-            for name in args.configs:
-                result = run_config(name, method, args.steps, data, Path(tmp), 
+            for index, name in enumerate(args.configs):  # a configuration named twice runs twice (noise)
+                result = run_config(name, method, args.steps, data, Path(tmp) / str(index), 
                                     llmft=CONFIGS[name][2] is not None and name != "llmft-glibc")
                 label = CONFIGS[name][0] + (f" ({result['allocator']})" if result.get("allocator") else "")
                 if "error" in result:
