@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -103,7 +104,11 @@ def hardware_line() -> str:
                  platform.processor() or "unknown CPU")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}, {torch.get_num_threads()} threads, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, torch {torch.__version__}"
+    line = (f"{model}, {torch.get_num_threads()} threads, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, "
+            f"torch {torch.__version__}")
+    # Kernels limited below what the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): an older CPU's code paths.
+    capped = [f"{key}={os.environ[key]}" for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(key)]
+    return line + (f", kernels limited by {' '.join(capped)}" if capped else "")
 
 
 def make_data(workdir: Path, examples: int, model: str = EMBEDDED, train_file: str | None = None,
@@ -246,7 +251,6 @@ def worker(name: str, method: str, steps: int, data: dict[str, str], workdir: Pa
 
             setattr(cpu_speed, *LEVERS_OFF[name])
         trained = _llmft_run(name, method, steps, data, workdir, examples, llmft_overrides, meter)
-    import os
 
     allocator = os.environ.get("LD_PRELOAD", "").split("/")[-1].split(".")[0].removeprefix("lib")
     return {**meter.result(), "eval_loss": _eval_loss(trained, eval_ds), "allocator": allocator}
@@ -310,8 +314,6 @@ def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, sc
     """One configuration of `script` in a fresh process (its own peak memory): its result, or the error. An llmft
     row runs with the allocator `llmft train` would (llmft.hardware.preload_allocator: a user's LD_PRELOAD, else
     jemalloc/tcmalloc where installed), a TRL row with the system's."""
-    import os
-
     from llmft.hardware import allocator_library
 
     command = [sys.executable, script, "--worker", name, "--method", method, "--steps", str(steps),

@@ -13,9 +13,20 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# oneDNN (PyTorch's CPU matmuls) limited by ONEDNN_MAX_CPU_ISA to one of these has no bf16 matmul kernel: bf16 then
+# runs ~100x slower than fp32, as on a CPU without the instructions.
+ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (avx512_bf16 or AMX): ~4x fp32 there, and far slower elsewhere."""
+    """True when the CPU multiplies bf16 natively (avx512_bf16 or AMX): ~4x fp32 there, and far slower elsewhere;
+    False also when ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) keeps PyTorch's matmuls from those instructions."""
+    import os
+
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if capped.upper() in ISAS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to know, so stay with fp32
