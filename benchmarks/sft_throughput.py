@@ -106,8 +106,9 @@ def hardware_line() -> str:
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     line = (f"{model}, {torch.get_num_threads()} threads, flags {' '.join(shown) or 'none of avx2/avx512/amx'}, "
             f"torch {torch.__version__}")
-    # Kernels limited below what the CPU has (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): an older CPU's code paths.
-    capped = [f"{key}={os.environ[key]}" for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(key)]
+    # Kernels limited below what the CPU has (PyTorch's own, oneDNN's, MKL's): an older CPU's code paths.
+    capped = [f"{key}={os.environ[key]}" for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                                                     "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(key)]
     return line + (f", kernels limited by {' '.join(capped)}" if capped else "")
 
 
@@ -363,7 +364,7 @@ def main() -> None:
         for method in args.methods:
             base = None
             for index, name in enumerate(args.configs):  # a configuration named twice runs twice (noise)
-                result = run_config(name, method, args.steps, data, Path(tmp) / str(index), 
+                result = run_config(name, method, args.steps, data, Path(tmp) / str(index),
                                     llmft=CONFIGS[name][2] is not None and name != "llmft-glibc")
                 label = CONFIGS[name][0] + (f" ({result['allocator']})" if result.get("allocator") else "")
                 if "error" in result:

@@ -13,9 +13,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# oneDNN (PyTorch's CPU matmuls) limited by ONEDNN_MAX_CPU_ISA to one of these has no bf16 matmul kernel: bf16 then
-# runs ~100x slower than fp32, as on a CPU without the instructions.
+# With ONEDNN_MAX_CPU_ISA at one of these, oneDNN (PyTorch's bf16 CPU matmuls) has no native bf16 dot products: bf16
+# then runs on PyTorch's ~100x slower fallback (up to AVX2_VNNI) or on oneDNN's emulation at or below fp32 speed.
 ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to know, so no flags (fp32)
+        return ""
 
 
 @functools.cache
@@ -27,10 +34,7 @@ def cpu_has_fast_bf16() -> bool:
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
     if capped.upper() in ISAS_WITHOUT_BF16:
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to know, so stay with fp32
-        return False
+    flags = _cpu_flags()
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
