@@ -91,7 +91,8 @@ class ModelConfig:
         default="auto",
         metadata={
             "help": "Weights dtype: auto | float32 | bfloat16. auto = bfloat16 frozen base weights for LoRA where "
-            "bf16 is fast (CUDA, or a CPU with avx512_bf16/AMX), float32 otherwise and for full fine-tuning "
+            "bf16 is fast (CUDA, or a CPU with avx512_bf16/AMX that ONEDNN_MAX_CPU_ISA does not hold below them), "
+            "float32 otherwise and for full fine-tuning "
             "(training.bf16 then gives mixed precision). bfloat16 with full fine-tuning trains bf16 weights with "
             "Kahan-summed AdamW (less memory, slower learning)."
         },

@@ -86,6 +86,10 @@ def test_bf16_counts_as_fast_only_where_onednn_may_use_the_cpus_bf16_instruction
             if not torch.cuda.is_available():
                 expected = torch.bfloat16 if fast else torch.float32
                 assert weights_dtype(ModelConfig(dtype="auto"), PeftSettings(method="lora")) == expected, isa
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")  # oneDNN's older name for the same setting
+        hardware.cpu_has_fast_bf16.cache_clear()
+        assert hardware.cpu_has_fast_bf16() is False
     finally:  # the cached answer must be this CPU's for the tests that follow
         monkeypatch.undo()
         hardware.cpu_has_fast_bf16.cache_clear()
