@@ -260,4 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the `llmft` command or `python -m llmft`, not a call from Python code
         argv = sys.argv[1:]
         preload_allocator(argv)  # may start this command line again with jemalloc/tcmalloc (llmft.hardware)
+        code = run(argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of a multi-process launch (torchrun sets it)
+            from llmft.train import exit_rank
+
+            exit_rank(code)
+        sys.exit(code)
     sys.exit(run(argv))

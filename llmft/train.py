@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from transformers import TrainerCallback, set_seed
@@ -321,6 +324,23 @@ def _end_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank of a multi-process launch without the interpreter's teardown.
+
+    DDP keeps its gloo process group alive in C++ after destroy_process_group (nothing in Python holds it any more),
+    so the group's worker threads outlive the run. One of them freeing a tensor while the interpreter is torn down
+    takes the GIL and aborts the rank (SIGABRT, "terminate called without an active exception"); the launcher then
+    reports the finished run as failed and stops the other ranks, possibly mid-write. Python's exit handlers
+    (logging, trackers) still run and cyclic garbage is collected, so files are flushed and closed; only the
+    teardown that races those threads is skipped.
+    """
+    atexit._run_exitfuncs()  # what a normal exit runs first
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def check_launch(world_size: int) -> None:

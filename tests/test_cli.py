@@ -1,6 +1,7 @@
 """The command line: light commands stay light, options parse from their dataclasses, old spellings still work."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,26 @@ def test_every_stage_in_the_table_is_a_recipe_stage_with_its_training_section():
     assert set(STAGES) == set(STAGE_NAMES) == set(TRAINING_CLASSES)
     for stage in STAGES.values():
         assert stage.trainer_class().__name__.endswith("Trainer")
+
+
+def test_a_rank_of_a_launch_exits_with_its_code_after_the_exit_handlers_and_skips_the_teardown(tmp_path):
+    """DDP keeps gloo's process group and its threads alive to the end, and the interpreter's teardown can abort a
+    rank that finished (llmft.train.exit_rank). A rank leaves with its command's exit code, after the exit handlers
+    and with its output flushed, but without the teardown (the witness object is never finalised)."""
+    script = f"""
+import atexit, sys
+class Witness:
+    def __del__(self):
+        print("teardown ran")
+witness = Witness()
+atexit.register(lambda: print("exit handler ran"))
+print("buffered output", end=" ")
+sys.argv = ["llmft", "train", {str(tmp_path / "missing.yaml")!r}]
+from llmft.cli import main
+main()
+"""
+    env = {**os.environ, "WORLD_SIZE": "2", "LLMFT_ALLOCATOR": "system"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "missing.yaml" in done.stderr
+    assert done.stdout.split() == ["buffered", "output", "exit", "handler", "ran"], done.stdout
