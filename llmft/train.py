@@ -39,6 +39,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     started, stage = time.time(), STAGES[recipe.training.stage]
     tune_allocator()
     check_launch(recipe.training.world_size)
+    check_build_locks(recipe.training.deepspeed)
     loaded_metrics = load_metrics(recipe.eval.metrics) if recipe.eval.num_generate else {}  # fail before loading
     launch = resolve_launch(recipe.training, stage.micro_batches)
     args = trainer_args(recipe.training, launch, stage.counts_tokens)  # a copy: the recipe is never changed
@@ -369,6 +370,37 @@ def check_launch(world_size: int) -> None:
             "single one (accelerate runs CPU jobs through its one-process launcher). For real multi-process training on CPUs use:\n"
             "  accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m llmft train RECIPE\n"
             f"  or: torchrun --nproc_per_node {requested} -m llmft train RECIPE"
+        )
+
+
+STALE_LOCK_S = 15 * 60  # DeepSpeed's JIT builds (shm_comm, cpu_adam) take a minute or two on a laptop
+
+
+def check_build_locks(deepspeed_config: str | None, now: float | None = None) -> None:
+    """Refuse a DeepSpeed run that would wait for ever on a build lock left by a killed run.
+
+    DeepSpeed compiles its CPU ops (shm_comm, cpu_adam) on first use with torch.utils.cpp_extension, which holds a
+    `lock` file in the op's build folder and makes every other process wait, silently and without end, while that
+    file exists. A run killed mid-build leaves it behind, and every later DeepSpeed run then hangs at model
+    loading. A lock older than STALE_LOCK_S is named with what to do.
+    """
+    if not deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch builds an op in $TORCH_EXTENSIONS_DIR/<op>, or else in <cache>/torch_extensions/<python>_<device>/<op>
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    stale = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        with contextlib.suppress(OSError):  # released meanwhile: nothing to report
+            if now - lock.stat().st_mtime > STALE_LOCK_S:
+                stale.append(lock)
+    if stale:
+        raise LaunchError(
+            "DeepSpeed would wait for ever on a build lock left by an interrupted build of its ops (a run killed while "
+            f"compiling): {', '.join(map(str, stale))}. No build takes {STALE_LOCK_S // 60} minutes: delete the "
+            "file(s) unless another run is compiling right now, then launch again."
         )
 
 

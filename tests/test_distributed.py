@@ -1,6 +1,9 @@
 """Real multi-process training on CPUs (gloo), launched the way users launch it."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -11,17 +14,33 @@ from tests.helpers import REPO, chat_rows, write_jsonl, write_recipe
 pytestmark = pytest.mark.slow
 
 
+def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """subprocess.run for a launcher, which on a timeout is stopped as a user stops it (SIGTERM: it stops its ranks,
+    each in a session of its own, and kills those that linger) before anything left in its group is killed. A hung
+    launch then leaves no ranks behind holding the cores, the rendezvous port or a build lock."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=90)
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # nothing left in the group
+                    os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def test_accelerate_cpu_ddp_config_runs_two_real_processes(tmp_path, tiny_model_dir, quiet_env):
     # 8 training rows, batch 2 per process, one epoch: one process would take 4 steps, two processes take 2.
     train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
                           data={"eval_fraction": 0.0}, training={"max_steps": -1, "num_train_epochs": 1})
-    result = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-         "-m", "llmft", "train", str(recipe)],
-        capture_output=True, text=True, env=quiet_env, timeout=600,
-    )
+    result = _run([ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+                   "-m", "llmft", "train", str(recipe)], quiet_env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
@@ -87,19 +106,15 @@ def test_accelerate_cpu_launches_of_two_processes_are_refused_not_run_as_one(tmp
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_machines: 1\n"
                       "machine_rank: 0\nnum_processes: 2\nmixed_precision: 'no'\nuse_cpu: true\n")
     how = ["--cpu", "--num_processes", "2"] if launch == "cpu_flag" else ["--config_file", str(config)]
-    result = subprocess.run([ACCELERATE, "launch", *how, "-m", "llmft", "train", str(recipe)],
-                            capture_output=True, text=True, env=quiet_env, timeout=300)
+    result = _run([ACCELERATE, "launch", *how, "-m", "llmft", "train", str(recipe)], quiet_env, timeout=300)
     assert result.returncode != 0, result.stderr[-2000:]
     assert "started a single one" in result.stderr and "accelerate_configs/cpu_ddp.yaml" in result.stderr
     assert not (tmp_path / "run" / "run.json").exists()
 
 
 def _launch(config, recipe, env, *extra):
-    return subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / config), "-m", "llmft", "train",
-         str(recipe), *extra],
-        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600,
-    )
+    return _run([ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / config), "-m", "llmft",
+                 "train", str(recipe), *extra], {**env, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 @pytest.mark.parametrize("config,method", [("deepspeed_zero2.yaml", "lora"), ("deepspeed_zero3.yaml", "lora"),
@@ -192,10 +207,9 @@ def test_zero3_generation_metrics_run_on_every_rank_and_finish(tmp_path, tiny_mo
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
                           training={"max_steps": 2, "global_batch_size": 4},
                           eval={"num_generate": 2, "max_new_tokens": 3, "forgetting_check": True})
-    result = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"), "-m",
-         "llmft", "train", str(recipe)], capture_output=True, text=True, env={**quiet_env, "OMP_NUM_THREADS": "1"},
-        timeout=300)  # a hang fails here (a run takes ~40 s), not in CI's global limit
+    result = _run([ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"),
+                   "-m", "llmft", "train", str(recipe)], {**quiet_env, "OMP_NUM_THREADS": "1"},
+                  timeout=300)  # a hang fails here (a run takes ~40 s), not in CI's global limit
     assert result.returncode == 0, result.stderr[-3000:]
     after = json.loads((out / "metrics.json").read_text())["after"]
     assert "eval_exact_match" in after and "eval_forgetting_ppl_ratio" in after

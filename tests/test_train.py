@@ -248,3 +248,33 @@ def test_bf16_full_fine_tuning_trains_with_kahan_summed_adamw(tmp_path, tiny_mod
     fp32_run, fp32_seen, fp32_after = runs["float32"]
     assert fp32_seen.name.startswith("torch.optim") and {w.dtype for w in fp32_after.values()} == {torch.float32}
     assert run.metrics.after["eval_loss"] == pytest.approx(fp32_run.metrics.after["eval_loss"], rel=0.01)
+
+
+def test_a_deepspeed_run_is_refused_where_a_killed_build_left_its_lock(tmp_path, tiny_model_dir, train_file,
+                                                                      monkeypatch, capfd):
+    """A lock left in a DeepSpeed op's build folder by a run killed mid-compile makes every later DeepSpeed run wait
+    for ever at model loading, without a word; `llmft train` names the file instead. A fresh lock (another run
+    compiling now) and runs without DeepSpeed are left alone."""
+    import os
+    import time
+
+    from llmft.cli import run
+    from llmft.errors import LaunchError
+    from llmft.train import STALE_LOCK_S, check_build_locks
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    check_build_locks("ds.json")  # being built right now: wait for it, as DeepSpeed does
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    check_build_locks(None)  # no DeepSpeed in this run: the lock is not its business
+    with pytest.raises(LaunchError, match="delete the file"):
+        check_build_locks("ds.json")
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --config_file deepspeed_*` sets
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, tmp_path / "run")
+    code = run(["train", str(recipe)])
+    text = "".join(capfd.readouterr())
+    assert code != 0 and str(lock) in text and "Traceback" not in text, text
