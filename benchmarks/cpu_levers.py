@@ -5,7 +5,8 @@
 - LM head + loss for one 436-token example (576 hidden, 49,152 vocabulary, bf16 autocast, forward and backward):
   TRL's fused head (ChunkedLogProbFunction, its torch path for devices without Triton, every position) vs
   llmft's loss_positions_head (PyTorch's log-softmax in 128-token chunks), at 100% and 60% of positions in the loss.
-- LoRA dropout on one adapter input (436 x 576 bf16): torch.nn.functional.dropout vs llmft's CheapDropout.
+- LoRA dropout on one adapter input (436 x 576 bf16), forward and backward: torch.nn.functional.dropout vs llmft's
+  CheapDropout.
 - Attention, forward and backward, 9 query / 3 key-value heads of 64, causal, bf16: SDPA's flash kernel vs the
   math kernel vs eager (matmul, softmax, matmul), at 128, 350 and 512 tokens.
 - A 113 MB float32 buffer (49,152 x 576, the tied embedding's gradient) zeroed, cast to bf16 and freed again, as the
@@ -76,10 +77,11 @@ def head_rows() -> list[tuple[str, float]]:
 
 
 def dropout_rows() -> list[tuple[str, float]]:
-    x = torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16)
+    x = torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.ones_like(x)
     cheap = CheapDropout(0.05).train()
-    return [("LoRA dropout p=0.05: torch", best_ms(lambda: F.dropout(x, 0.05, True), 50)),
-            ("LoRA dropout p=0.05: llmft CheapDropout", best_ms(lambda: cheap(x), 50))]
+    return [("LoRA dropout p=0.05: torch", best_ms(lambda: F.dropout(x, 0.05, True).backward(grad), 50)),
+            ("LoRA dropout p=0.05: llmft CheapDropout", best_ms(lambda: cheap(x).backward(grad), 50))]
 
 
 def attention_rows() -> list[tuple[str, float]]:

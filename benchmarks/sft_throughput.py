@@ -61,6 +61,8 @@ CONFIGS = {
     "llmft-lowmem": ("llmft defaults + activation checkpointing + 8-bit AdamW", {},
                      ["--activation_checkpointing", "true", "--optim", "adamw_bnb_8bit"]),
     "llmft-pages-off": ("llmft defaults without jemalloc's freed pages kept within a step", {}, []),
+    "llmft-eager": ("llmft defaults + eager attention (matmul, softmax, matmul) instead of SDPA", {},
+                    ["--attn_implementation", "eager"]),
 }
 # llmft rows with a CPU lever of the training loop (llmft.cpu_speed) switched off, to measure what it does.
 LEVERS_OFF = {"llmft-pages-off": ("freed_pages_kept_within_steps", lambda trainer: contextlib.nullcontext(False))}

@@ -86,7 +86,10 @@ def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
         assert abs(kept - (1 - p)) < 0.002, (p, kept)
         assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
         assert abs(y.mean().item() - 1) < 0.005  # the expectation is kept, as torch.nn.Dropout keeps it
-    # Masks differ between calls and between elements (no period from reusing a 64-bit draw).
+        dropped = (y == 0).view(-1, 2)  # independent elements: a pair is dropped together with probability p^2
+        together = dropped.all(-1).float().mean().item()
+        assert abs(together - p * p) < 5 * (p * p * (1 - p * p) / len(dropped)) ** 0.5, (p, together)  # 5 sigma
+    # Masks differ between calls.
     a, b = CheapDropout(0.5).train()(x[:4096]), CheapDropout(0.5).train()(x[:4096])
     assert not torch.equal(a, b) and 1800 < int((a != 0).sum()) < 2300
     assert torch.equal(CheapDropout(0.5).eval()(x), x)
