@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 
@@ -260,10 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the `llmft` command or `python -m llmft`, not a call from Python code
         argv = sys.argv[1:]
         preload_allocator(argv)  # may start this command line again with jemalloc/tcmalloc (llmft.hardware)
-        code = run(argv)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of a multi-process launch (torchrun sets it)
-            from llmft.train import exit_rank
+        if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+            sys.exit(run(argv))
+        from llmft.train import exit_rank  # a rank of a multi-process launch (torchrun sets WORLD_SIZE)
 
-            exit_rank(code)
-        sys.exit(code)
+        try:
+            code = run(argv)
+        except Exception:  # a bug: its traceback, then the same exit as any other rank's
+            traceback.print_exc()
+            code = 1
+        exit_rank(code)
     sys.exit(run(argv))

@@ -5,7 +5,7 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - adapters_follow_autocast: under bf16 autocast peft copies every LoRA adapter's input to float32 (seven copies per
   decoder layer) only for autocast to cast it back to bf16 for the matmul.
 - cheap_lora_dropout: torch's dropout draws one random number per element, which costs a LoRA step a quarter of
-  its time; drawing only the dropped elements' positions gives the same dropout from ~p draws per element.
+  its time; drawing only the dropped elements' positions gives the same dropout from ~p draws per element (p <= 0.1).
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
   head, in chunks, with PyTorch's fused log-softmax.
@@ -63,8 +63,11 @@ class CheapDropout(torch.nn.Module):
     Each element is hit a Poisson(-ln(1 - p)) number of times, so it survives with probability exactly 1 - p and
     independently of the others: a Poisson(n x -ln(1 - p)) count of indices drawn uniformly (with repeats) over the
     n elements. At LoRA's usual p = 0.05 that is 0.05 draws per element instead of torch's one, and the input is
-    scaled and the dropped elements zeroed in one pass, without a mask tensor.
+    scaled and the dropped elements zeroed in one pass, without a mask tensor. The backward keeps the indices, 8 bytes
+    each: less than torch's 1-byte mask up to p = MAX_P (cheap_lora_dropout replaces only those).
     """
+
+    MAX_P = 0.1
 
     def __init__(self, p: float):
         super().__init__()
@@ -76,11 +79,13 @@ class CheapDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        n = x.numel()
+        out = (x * (1 / (1 - self.p))).contiguous()  # this call's own tensor, zeroed in place below
+        n = out.numel()
+        if n == 0:
+            return out
         expected = torch.tensor(n * self.hits_per_element, dtype=torch.float64)
         hits = torch.randint(n, (int(torch.poisson(expected)),), device=x.device)
-        out = x * (1 / (1 - self.p))
-        out.view(-1).index_fill_(0, hits, 0)  # in place: the product is this call's own tensor
+        out.view(-1).index_fill_(0, hits, 0)
         return out
 
     def extra_repr(self) -> str:
@@ -88,13 +93,14 @@ class CheapDropout(torch.nn.Module):
 
 
 def cheap_lora_dropout(model: torch.nn.Module) -> int:
-    """Replace every LoRA adapter's torch.nn.Dropout with CheapDropout; the number replaced."""
+    """Replace every LoRA adapter's torch.nn.Dropout of p <= CheapDropout.MAX_P with CheapDropout; the number
+    replaced. (LoRA's usual 0.05-0.1; above, the indices would cost the backward more than torch's mask.)"""
     from peft.tuners.lora import LoraLayer
 
     replaced = 0
     for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
         for name, dropout in layer.lora_dropout.items():
-            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            if isinstance(dropout, torch.nn.Dropout) and 0 < dropout.p <= CheapDropout.MAX_P:
                 layer.lora_dropout[name] = CheapDropout(dropout.p)
                 replaced += 1
     return replaced

@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -190,8 +191,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
 def cpu_speed(trainer, stage: str, method: str, bf16: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
-    TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout at half the random-number
-    work (the levers that live for the training loop: cpu_step_levers)."""
+    TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
+    it drops (the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []
@@ -333,11 +334,14 @@ def exit_rank(code: int) -> NoReturn:
     DDP keeps its gloo process group alive in C++ after destroy_process_group (nothing in Python holds it any more),
     so the group's worker threads outlive the run. One of them freeing a tensor while the interpreter is torn down
     takes the GIL and aborts the rank (SIGABRT, "terminate called without an active exception"); the launcher then
-    reports the finished run as failed and stops the other ranks, possibly mid-write. Python's exit handlers
-    (logging, trackers) still run and cyclic garbage is collected, so files are flushed and closed; only the
-    teardown that races those threads is skipped.
+    reports the finished run as failed and stops the other ranks, possibly mid-write. What a normal exit does
+    first still runs: waiting for non-daemon threads and executor jobs (uploads), then the exit handlers (logging,
+    trackers); unreachable objects are collected, so files whose objects are gone are closed. Only the teardown
+    that races those threads is skipped.
     """
-    atexit._run_exitfuncs()  # what a normal exit runs first
+    with contextlib.suppress(Exception):  # a private function of CPython's: joining threads is not worth a crash
+        threading._shutdown()
+    atexit._run_exitfuncs()
     gc.collect()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -386,13 +390,9 @@ def check_build_locks(deepspeed_config: str | None, now: float | None = None) ->
     """
     if not deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         return
-    from torch.utils.cpp_extension import get_default_build_root
-
-    # torch builds an op in $TORCH_EXTENSIONS_DIR/<op>, or else in <cache>/torch_extensions/<python>_<device>/<op>
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     now = time.time() if now is None else now
     stale = []
-    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+    for lock in _build_root().glob("*/lock"):
         with contextlib.suppress(OSError):  # released meanwhile: nothing to report
             if now - lock.stat().st_mtime > STALE_LOCK_S:
                 stale.append(lock)
@@ -402,6 +402,23 @@ def check_build_locks(deepspeed_config: str | None, now: float | None = None) ->
             f"compiling): {', '.join(map(str, stale))}. No build takes {STALE_LOCK_S // 60} minutes: delete the "
             "file(s) unless another run is compiling right now, then launch again."
         )
+
+
+def _build_root() -> Path:
+    """Where torch.utils.cpp_extension builds this interpreter's ops (its _get_build_directory, without creating
+    anything): $TORCH_EXTENSIONS_DIR, or <cache>/torch_extensions/py<version>_<cpu|cuXYZ|rocmXYZ>."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if (root := os.environ.get("TORCH_EXTENSIONS_DIR")) is not None:
+        return Path(root)
+    if torch.version.hip is not None:
+        device = "rocm" + torch.version.hip.replace(".", "")
+    elif torch.version.cuda is not None:
+        device = "cu" + torch.version.cuda.replace(".", "")
+    else:
+        device = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{device}"
 
 
 def _launcher_flag(argv: list[str], name: str, default):

@@ -93,6 +93,11 @@ def test_cheap_dropout_drops_at_rate_p_and_scales_like_torch():
     a, b = CheapDropout(0.5).train()(x[:4096]), CheapDropout(0.5).train()(x[:4096])
     assert not torch.equal(a, b) and 1800 < int((a != 0).sum()) < 2300
     assert torch.equal(CheapDropout(0.5).eval()(x), x)
+    # Any layout and size: a transposed input keeps its shape and values, an empty one passes through.
+    transposed = torch.arange(1.0, 2049.0).view(64, 32).t()
+    y = CheapDropout(0.1).train()(transposed)
+    assert y.shape == (32, 64) and torch.equal(y[y != 0], (transposed * (1 / 0.9))[y != 0])
+    assert CheapDropout(0.1).train()(torch.ones(0, 8)).shape == (0, 8)
     # Seeded like torch: the same seed gives the same mask; the gradient flows through the kept elements only.
     torch.manual_seed(3)
     leaf = torch.randn(64, 32, requires_grad=True)

@@ -15,9 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """subprocess.run for a launcher, which on a timeout is stopped as a user stops it (SIGTERM: it stops its ranks,
-    each in a session of its own, and kills those that linger) before anything left in its group is killed. A hung
-    launch then leaves no ranks behind holding the cores, the rendezvous port or a build lock."""
+    """subprocess.run for a launcher, which on a timeout is stopped as a user stops it (SIGTERM: torch's launcher
+    stops its ranks, each in a session of its own, and kills those that linger) before anything left in its group is
+    killed, so a hung launch leaves no ranks behind holding the cores or the rendezvous port; the failure shows the
+    launch's last output."""
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as proc:
         try:
@@ -25,11 +26,11 @@ def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedPro
         except subprocess.TimeoutExpired:
             proc.terminate()
             try:
-                proc.communicate(timeout=90)
+                _, stderr = proc.communicate(timeout=90)
             finally:
                 with contextlib.suppress(ProcessLookupError):  # nothing left in the group
                     os.killpg(proc.pid, signal.SIGKILL)
-            raise
+            raise AssertionError(f"the launch ran past {timeout} s; its last output:\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
