@@ -8,7 +8,8 @@
 - LoRA dropout on one adapter input (436 x 576 bf16), forward and backward: torch.nn.functional.dropout vs llmft's
   CheapDropout.
 - Attention, forward and backward, 9 query / 3 key-value heads of 64, causal, bf16: SDPA's flash kernel vs the
-  math kernel vs eager (matmul, softmax, matmul), at 128, 350 and 512 tokens.
+  math kernel vs eager (matmul, softmax, matmul, probabilities kept) vs llmft.attention's RecomputedAttention (the
+  same matmuls, the probabilities recomputed in the backward), at 128, 350 and 512 tokens.
 - A 113 MB float32 buffer (49,152 x 576, the tied embedding's gradient) zeroed, cast to bf16 and freed again, as the
   allocator does it and, under a preloaded jemalloc (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`), with
   its decay off as llmft keeps it within a step (freed_pages_kept_within_steps).
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sft_throughput import hardware_line  # noqa: E402
 
+from llmft.attention import RecomputedAttention  # noqa: E402
 from llmft.cpu_speed import CheapDropout, _score  # noqa: E402
 from llmft.hardware import Jemalloc, allocator_in_use  # noqa: E402
 
@@ -104,8 +106,12 @@ def attention_rows() -> list[tuple[str, float]]:
             weights = torch.softmax(((q @ kk.transpose(-1, -2)) * 0.125 + mask).float(), -1).to(q.dtype)
             (weights @ vv).sum().backward()
 
+        def recomputed() -> None:  # llmft.attention: eager's matmuls, SDPA's memory
+            RecomputedAttention.apply(q, k, v, None, 0.125, True).sum().backward()
+
         rows += [(f"attention {n} tokens: SDPA flash", best_ms(flash)), (f"attention {n} tokens: SDPA math", best_ms(math)),
-                 (f"attention {n} tokens: eager", best_ms(eager))]
+                 (f"attention {n} tokens: eager", best_ms(eager)),
+                 (f"attention {n} tokens: llmft recomputed", best_ms(recomputed))]
     return rows
 
 
@@ -116,9 +122,10 @@ def allocation_rows() -> list[tuple[str, float]]:
     rows = [(f"113 MB buffer, {allocator_in_use()}", best_ms(buffer, 5))]
     jemalloc = Jemalloc.loaded()
     if jemalloc is not None:
-        jemalloc.set_decay(-1)
+        saved = jemalloc.decays()  # as freed_pages_kept_within_steps does within a step: no arena decays
+        jemalloc.set_decays(dict.fromkeys(saved, -1))
         rows.append(("113 MB buffer, jemalloc with freed pages kept", best_ms(buffer, 5)))
-        jemalloc.set_decay(jemalloc.default_decay)
+        jemalloc.set_decays(saved)
     return rows
 
 

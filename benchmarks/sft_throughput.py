@@ -61,8 +61,10 @@ CONFIGS = {
     "llmft-lowmem": ("llmft defaults + activation checkpointing + 8-bit AdamW", {},
                      ["--activation_checkpointing", "true", "--optim", "adamw_bnb_8bit"]),
     "llmft-pages-off": ("llmft defaults without jemalloc's freed pages kept within a step", {}, []),
-    "llmft-eager": ("llmft defaults + eager attention (matmul, softmax, matmul) instead of SDPA", {},
+    "llmft-eager": ("llmft defaults + eager attention (matmul, softmax, matmul, probabilities kept)", {},
                     ["--attn_implementation", "eager"]),
+    "llmft-sdpa": ("llmft defaults + SDPA attention (PyTorch's CPU flash kernel)", {},
+                   ["--attn_implementation", "sdpa"]),
 }
 # llmft rows with a CPU lever of the training loop (llmft.cpu_speed) switched off, to measure what it does.
 LEVERS_OFF = {"llmft-pages-off": ("freed_pages_kept_within_steps", lambda trainer: contextlib.nullcontext(False))}

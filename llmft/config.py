@@ -97,7 +97,12 @@ class ModelConfig:
             "Kahan-summed AdamW (less memory, slower learning)."
         },
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 ..."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto | sdpa | eager | flash_attention_2 ... auto = sdpa, except bf16 training on a CPU, "
+                          "which runs llmft's matmul attention recomputed in the backward (llmft.attention: about 2x "
+                          "faster there, the same memory)."},
+    )
     init: str = field(
         default="pretrained",
         metadata={"help": "pretrained: the model's weights; scratch: the same architecture and tokenizer with fresh "
@@ -134,6 +139,11 @@ class ModelConfig:
         if not self.name_or_path:
             problems.append(f"model.name_or_path is empty: give a Hub id, a local path or '{EMBEDDED_MODEL}'.")
         _raise_if(problems)
+
+    @property
+    def loaded_attention(self) -> str:
+        """The attn_implementation the model is loaded with (auto: sdpa; training may switch it, llmft.train)."""
+        return "sdpa" if self.attn_implementation == "auto" else self.attn_implementation
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training on CPUs without waste: four places where the libraries' general code, or the allocator, costs a CPU run
+"""Training on CPUs without waste: five places where the libraries' general code, or the allocator, costs a CPU run
 a third of its time.
 
 Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 has the figures):
@@ -9,6 +9,9 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
   head, in chunks, with PyTorch's fused log-softmax.
+- recomputed_attention: SDPA's CPU flash kernel runs attention's forward and backward about 2x slower than bf16
+  matmuls with a float32 softmax; llmft.attention does the latter and recomputes the probabilities in the backward,
+  so it keeps no more than SDPA does.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
 """
@@ -104,6 +107,22 @@ def cheap_lora_dropout(model: torch.nn.Module) -> int:
                 layer.lora_dropout[name] = CheapDropout(dropout.p)
                 replaced += 1
     return replaced
+
+
+# Attention --------------------------------------------------------------------------------------------------------
+
+
+def recomputed_attention(model: torch.nn.Module) -> bool:
+    """Put llmft.attention in place of transformers' "sdpa" on the model (its bf16 training calls; the others go to
+    SDPA as before). True when set; False for other attention implementations and models that cannot switch."""
+    from llmft import attention
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa" or not base._can_set_attn_implementation():
+        return False
+    attention.register()
+    base.set_attn_implementation(attention.NAME)
+    return base.config._attn_implementation == attention.NAME
 
 
 # The LM head on loss positions ---------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
             **({"num_labels": 1} if head == "sequence_classification" else {}),
             revision=model_cfg.revision,
             dtype=dtype,
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=model_cfg.loaded_attention,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if trust_remote_code else True,
             **({"config": config} if config is not None else {}),
@@ -227,7 +227,7 @@ def model_config(path: str, model_cfg: ModelConfig, trust_remote_code: bool, *, 
 def scratch_model(path: str, model_cfg: ModelConfig, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """The architecture of `path` with fresh weights (seeded by training.seed), for training from scratch."""
     config = model_config(path, model_cfg, trust_remote_code, always=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.loaded_attention,
                                              trust_remote_code=trust_remote_code)
     if model_cfg.init_linear != "model":
         reinit_linear(model, model_cfg.init_linear)

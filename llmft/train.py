@@ -115,7 +115,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
                               "weights of their own; use model.dtype: auto.")
         trainer.optimizer_cls_and_kwargs = kahan_adamw(args)
     if args.use_cpu:
-        cpu_speed(trainer, stage.name, recipe.peft.method, bool(args.bf16))
+        bf16_attention = recipe.model.attn_implementation == "auto" and (
+            args.bf16 or weights_dtype(recipe.model, recipe.peft) == torch.bfloat16)
+        cpu_speed(trainer, stage.name, recipe.peft.method, bool(args.bf16), bf16_attention)
     groups = None
     if recipe.tuning.custom_param_groups:  # the Trainer builds its optimizer over these instead of its two groups
         trainer.optimizer, groups = tuning.build_optimizer(trainer, recipe.tuning)
@@ -189,10 +191,11 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     return out
 
 
-def cpu_speed(trainer, stage: str, method: str, bf16: bool) -> None:
+def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
-    it drops (the levers that live for the training loop: cpu_step_levers)."""
+    it drops, bf16 attention as matmuls recomputed in the backward (bf16 runs with model.attn_implementation: auto;
+    the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []
@@ -202,6 +205,8 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool) -> None:
         done.append("bf16 adapter inputs under autocast")
     if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
         done.append("cheap LoRA dropout")
+    if bf16_attention and levers.recomputed_attention(model):
+        done.append("bf16 matmul attention recomputed in the backward")
     if done:
         log.info("CPU speed: %s", ", ".join(done))
 

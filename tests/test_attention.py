@@ -1,0 +1,167 @@
+"""llmft.attention: the recomputed attention gives softmax attention's output and gradients for every mask a decoder
+gets (causal, padding on either side, a cache before the queries, full or arbitrary masks, grouped key/value heads),
+block by block; on a model it takes bf16 training calls and leaves every other call to SDPA; a bf16 CPU run uses it."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from llmft import attention
+from llmft.attention import RecomputedAttention
+from llmft.config import ModelConfig, PeftSettings
+from llmft.cpu_speed import recomputed_attention
+from llmft.model import load_model
+from tests.helpers import chat_rows, write_jsonl, write_recipe
+
+
+def reference(q, k, v, allowed):
+    """Softmax attention in float64, written out; a query allowed nothing outputs zero (as SDPA does)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0)
+    return probs @ v
+
+
+def padding(batch, length, side, missing):
+    keep = torch.ones(batch, length, dtype=torch.bool)
+    if side == "right":
+        keep[-1, length - missing:] = False
+    else:
+        keep[0, :missing] = False
+    return keep
+
+
+MASKS = {  # name: (queries L, keys S, mask for RecomputedAttention or None, causal flag)
+    "causal": lambda: (40, 40, None, True),
+    "causal after a cache": lambda: (33, 50, None, True),
+    "one query after a cache": lambda: (1, 20, None, True),
+    "full": lambda: (40, 40, None, False),
+    "right padding": lambda: (40, 40, (torch.ones(40, 40, dtype=torch.bool).tril()
+                                       & padding(2, 40, "right", 13)[:, None])[:, None], True),
+    "left padding": lambda: (40, 40, (torch.ones(40, 40, dtype=torch.bool).tril()
+                                      & padding(2, 40, "left", 10)[:, None])[:, None], True),
+    "padding after a cache": lambda: (40, 52, (torch.ones(40, 52, dtype=torch.bool).tril(12)
+                                               & padding(2, 52, "right", 9)[:, None])[:, None], True),
+    "arbitrary": lambda: (40, 40, torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(0)) > 0.3, True),
+}
+
+
+@pytest.mark.parametrize("blocks", ["many small blocks", "default blocks"])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_output_and_gradients_match_softmax_attention(name, blocks, monkeypatch):
+    if blocks == "many small blocks":  # blocks of 16 positions, a few rows each: every edge case of the cutting
+        monkeypatch.setattr(attention, "BLOCK_POSITIONS", 16)
+        monkeypatch.setattr(attention, "BLOCK_BYTES", 4096)
+    length, keys, mask, causal = MASKS[name]()
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, heads, n, 8, generator=gen) for heads, n in ((6, length), (2, keys), (2, keys)))
+    if mask is None:
+        allowed = torch.ones(length, keys, dtype=torch.bool)
+        allowed = allowed.tril(keys - length) if causal else allowed
+    else:
+        allowed = mask
+    grad_out = torch.randn(2, 6, length, 8, generator=gen)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = RecomputedAttention.apply(*leaves, mask, 8 ** -0.5, causal).transpose(1, 2)  # from [B, L, H, D]
+    out.backward(grad_out)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    expected = reference(*ref_leaves, allowed)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+    if name == "left padding":  # queries that may attend to nothing: zero output, and they pass no gradient
+        assert out[0, :, :10].abs().max() == 0
+
+
+def _tiny(tiny_model_dir, implementation="sdpa"):
+    torch.manual_seed(0)
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", attn_implementation=implementation)
+    return load_model(config, PeftSettings(method="full")).train()
+
+
+def _batch(vocab):
+    ids = torch.randint(3, vocab, (2, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 21:] = 0  # right padding
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _step(model, ids, mask, labels, bf16):
+    model.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _graph_names(tensor):
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_fn for next_fn, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
+
+
+def test_on_a_model_bf16_training_calls_take_it_and_stay_as_close_to_float32_as_sdpa(tiny_model_dir):
+    model = _tiny(tiny_model_dir)
+    ids, mask, labels = _batch(model.config.vocab_size)
+    _, exact = _step(model, ids, mask, labels, bf16=False)
+    sdpa_loss, sdpa = _step(model, ids, mask, labels, bf16=True)
+    assert "RecomputedAttentionBackward" not in _graph_names(sdpa_loss)
+    assert recomputed_attention(model) and model.config._attn_implementation == attention.NAME
+    ours_loss, ours = _step(model, ids, mask, labels, bf16=True)
+    assert "RecomputedAttentionBackward" in _graph_names(ours_loss)
+    assert ours_loss.item() == pytest.approx(sdpa_loss.item(), abs=2e-3)
+    error, sdpa_error = (ours - exact).norm() / exact.norm(), (sdpa - exact).norm() / exact.norm()
+    assert error < 1.5 * sdpa_error + 1e-3, (error, sdpa_error)  # bf16 rounding, no worse than SDPA's
+
+
+def test_float32_and_gradient_free_calls_are_sdpas_own(tiny_model_dir):
+    model, plain = _tiny(tiny_model_dir), _tiny(tiny_model_dir)
+    assert recomputed_attention(model)
+    ids, mask, labels = _batch(model.config.vocab_size)
+    loss, grads = _step(model, ids, mask, labels, bf16=False)
+    plain_loss, plain_grads = _step(plain, ids, mask, labels, bf16=False)
+    assert torch.equal(loss, plain_loss) and torch.equal(grads, plain_grads)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           plain(input_ids=ids, attention_mask=mask).logits)
+    out = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, plain.generate(ids[:1, :8], max_new_tokens=4, do_sample=False))
+
+
+def test_models_on_other_attention_implementations_are_left_alone(tiny_model_dir):
+    model = _tiny(tiny_model_dir, "eager")
+    assert not recomputed_attention(model) and model.config._attn_implementation == "eager"
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows(10))
+
+
+class SeenAttention(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.implementation = model.config._attn_implementation
+
+
+@pytest.mark.parametrize("setting,expected", [("auto", attention.NAME), ("sdpa", "sdpa")])
+def test_a_bf16_cpu_run_trains_with_it_unless_the_recipe_names_an_attention(tmp_path, tiny_model_dir, train_file,
+                                                                            setting, expected):
+    from llmft.config import load_recipe
+    from llmft.run_dir import read_run
+    from llmft.train import train
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
+                          model={"dtype": "bfloat16", "attn_implementation": setting})
+    seen = SeenAttention()
+    train(load_recipe(recipe, ["--max_steps", "2", "--bf16", "true"]), callbacks=[seen])
+    assert seen.implementation == expected
+    assert read_run(out).info.trainable_tensors["changed"] > 0
+    assert "llmft" not in (out / "adapter_config.json").read_text()  # nothing of it in what later stages load
