@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over llmft's (or TRL's) SFT steps, top operators by self time.
 
-    python benchmarks/profile_sft.py [--method lora|full] [--config llmft|trl] [--steps 2] [--rows 25]
+    python benchmarks/profile_sft.py [--method lora|full] [--config llmft|trl|llmft-pages-off] [--steps 2]
+           [--rows 25]
            [--set KEY VALUE ...]   # llmft recipe overrides, e.g. --set lora_dropout 0
            [--shapes]              # operators split by input shapes and dtypes
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import BATCH, LR, MAX_LENGTH, _llmft_run, _rows, hardware_line, make_data  # noqa: E402
+from sft_throughput import (BATCH, LEVERS_OFF, LR, MAX_LENGTH, _llmft_run, _rows, hardware_line,  # noqa: E402
+                             make_data)
 
 from llmft.hardware import preload_allocator  # noqa: E402
 
@@ -47,19 +49,24 @@ def profiler_callback(steps: int, shapes: bool = False):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
-    parser.add_argument("--config", default="llmft", choices=["llmft", "trl"])
+    parser.add_argument("--config", default="llmft", choices=["llmft", "trl", *LEVERS_OFF],
+                        help="llmft, TRL, or llmft with one CPU lever off (sft_throughput.py's configurations)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     args = parser.parse_args()
-    if args.config == "llmft":  # the allocator `llmft train` runs on: under glibc a full step took twice as long
+    if args.config != "trl":  # the allocator `llmft train` runs on: under glibc a full step took twice as long
         preload_allocator(["train"])
+    if args.config in LEVERS_OFF:
+        from llmft import cpu_speed
+
+        setattr(cpu_speed, *LEVERS_OFF[args.config])
     callback = profiler_callback(args.steps, args.shapes)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = make_data(work, BATCH * (args.steps + 2))
-        if args.config == "llmft":
+        if args.config != "trl":
             overrides = [item for key, value in args.set for item in (f"--{key}", value)]
             _llmft_run("profile", args.method, args.steps + 1, data, work, BATCH * (args.steps + 2), overrides, callback)
         else:
