@@ -1,6 +1,6 @@
 """Attention for training in bf16 on CPUs: the speed of matmul attention at the memory of flash attention.
 
-On CPU, PyTorch's SDPA (its flash kernel) runs the softmax attention forward and backward about 2x slower than
+On CPU, PyTorch's SDPA (its flash kernel) runs the softmax attention forward and backward 1.5-2x slower than
 the same work done as bf16 matmuls (oneDNN) plus a float32 softmax, but matmul ("eager") attention keeps each
 layer's attention probabilities for the backward, memory that grows with the square of the length.
 `RecomputedAttention` keeps only q, k and v, as flash attention does, and recomputes the probabilities in the
@@ -14,9 +14,12 @@ backward, block by block:
 - scores in bf16 from the matmul (as eager attention computes them), softmax and its backward in float32.
 
 llmft.cpu_speed.recomputed_attention puts it on a CPU run's model in place of "sdpa" (benchmarks/README.md has
-the figures). Calls it does not cover go to transformers' SDPA attention unchanged: no gradient (evaluation,
-generation), float32 (SDPA is as fast there), attention dropout, soft-capping, attention sinks, position biases,
-paged caches, float or per-head masks, devices other than the CPU.
+the figures). It takes the calls of modules in training mode, with or without gradients (so that the reference
+log-probabilities of DPO or GRPO, computed without gradients, come from the same arithmetic as the policy's).
+Calls it does not cover go to transformers' SDPA attention unchanged: modules in eval mode (evaluation,
+generation after training), one-token decoding steps, float32 (SDPA is as fast there), attention dropout,
+soft-capping, attention sinks, position biases, paged caches, float, per-head or broadcast masks, a causal call
+without a mask over a cache (SDPA aligns that one to the top left), devices other than the CPU.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    if not _covered(query, key, value, attention_mask, dropout, dtype, kwargs):
+    if not _covered(module, query, key, value, attention_mask, dropout, dtype, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -50,12 +53,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return RecomputedAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scale, causal), None
 
 
-def _covered(query, key, value, mask, dropout, dtype, kwargs) -> bool:
+def _covered(module, query, key, value, mask, dropout, dtype, kwargs) -> bool:
     unusual = any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "position_bias", "cache"))
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    return (needs_grad and dtype == torch.bfloat16 and query.device.type == "cpu" and not dropout and not unusual
-            and not kwargs.get("output_attentions") and query.shape[1] % key.shape[1] == 0
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1)))
+    length, keys = query.shape[2], key.shape[2]
+    if mask is None:  # SDPA's own causal flag: squares only (with more keys than queries it aligns to the top left)
+        shape_ok = length == keys
+    else:
+        shape_ok = (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+                    and tuple(mask.shape[2:]) == (length, keys))
+    return (getattr(module, "training", False) and length > 1 and keys >= length and shape_ok
+            and dtype == torch.bfloat16 and query.device.type == "cpu" and not dropout and not unusual
+            and not kwargs.get("output_attentions") and query.shape[1] % key.shape[1] == 0)
 
 
 class RecomputedAttention(torch.autograd.Function):
@@ -82,25 +90,35 @@ class RecomputedAttention(torch.autograd.Function):
             return grid.unrows(grid.zero_dead(out))  # the only copy of the output: into [B, L, H, D]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         qr, kr, vr, _ = ctx.saved_tensors
         grid, scale = ctx.grid, ctx.scale
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
         with torch.autocast("cpu", enabled=False):
             grad_rows = grid.zero_dead(grid.output_rows(grad_out.to(qr.dtype)))
-            grad_q = torch.empty_like(qr)
-            grad_k, grad_v = torch.zeros(kr.shape), torch.zeros(vr.shape)  # float32 sums over the blocks
+            grad_q = torch.empty_like(qr) if need_q else None
+            # float32 sums over the blocks
+            grad_k = torch.zeros(kr.shape, dtype=torch.float32) if need_k else None
+            grad_v = torch.zeros(vr.shape, dtype=torch.float32) if need_v else None
             for block in grid.blocks():
                 rows, queries, keys = block
                 probs = grid.probs(qr, kr, block, scale)
                 q_b, g_b = qr[rows, queries], grad_rows[rows, queries]
-                grad_v[rows, keys] += torch.bmm(probs.to(qr.dtype).transpose(1, 2), g_b)
+                if need_v:
+                    grad_v[rows, keys] += torch.bmm(probs.to(qr.dtype).transpose(1, 2), g_b)
+                if not (need_q or need_k):
+                    continue
                 # softmax backward: dS = P * (dP - rowsum(P * dP)), in float32
                 grad_p = torch.bmm(g_b, vr[rows, keys].transpose(1, 2)).float().mul_(probs)
                 grad_s = grad_p.sub_(probs.mul_(grad_p.sum(-1, keepdim=True))).mul_(scale).to(qr.dtype)
-                torch.bmm(grad_s, kr[rows, keys], out=grad_q[rows, queries])
-                grad_k[rows, keys] += torch.bmm(grad_s.transpose(1, 2), q_b)
-            return (grid.unrows(grad_q).transpose(1, 2), grid.unheads(grad_k.to(qr.dtype)),
-                    grid.unheads(grad_v.to(qr.dtype)), None, None, None)
+                if need_q:
+                    torch.bmm(grad_s, kr[rows, keys], out=grad_q[rows, queries])
+                if need_k:
+                    grad_k[rows, keys] += torch.bmm(grad_s.transpose(1, 2), q_b)
+            return (grid.unrows(grad_q).transpose(1, 2) if need_q else None,
+                    grid.unheads(grad_k.to(qr.dtype)) if need_k else None,
+                    grid.unheads(grad_v.to(qr.dtype)) if need_v else None, None, None, None)
 
 
 class _Grid:

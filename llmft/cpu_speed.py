@@ -9,7 +9,7 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
   head, in chunks, with PyTorch's fused log-softmax.
-- recomputed_attention: SDPA's CPU flash kernel runs attention's forward and backward about 2x slower than bf16
+- recomputed_attention: SDPA's CPU flash kernel runs attention's forward and backward 1.5-2x slower than bf16
   matmuls with a float32 softmax; llmft.attention does the latter and recomputes the probabilities in the backward,
   so it keeps no more than SDPA does.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing

@@ -50,9 +50,9 @@ MASKS = {  # name: (queries L, keys S, mask for RecomputedAttention or None, cau
 @pytest.mark.parametrize("blocks", ["many small blocks", "default blocks"])
 @pytest.mark.parametrize("name", list(MASKS))
 def test_output_and_gradients_match_softmax_attention(name, blocks, monkeypatch):
-    if blocks == "many small blocks":  # blocks of 16 positions, a few rows each: every edge case of the cutting
+    if blocks == "many small blocks":  # 16 positions, up to 3 of the 4 batch x head rows: blocks start mid-batch
         monkeypatch.setattr(attention, "BLOCK_POSITIONS", 16)
-        monkeypatch.setattr(attention, "BLOCK_BYTES", 4096)
+        monkeypatch.setattr(attention, "BLOCK_BYTES", 3 * 16 * 3 * 40 * 4)
     length, keys, mask, causal = MASKS[name]()
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, heads, n, 8, generator=gen) for heads, n in ((6, length), (2, keys), (2, keys)))
@@ -74,6 +74,50 @@ def test_output_and_gradients_match_softmax_attention(name, blocks, monkeypatch)
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
     if name == "left padding":  # queries that may attend to nothing: zero output, and they pass no gradient
         assert out[0, :, :10].abs().max() == 0
+
+
+def test_bf16_inputs_and_values_narrower_than_keys():
+    """The dtype training runs in (bf16 in, float32 softmax and sums, bf16 out and gradients) and a value width of
+    its own, against float64."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 6, 50, 8, generator=gen), torch.randn(2, 2, 50, 8, generator=gen), torch.randn(
+        2, 2, 50, 5, generator=gen)
+    mask = (torch.ones(50, 50, dtype=torch.bool).tril() & padding(2, 50, "right", 7)[:, None])[:, None]
+    grad_out = torch.randn(2, 6, 50, 5, generator=gen)
+    leaves = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    out = RecomputedAttention.apply(*leaves, mask, 8 ** -0.5, True).transpose(1, 2)
+    out.backward(grad_out.to(torch.bfloat16))
+    ref_leaves = [x.to(torch.bfloat16).double().requires_grad_() for x in (q, k, v)]
+    expected = reference(*ref_leaves, mask)
+    expected.backward(grad_out.to(torch.bfloat16).double())
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 6, 50, 5)
+    torch.testing.assert_close(out.double(), expected, rtol=0.02, atol=0.02)
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0.03, atol=0.03)
+
+
+class Training(torch.nn.Module):
+    is_causal, num_key_value_groups = True, 3  # an attention module as transformers' attention functions see it
+
+
+@pytest.mark.parametrize("case", ["no mask over a cache", "a mask broadcast over queries", "a decoding step",
+                                  "eval mode", "float32"])
+def test_calls_it_does_not_cover_are_sdpas_own(case):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(4)
+    length = {"no mask over a cache": 3, "a decoding step": 1}.get(case, 140)  # > one block of positions
+    q = torch.randn(2, 6, length, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 150, 8, generator=gen, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 150, dtype=torch.bool) if case == "a mask broadcast over queries" else None
+    module = Training().train(case != "eval mode")
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ours, _ = attention.attention_forward(module, q, k, v, mask)
+        sdpa, _ = sdpa_attention_forward(module, q, k, v, mask)
+    assert torch.equal(ours, sdpa)
+    assert ours.grad_fn is not None and "RecomputedAttention" not in type(ours.grad_fn).__name__
 
 
 def _tiny(tiny_model_dir, implementation="sdpa"):
@@ -107,8 +151,11 @@ def _graph_names(tensor):
     return {type(node).__name__ for node in seen}
 
 
-def test_on_a_model_bf16_training_calls_take_it_and_stay_as_close_to_float32_as_sdpa(tiny_model_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_on_a_model_bf16_training_calls_take_it_and_stay_as_close_to_float32_as_sdpa(tiny_model_dir, checkpointing):
     model = _tiny(tiny_model_dir)
+    if checkpointing:  # the forward recomputed in the backward takes it too
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids, mask, labels = _batch(model.config.vocab_size)
     _, exact = _step(model, ids, mask, labels, bf16=False)
     sdpa_loss, sdpa = _step(model, ids, mask, labels, bf16=True)
@@ -121,13 +168,22 @@ def test_on_a_model_bf16_training_calls_take_it_and_stay_as_close_to_float32_as_
     assert error < 1.5 * sdpa_error + 1e-3, (error, sdpa_error)  # bf16 rounding, no worse than SDPA's
 
 
-def test_float32_and_gradient_free_calls_are_sdpas_own(tiny_model_dir):
+def test_float32_and_eval_mode_calls_are_sdpas_own_and_reference_passes_match_the_policy(tiny_model_dir):
     model, plain = _tiny(tiny_model_dir), _tiny(tiny_model_dir)
     assert recomputed_attention(model)
     ids, mask, labels = _batch(model.config.vocab_size)
     loss, grads = _step(model, ids, mask, labels, bf16=False)
     plain_loss, plain_grads = _step(plain, ids, mask, labels, bf16=False)
     assert torch.equal(loss, plain_loss) and torch.equal(grads, plain_grads)
+    # In training mode a pass without gradients (DPO's or GRPO's reference log-probs) computes what the policy's
+    # pass computes, bit for bit; SDPA's differs by bf16 rounding.
+    with torch.autocast("cpu", torch.bfloat16):
+        policy = model(input_ids=ids, attention_mask=mask).logits
+        with torch.no_grad():
+            reference_pass = model(input_ids=ids, attention_mask=mask).logits
+            sdpa = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(reference_pass, policy.detach()) and not torch.equal(reference_pass, sdpa)
+    model.eval(), plain.eval()  # evaluation and generation after training
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                            plain(input_ids=ids, attention_mask=mask).logits)
@@ -158,10 +214,12 @@ def test_a_bf16_cpu_run_trains_with_it_unless_the_recipe_names_an_attention(tmp_
     from llmft.train import train
 
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
-                          model={"dtype": "bfloat16", "attn_implementation": setting})
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, peft={"method": "full"},
+                          model={"attn_implementation": setting})
     seen = SeenAttention()
     train(load_recipe(recipe, ["--max_steps", "2", "--bf16", "true"]), callbacks=[seen])
     assert seen.implementation == expected
     assert read_run(out).info.trainable_tensors["changed"] > 0
-    assert "llmft" not in (out / "adapter_config.json").read_text()  # nothing of it in what later stages load
+    saved = [path.read_text() for path in out.rglob("*.json")]  # config.json, run.json, trainer state...
+    assert any('"model_type"' in text for text in saved)
+    assert not any(attention.NAME in text for text in saved)  # what later stages load names no llmft attention

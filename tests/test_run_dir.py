@@ -26,9 +26,10 @@ def trained(tmp_path_factory, tiny_model_dir):
     metric = data / "first_char.py"  # a local evaluate metric: the run keeps a copy
     metric.write_text(FIRST_CHAR_METRIC)
     out = tmp / "first" / "run"
-    # A high learning rate on short, regular answers: the tiny model learns to end its turn (llmft check).
-    train(load_recipe(write_recipe(tmp / "r.yaml", tiny_model_dir, train_file, out,
-                                   training={"max_steps": 40, "learning_rate": 3e-2},
+    # A high learning rate on short, regular answers: the tiny model learns to end its turn (llmft check). float32
+    # on every CPU: the trainer evaluates under autocast and `llmft eval` without it, which bf16 would set apart.
+    train(load_recipe(write_recipe(tmp / "r.yaml", tiny_model_dir, train_file, out, model={"dtype": "float32"},
+                                   training={"max_steps": 40, "learning_rate": 3e-2, "bf16": False},
                                    eval={"num_generate": 2, "few_shot": 1, "max_new_tokens": 4,
                                          "answer_extractor": "last_number",
                                          "metrics": ["exact_match", f"evaluate:{metric}"]})))
