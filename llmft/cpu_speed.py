@@ -1,4 +1,4 @@
-"""Training on CPUs without waste: five places where the libraries' general code, or the allocator, costs a CPU run
+"""Training on CPUs without waste: six places where the libraries' general code, or the allocator, costs a CPU run
 a third of its time.
 
 Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 has the figures):
@@ -12,6 +12,8 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - recomputed_attention: SDPA's CPU flash kernel runs attention's forward and backward 1.5-2x slower than bf16
   matmuls with a float32 softmax; llmft.attention does the latter and recomputes the probabilities in the backward,
   so it keeps no more than SDPA does.
+- fused_rms_norms: transformers' RMSNorm is five elementwise passes forward (square, mean, rsqrt, two products) and
+  more backward; PyTorch's fused rms_norm computes the same float32 normalisation in one.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
 """
@@ -123,6 +125,58 @@ def recomputed_attention(model: torch.nn.Module) -> bool:
     attention.register()
     base.set_attn_implementation(attention.NAME)
     return base.config._attn_implementation == attention.NAME
+
+
+# RMSNorm ------------------------------------------------------------------------------------------------------------
+
+
+def fused_rms_norms(model: torch.nn.Module) -> int:
+    """Each RMSNorm whose class computes weight * (x / rms(x) in float32, cast back to x's dtype), as Llama's, Qwen's
+    and Mistral's do, runs it through torch.nn.functional.rms_norm in float32 (one fused pass, and a fused backward)
+    and then the same cast and product. A class qualifies once its own forward gives bit for bit the output of the
+    fused one on a random input in its weight's dtype and in float32; others (Gemma's 1 + weight, ...) are left as
+    they are. Returns the number of modules changed."""
+    verdicts: dict[type, bool] = {}
+    changed = 0
+    for module in model.modules():
+        epsilon = _rms_epsilon(module)
+        if epsilon is None:
+            continue
+        kind = type(module)
+        if kind not in verdicts:
+            verdicts[kind] = _computes_fused_rms(module, epsilon)
+        if verdicts[kind]:
+            module.forward = types.MethodType(_fused_rms_forward, module)
+            changed += 1
+    return changed
+
+
+def _rms_epsilon(module: torch.nn.Module) -> float | None:
+    weight = getattr(module, "weight", None)
+    if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.dim() != 1
+            or weight.numel() == 0):  # an empty weight: a DeepSpeed ZeRO-3 shard, nothing to check it on
+        return None
+    epsilon = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return epsilon if isinstance(epsilon, float) else None
+
+
+def _fused_rms_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    normed = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), None, _rms_epsilon(self))
+    return self.weight * normed.to(hidden.dtype)
+
+
+def _computes_fused_rms(module: torch.nn.Module, epsilon: float) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for dtype in {module.weight.dtype, torch.float32}:
+            sample = torch.randn(2, 3, module.weight.shape[0], generator=generator).to(dtype)
+            try:
+                own = module(sample)
+            except Exception:  # a forward that wants more than the hidden states
+                return False
+            if not torch.equal(own, _fused_rms_forward(module, sample)):
+                return False
+    return True
 
 
 # The LM head on loss positions ---------------------------------------------------------------------------------------

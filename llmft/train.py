@@ -194,7 +194,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
-    it drops, bf16 attention as matmuls recomputed in the backward (bf16 runs with model.attn_implementation: auto;
+    it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs with model.attn_implementation: auto;
     the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
@@ -205,6 +205,8 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
         done.append("bf16 adapter inputs under autocast")
     if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
         done.append("cheap LoRA dropout")
+    if levers.fused_rms_norms(model):
+        done.append("fused RMSNorm")
     if bf16_attention and levers.recomputed_attention(model):
         done.append("bf16 matmul attention recomputed in the backward")
     if done:

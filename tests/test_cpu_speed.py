@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llmft.config import ModelConfig, PeftSettings
-from llmft.cpu_speed import CheapDropout, adapters_follow_autocast, cheap_lora_dropout, loss_positions_head
+from llmft.cpu_speed import (CheapDropout, adapters_follow_autocast, cheap_lora_dropout, fused_rms_norms,
+                             loss_positions_head)
 from llmft.model import add_lora, load_model
 
 
@@ -129,6 +130,34 @@ def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny)
     with torch.autocast("cpu", torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
+
+
+@pytest.mark.parametrize("setup", ["float32", "bf16 weights under autocast"])
+def test_fused_rms_norms_give_the_same_outputs_and_gradients(tiny, setup):
+    bf16 = setup != "float32"
+    plain = copy.deepcopy(tiny).to(torch.bfloat16 if bf16 else torch.float32).train()
+    fused = copy.deepcopy(plain)
+    assert fused_rms_norms(fused) == 2 * 2 + 1  # two per decoder layer and the final one
+    ids = torch.randint(3, tiny.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            hidden = model.model(input_ids=ids).last_hidden_state
+        hidden.float().square().mean().backward()
+        results.append((hidden, {n: p.grad for n, p in model.named_parameters()}))
+    (hidden, grads), (fused_hidden, fused_grads) = results
+    assert torch.equal(fused_hidden, hidden)  # the forward to the bit
+    tolerance = {"rtol": 0.02, "atol": 1e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-7}
+    for name in grads:  # the backward in another order of the same arithmetic
+        torch.testing.assert_close(fused_grads[name], grads[name], **tolerance)
+
+
+def test_rms_norms_that_compute_something_else_are_left_alone():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # weight * (1 + ...), all in float32
+
+    norms = torch.nn.Sequential(GemmaRMSNorm(8), GemmaRMSNorm(8))
+    torch.nn.init.normal_(norms[0].weight)
+    assert fused_rms_norms(norms) == 0
 
 
 def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
