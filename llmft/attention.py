@@ -50,7 +50,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return RecomputedAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scale, causal), None
+    out = RecomputedAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scale, causal)
+    return out, None
 
 
 def _covered(module, query, key, value, mask, dropout, dtype, kwargs) -> bool:
@@ -192,8 +193,10 @@ class _Grid:
         positions = slice(queries.start // self.G, queries.stop // self.G)
         if self.mask is None:
             query_pos = torch.arange(positions.start, positions.stop)[:, None] + self.offset
-            allowed = (torch.arange(keys.stop)[None] <= query_pos) if self.causal else torch.ones(1, 1, dtype=torch.bool)
-            allowed = allowed[None]
+            if self.causal:
+                allowed = (torch.arange(keys.stop)[None] <= query_pos)[None]
+            else:
+                allowed = torch.ones(1, 1, 1, dtype=torch.bool)
         else:
             allowed = self.mask[:, 0, positions, keys]
             if allowed.shape[0] > 1:

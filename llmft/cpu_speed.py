@@ -133,9 +133,9 @@ def recomputed_attention(model: torch.nn.Module) -> bool:
 def fused_rms_norms(model: torch.nn.Module) -> int:
     """Each RMSNorm whose class computes weight * (x / rms(x) in float32, cast back to x's dtype), as Llama's, Qwen's
     and Mistral's do, runs it through torch.nn.functional.rms_norm in float32 (one fused pass, and a fused backward)
-    and then the same cast and product. A class qualifies once its own forward gives bit for bit the output of the
-    fused one on a random input in its weight's dtype and in float32; others (Gemma's 1 + weight, ...) are left as
-    they are. Returns the number of modules changed."""
+    and then the same cast and product. A class qualifies once its own forward gives the fused one's output, dtype
+    and every bit, for random weights and inputs in bf16 and float32 (weights and inputs in either); others
+    (Gemma's 1 + weight, OLMo's product before the cast, ...) are left as they are. Returns the number changed."""
     verdicts: dict[type, bool] = {}
     changed = 0
     for module in model.modules():
@@ -146,6 +146,7 @@ def fused_rms_norms(model: torch.nn.Module) -> int:
         if kind not in verdicts:
             verdicts[kind] = _computes_fused_rms(module, epsilon)
         if verdicts[kind]:
+            module.fused_rms_epsilon = epsilon
             module.forward = types.MethodType(_fused_rms_forward, module)
             changed += 1
     return changed
@@ -154,27 +155,35 @@ def fused_rms_norms(model: torch.nn.Module) -> int:
 def _rms_epsilon(module: torch.nn.Module) -> float | None:
     weight = getattr(module, "weight", None)
     if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.dim() != 1
-            or weight.numel() == 0):  # an empty weight: a DeepSpeed ZeRO-3 shard, nothing to check it on
+            or weight.numel() == 0 or weight.device.type == "meta"):  # empty: a ZeRO-3 shard, nothing to check on
         return None
     epsilon = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     return epsilon if isinstance(epsilon, float) else None
 
 
 def _fused_rms_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-    normed = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), None, _rms_epsilon(self))
-    return self.weight * normed.to(hidden.dtype)
+    return _fused_rms(hidden, self.weight, self.fused_rms_epsilon)
+
+
+def _fused_rms(hidden: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    normed = torch.nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), None, epsilon)
+    return weight * normed.to(hidden.dtype)
 
 
 def _computes_fused_rms(module: torch.nn.Module, epsilon: float) -> bool:
     generator = torch.Generator().manual_seed(0)
+    size = module.weight.shape[0]
+    dtypes = (torch.bfloat16, torch.float32)
     with torch.no_grad():
-        for dtype in {module.weight.dtype, torch.float32}:
-            sample = torch.randn(2, 3, module.weight.shape[0], generator=generator).to(dtype)
+        for weight_dtype, input_dtype in ((w, x) for w in dtypes for x in dtypes):
+            weight = torch.randn(size, generator=generator).to(weight_dtype)
+            sample = (torch.randn(2, 3, size, generator=generator) * 3).to(input_dtype)
             try:
-                own = module(sample)
-            except Exception:  # a forward that wants more than the hidden states
+                own = torch.func.functional_call(module, {"weight": weight}, (sample,))
+                fused = _fused_rms(sample, weight, epsilon)
+            except Exception:  # a forward that wants more than the hidden states, weights it cannot swap, ...
                 return False
-            if not torch.equal(own, _fused_rms_forward(module, sample)):
+            if own.dtype != fused.dtype or not torch.equal(own, fused):
                 return False
     return True
 

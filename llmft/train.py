@@ -194,8 +194,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
-    it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs with model.attn_implementation: auto;
-    the levers that live for the training loop: cpu_step_levers)."""
+    it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs
+    with model.attn_implementation: auto; the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []

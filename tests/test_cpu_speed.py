@@ -132,32 +132,41 @@ def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-@pytest.mark.parametrize("setup", ["float32", "bf16 weights under autocast"])
+@pytest.mark.parametrize("setup", ["float32", "float32 weights under autocast", "bf16 weights under autocast"])
 def test_fused_rms_norms_give_the_same_outputs_and_gradients(tiny, setup):
-    bf16 = setup != "float32"
-    plain = copy.deepcopy(tiny).to(torch.bfloat16 if bf16 else torch.float32).train()
+    autocast = setup != "float32"
+    plain = copy.deepcopy(tiny).to(torch.bfloat16 if setup.startswith("bf16") else torch.float32).train()
+    with torch.no_grad():  # trained-looking norm weights (they start at ones, where many forms agree)
+        for name, param in plain.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(len(name)))
     fused = copy.deepcopy(plain)
     assert fused_rms_norms(fused) == 2 * 2 + 1  # two per decoder layer and the final one
     ids = torch.randint(3, tiny.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     results = []
     for model in (plain, fused):
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             hidden = model.model(input_ids=ids).last_hidden_state
         hidden.float().square().mean().backward()
         results.append((hidden, {n: p.grad for n, p in model.named_parameters()}))
     (hidden, grads), (fused_hidden, fused_grads) = results
-    assert torch.equal(fused_hidden, hidden)  # the forward to the bit
-    tolerance = {"rtol": 0.02, "atol": 1e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-7}
+    assert fused_hidden.dtype == hidden.dtype and torch.equal(fused_hidden, hidden)  # the forward to the bit
+    tolerance = {"rtol": 0.02, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-7}
     for name in grads:  # the backward in another order of the same arithmetic
         torch.testing.assert_close(fused_grads[name], grads[name], **tolerance)
 
 
-def test_rms_norms_that_compute_something_else_are_left_alone():
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # weight * (1 + ...), all in float32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norms_that_compute_something_else_are_left_alone(dtype):
+    """Gemma: weight * (1 + ...) in float32; OLMo 2: the product before the cast; Helium: a float32 weight product;
+    Gemma 3n: the product in float32. All agree with Llama's form at their initial weights."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
+    from transformers.models.helium.modeling_helium import HeliumRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
-    norms = torch.nn.Sequential(GemmaRMSNorm(8), GemmaRMSNorm(8))
-    torch.nn.init.normal_(norms[0].weight)
-    assert fused_rms_norms(norms) == 0
+    for kind in (GemmaRMSNorm, Olmo2RMSNorm, HeliumRMSNorm, Gemma3nRMSNorm):
+        assert fused_rms_norms(torch.nn.Sequential(kind(8)).to(dtype)) == 0, kind.__name__
 
 
 def test_training_starts_again_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, quiet_env):
