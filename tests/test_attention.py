@@ -210,7 +210,7 @@ class SeenAttention(TrainerCallback):
 def test_a_bf16_cpu_run_trains_with_it_unless_the_recipe_names_an_attention(tmp_path, tiny_model_dir, train_file,
                                                                             setting, expected):
     from llmft.config import load_recipe
-    from llmft.run_dir import read_run
+    from llmft.run_dir import missing_files, read_run
     from llmft.train import train
 
     out = tmp_path / "run"
@@ -219,7 +219,8 @@ def test_a_bf16_cpu_run_trains_with_it_unless_the_recipe_names_an_attention(tmp_
     seen = SeenAttention()
     train(load_recipe(recipe, ["--max_steps", "2", "--bf16", "true"]), callbacks=[seen])
     assert seen.implementation == expected
-    assert read_run(out).info.trainable_tensors["changed"] > 0
+    tensors = read_run(out).info.trainable_tensors
+    assert tensors["changed"] == tensors["total"] > 0 and missing_files(out) == []
     saved = [path.read_text() for path in out.rglob("*.json")]  # config.json, run.json, trainer state...
     assert any('"model_type"' in text for text in saved)
     assert not any(attention.NAME in text for text in saved)  # what later stages load names no llmft attention
