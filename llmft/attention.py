@@ -9,9 +9,11 @@ backward, block by block:
 - blocks of query positions (rows ordered by position, then query head of a key/value head group, so that a block
   of positions is a block of rows), each against only the keys its causal mask can reach: about half the work of a
   full square at the lengths of chat data;
-- each block small enough (BLOCK_BYTES of float32 scores) to stay in the CPU's cache between the matmul, the
-  softmax and the backward's elementwise passes;
-- scores in bf16 from the matmul (as eager attention computes them), softmax and its backward in float32.
+- each block small enough (BLOCK_BYTES of bf16 scores) to stay in the CPU's cache between the matmul, the
+  softmax and the backward's passes;
+- scores in bf16 from the matmul (as eager attention computes them); the softmax and its backward computed in
+  float32 by PyTorch's bf16 kernels (the softmax rounds once, as eager's float32 softmax cast to bf16 does);
+- a plain causal call (no mask: what training without padding makes) masks only the block's own diagonal keys.
 
 llmft.cpu_speed.recomputed_attention puts it on a CPU run's model in place of "sdpa" (benchmarks/README.md has
 the figures). It takes the calls of modules in training mode, with or without gradients (so that the reference
@@ -28,7 +30,7 @@ import torch
 
 NAME = "llmft_cpu"  # the attn_implementation name it is registered under in transformers
 BLOCK_POSITIONS = 128  # query positions per block
-BLOCK_BYTES = 2**20  # float32 scores per block: rows x keys x 4 bytes, cache-sized
+BLOCK_BYTES = 2**21  # scores per block: rows x keys x 2 bytes (bf16), cache-sized
 
 
 def register() -> None:
@@ -83,7 +85,7 @@ class RecomputedAttention(torch.autograd.Function):
             qr, kr, vr = grid.rows(q), grid.heads(k), grid.heads(v)
             out = torch.empty(*qr.shape[:2], v.shape[-1], dtype=q.dtype)
             for block in grid.blocks():
-                probs = grid.probs(qr, kr, block, scale).to(q.dtype)
+                probs = grid.probs(qr, kr, block, scale)
                 rows, queries, keys = block
                 torch.bmm(probs, vr[rows, keys], out=out[rows, queries])
             ctx.save_for_backward(qr, kr, vr, mask)
@@ -107,16 +109,20 @@ class RecomputedAttention(torch.autograd.Function):
                 probs = grid.probs(qr, kr, block, scale)
                 q_b, g_b = qr[rows, queries], grad_rows[rows, queries]
                 if need_v:
-                    grad_v[rows, keys] += torch.bmm(probs.to(qr.dtype).transpose(1, 2), g_b)
+                    grad_v[rows, keys] += torch.bmm(probs.transpose(1, 2), g_b)
                 if not (need_q or need_k):
                     continue
-                # softmax backward: dS = P * (dP - rowsum(P * dP)), in float32
-                grad_p = torch.bmm(g_b, vr[rows, keys].transpose(1, 2)).float().mul_(probs)
-                grad_s = grad_p.sub_(probs.mul_(grad_p.sum(-1, keepdim=True))).mul_(scale).to(qr.dtype)
+                # softmax backward, dS = P * (dP - rowsum(P * dP)): PyTorch's kernel computes it in float32 from
+                # the bf16 operands in one pass (a float32 copy of each operand first cost 5x as long)
+                grad_p = torch.bmm(g_b, vr[rows, keys].transpose(1, 2))
+                grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
                 if need_q:
-                    torch.bmm(grad_s, kr[rows, keys], out=grad_q[rows, queries])
+                    torch.baddbmm(grad_q[rows, queries], grad_s, kr[rows, keys], beta=0, alpha=scale,
+                                  out=grad_q[rows, queries])
                 if need_k:
                     grad_k[rows, keys] += torch.bmm(grad_s.transpose(1, 2), q_b)
+            if need_k:
+                grad_k.mul_(scale)
             return (grid.unrows(grad_q).transpose(1, 2) if need_q else None,
                     grid.unheads(grad_k.to(qr.dtype)) if need_k else None,
                     grid.unheads(grad_v.to(qr.dtype)) if need_v else None, None, None, None)
@@ -141,6 +147,7 @@ class _Grid:
             self.dead = self.dead if self.dead.any() else None
             self.causal = not mask.triu(offset + 1).any()  # blocks may stop at the diagonal
         self.offset = offset
+        self.diagonals: dict[int, torch.Tensor] = {}
 
     # layouts
     def rows(self, x):  # [B, H, L, D] -> [B*Hk, L*G, D], rows ordered (position, query head)
@@ -171,21 +178,35 @@ class _Grid:
     # blocks
     def blocks(self):
         """(rows, query rows, keys) slices: blocks of BLOCK_POSITIONS positions, each against the keys it can
-        reach, over as many batch x head rows as fit BLOCK_BYTES of float32 scores."""
+        reach, over as many batch x head rows as fit BLOCK_BYTES of scores."""
         for start in range(0, self.L, BLOCK_POSITIONS):
             stop = min(self.L, start + BLOCK_POSITIONS)
             keys = self.offset + stop if self.causal else self.S
-            per_row = (stop - start) * self.G * keys * 4
+            per_row = (stop - start) * self.G * keys * self.dtype.itemsize
             step = max(1, BLOCK_BYTES // per_row)
             for first in range(0, self.B * self.Hk, step):
                 yield (slice(first, min(self.B * self.Hk, first + step)),
                        slice(start * self.G, stop * self.G), slice(0, keys))
 
     def probs(self, qr, kr, block, scale):
-        """float32 softmax of one block's scores."""
+        """Softmax of one block's scores, in the compute dtype: PyTorch computes a bf16 softmax in float32 and
+        rounds once, the bits of eager attention's float32 softmax cast to bf16, in 0.7x its time."""
         rows, queries, keys = block
-        scores = torch.baddbmm(self._bias(block), qr[rows, queries], kr[rows, keys].transpose(1, 2), alpha=scale)
-        return torch.softmax(scores, -1, dtype=torch.float32)
+        q_b, k_b = qr[rows, queries], kr[rows, keys].transpose(1, 2)
+        if self.mask is not None or not self.causal:
+            scores = torch.baddbmm(self._bias(block), q_b, k_b, alpha=scale)
+        else:  # causal without a mask: only the keys of the block's own positions need masking
+            scores = torch.baddbmm(torch.empty((), dtype=q_b.dtype), q_b, k_b, beta=0, alpha=scale)
+            n = queries.stop // self.G - queries.start // self.G
+            scores[:, :, keys.stop - n:].add_(self._diagonal(n))
+        return torch.softmax(scores, -1)
+
+    def _diagonal(self, n: int) -> torch.Tensor:
+        """0 / -inf for n positions against their own n keys: [n * G, n], made once per call and length."""
+        if n not in self.diagonals:
+            later = torch.ones(n, n, dtype=torch.bool).triu(1).repeat_interleave(self.G, 0)
+            self.diagonals[n] = torch.zeros(later.shape, dtype=self.dtype).masked_fill_(later, float("-inf"))
+        return self.diagonals[n]
 
     def _bias(self, block):
         """0 where a query attends to a key, -inf elsewhere: [rows or 1, queries, keys] in the compute dtype."""

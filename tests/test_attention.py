@@ -76,21 +76,26 @@ def test_output_and_gradients_match_softmax_attention(name, blocks, monkeypatch)
         assert out[0, :, :10].abs().max() == 0
 
 
-def test_bf16_inputs_and_values_narrower_than_keys():
-    """The dtype training runs in (bf16 in, float32 softmax and sums, bf16 out and gradients) and a value width of
-    its own, against float64."""
+@pytest.mark.parametrize("case", ["causal", "causal after a cache", "right padding"])
+def test_bf16_inputs_and_values_narrower_than_keys(case, monkeypatch):
+    """The dtype training runs in (bf16 in, softmax and its backward computed in float32 from bf16, float32 sums
+    over blocks, bf16 out and gradients) and a value width of its own, against float64, over several blocks of
+    positions: the plain causal call (the one training makes) masks only each block's diagonal."""
+    monkeypatch.setattr(attention, "BLOCK_POSITIONS", 16)
     gen = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(2, 6, 50, 8, generator=gen), torch.randn(2, 2, 50, 8, generator=gen), torch.randn(
-        2, 2, 50, 5, generator=gen)
-    mask = (torch.ones(50, 50, dtype=torch.bool).tril() & padding(2, 50, "right", 7)[:, None])[:, None]
-    grad_out = torch.randn(2, 6, 50, 5, generator=gen)
+    length, keys = (50, 50) if case != "causal after a cache" else (37, 50)
+    q, k, v = torch.randn(2, 6, length, 8, generator=gen), torch.randn(2, 2, keys, 8, generator=gen), torch.randn(
+        2, 2, keys, 5, generator=gen)
+    allowed = torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
+    mask = (allowed & padding(2, keys, "right", 7)[:, None])[:, None] if case == "right padding" else None
+    grad_out = torch.randn(2, 6, length, 5, generator=gen)
     leaves = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
     out = RecomputedAttention.apply(*leaves, mask, 8 ** -0.5, True).transpose(1, 2)
     out.backward(grad_out.to(torch.bfloat16))
     ref_leaves = [x.to(torch.bfloat16).double().requires_grad_() for x in (q, k, v)]
-    expected = reference(*ref_leaves, mask)
+    expected = reference(*ref_leaves, allowed if mask is None else mask)
     expected.backward(grad_out.to(torch.bfloat16).double())
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 6, 50, 5)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 6, length, 5)
     torch.testing.assert_close(out.double(), expected, rtol=0.02, atol=0.02)
     for got, want in zip(leaves, ref_leaves):
         assert got.grad.dtype == torch.bfloat16
