@@ -28,8 +28,9 @@ import types
 
 import torch
 
-HEAD_CHUNK = 128  # tokens per LM-head chunk: 128 x 49k float32 logits (25 MB) stay in cache-sized pieces
-# Above this many bytes of float32 log-probabilities kept for the backward (labelled tokens x vocabulary x 4), each
+HEAD_CHUNK = 128  # tokens per LM-head chunk (the matmul's rows)
+HEAD_SLICE_BYTES = 2**21  # float32 rows of one chunk worked on at a time for the softmax: cache-sized
+# Above this many bytes of logits kept for the backward (labelled tokens x vocabulary x 4, bf16 takes half), each
 # chunk is recomputed in the backward instead (activation checkpointing): memory stays flat for long answers and
 # large vocabularies, at one more head projection per chunk.
 HEAD_KEEP_BYTES = 256 * 2**20
@@ -246,13 +247,50 @@ def _score(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor):
 
 
 def _score_chunk(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor):
-    logits = head(hidden)  # bf16 under autocast; the softmax in float32
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    picked = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(log_p.exp() * log_p).sum(-1)
-        top1 = (log_p.argmax(-1) == target).float()  # the logits' order; argmax is 5x faster in float32 than bf16
-    return picked, entropy, top1
+    return _TargetScores.apply(head(hidden), target)  # bf16 logits under autocast
+
+
+class _TargetScores(torch.autograd.Function):
+    """From one chunk of logits: the target's float32 log-probability (with gradient), the entropy and whether the
+    target is the argmax, worked through HEAD_SLICE_BYTES of float32 rows at a time.
+
+    The arithmetic of `log_softmax(logits.float())`, its gather, entropy and backward, but each slice's float32 copy,
+    log-probabilities and exponentials stay in cache: done on whole 128 x 49k chunks, those passes went to memory
+    and took longer than the chunk's two matmuls. Saves the logits and one log-sum-exp per row, recomputing the
+    probabilities in the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        with torch.autocast("cpu", enabled=False):
+            rows = logits.shape[0]
+            log_p, entropy, top1, lse = (torch.empty(rows) for _ in range(4))
+            for part in _slices(logits):
+                z, t = logits[part].to(torch.float32, copy=True), target[part]  # a copy: it is changed in place
+                lse[part] = torch.logsumexp(z, -1)
+                top1[part] = (z.argmax(-1) == t).float()  # argmax is 5x faster in float32 than in bf16
+                z = z.sub_(lse[part, None])
+                log_p[part] = z.gather(-1, t[:, None]).squeeze(-1)
+                entropy[part] = -(z.exp() * z).sum(-1)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.mark_non_differentiable(entropy, top1)
+        return log_p, entropy, top1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_log_p, _entropy, _top1):
+        logits, target, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        with torch.autocast("cpu", enabled=False):
+            for part in _slices(logits):  # d log p_t / d z = onehot(t) - softmax(z), in float32
+                g = grad_log_p[part, None]
+                probs = logits[part].to(torch.float32, copy=True).sub_(lse[part, None]).exp_()
+                grad[part] = probs.mul_(-g).scatter_add_(-1, target[part, None], g)
+        return grad, None
+
+
+def _slices(logits: torch.Tensor):
+    step = max(1, HEAD_SLICE_BYTES // (logits.shape[-1] * 4))
+    return (slice(start, start + step) for start in range(0, logits.shape[0], step))
 
 
 # Freed memory within a step -----------------------------------------------------------------------------------------

@@ -69,6 +69,31 @@ def test_the_loss_positions_head_stays_off_models_without_trls_head(tiny):
     assert not loss_positions_head(tiny)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_scores_in_slices_are_log_softmaxs_and_leave_the_logits_as_they_were(dtype, monkeypatch):
+    """The LM head's scoring, slice by slice (3 rows of a 10-row chunk at a time here), against log_softmax over
+    the whole chunk in float32: log-probabilities, entropy, top-1 and the logits' gradient."""
+    from llmft.cpu_speed import _TargetScores
+
+    monkeypatch.setattr("llmft.cpu_speed.HEAD_SLICE_BYTES", 3 * 1000 * 4)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(10, 1000, generator=gen) * 4).to(dtype)
+    target, weights = torch.randint(0, 1000, (10,), generator=gen), torch.randn(10, generator=gen)
+    kept = logits.clone()
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    log_p, entropy, top1 = _TargetScores.apply(ours, target)
+    (log_p * weights).sum().backward()
+    full = torch.log_softmax(theirs.float(), -1)
+    want = full.gather(-1, target[:, None]).squeeze(-1)
+    (want * weights).sum().backward()
+    assert torch.equal(ours.detach(), kept) and log_p.dtype == torch.float32
+    torch.testing.assert_close(log_p, want.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach(), rtol=0, atol=1e-4)
+    assert torch.equal(top1.bool(), full.argmax(-1) == target)
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad, theirs.grad)
+
+
 def test_a_batch_without_labels_still_reaches_an_untied_head():
     from llmft.cpu_speed import _score
 
