@@ -8,7 +8,7 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
   its time; drawing only the dropped elements' positions gives the same dropout from ~p draws per element (p <= 0.1).
 - loss_positions_head: TRL's fused LM head scores every position through ~10 float32 passes over each
   (tokens x 32k) tile where Triton is missing; on CPU only the positions with a label go through the 49k-vocabulary
-  head, in chunks, with PyTorch's fused log-softmax.
+  head, in chunks, their float32 log-softmax worked through in cache-sized slices.
 - recomputed_attention: SDPA's CPU flash kernel runs attention's forward and backward 1.5-2x slower than bf16
   matmuls with a float32 softmax; llmft.attention does the latter and recomputes the probabilities in the backward,
   so it keeps no more than SDPA does.
@@ -30,7 +30,7 @@ import torch
 
 HEAD_CHUNK = 128  # tokens per LM-head chunk (the matmul's rows)
 HEAD_SLICE_BYTES = 2**21  # float32 rows of one chunk worked on at a time for the softmax: cache-sized
-# Above this many bytes of logits kept for the backward (labelled tokens x vocabulary x 4, bf16 takes half), each
+# Above this many bytes of logits kept for the backward (labelled tokens x vocabulary x their element size), each
 # chunk is recomputed in the backward instead (activation checkpointing): memory stays flat for long answers and
 # large vocabularies, at one more head projection per chunk.
 HEAD_KEEP_BYTES = 256 * 2**20
@@ -194,8 +194,8 @@ def _computes_fused_rms(module: torch.nn.Module, epsilon: float) -> bool:
 
 def loss_positions_head(model: torch.nn.Module) -> bool:
     """On CPU, answer TRL's fused-head calls (`model(..., fused_lm_head=True)`) by projecting only the positions
-    that carry a label, in chunks of HEAD_CHUNK tokens, through PyTorch's log-softmax; other calls, other devices
-    and models whose logits are scaled or soft-capped go to TRL's head. True when installed."""
+    that carry a label, in chunks of HEAD_CHUNK tokens, through a float32 log-softmax (_TargetScores); other calls,
+    other devices and models whose logits are scaled or soft-capped go to TRL's head. True when installed."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -235,7 +235,8 @@ def _score(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor):
         zero = hidden.sum() * 0 + head.weight.sum() * 0
         empty = zero.float().reshape(1)[:0]
         return empty, empty.detach(), empty.detach()
-    recompute = hidden.shape[0] * head.weight.shape[0] * 4 > HEAD_KEEP_BYTES
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else head.weight.dtype
+    recompute = hidden.shape[0] * head.weight.shape[0] * dtype.itemsize > HEAD_KEEP_BYTES
     parts = []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
         chunk, target = hidden[start:start + HEAD_CHUNK], targets[start:start + HEAD_CHUNK]

@@ -82,6 +82,7 @@ def test_bf16_inputs_and_values_narrower_than_keys(case, monkeypatch):
     over blocks, bf16 out and gradients) and a value width of its own, against float64, over several blocks of
     positions: the plain causal call (the one training makes) masks only each block's diagonal."""
     monkeypatch.setattr(attention, "BLOCK_POSITIONS", 16)
+    monkeypatch.setattr(attention, "BLOCK_BYTES", 3 * 16 * 3 * 50 * 2)  # up to 3 of the 4 batch x head rows
     gen = torch.Generator().manual_seed(3)
     length, keys = (50, 50) if case != "causal after a cache" else (37, 50)
     q, k, v = torch.randn(2, 6, length, 8, generator=gen), torch.randn(2, 2, keys, 8, generator=gen), torch.randn(
@@ -100,6 +101,14 @@ def test_bf16_inputs_and_values_narrower_than_keys(case, monkeypatch):
     for got, want in zip(leaves, ref_leaves):
         assert got.grad.dtype == torch.bfloat16
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0.03, atol=0.03)
+
+
+def test_a_bf16_softmax_has_the_bits_of_a_float32_softmax_cast_to_bf16():
+    """What the forward relies on to match eager attention's arithmetic with PyTorch's bf16 softmax kernel."""
+    gen = torch.Generator().manual_seed(5)
+    scores = (torch.randn(3, 200, 333, generator=gen) * 6).to(torch.bfloat16)
+    scores[:, :, 150:] = scores[:, :, 150:].masked_fill(torch.rand(3, 200, 183, generator=gen) > 0.5, float("-inf"))
+    assert torch.equal(torch.softmax(scores, -1), torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16))
 
 
 class Training(torch.nn.Module):
