@@ -28,7 +28,7 @@ import types
 
 import torch
 
-HEAD_CHUNK = 128  # tokens per LM-head chunk (the matmul's rows)
+HEAD_CHUNK = 512  # tokens per LM-head chunk: the matmul's rows (full fine-tuning sums one weight gradient per chunk)
 HEAD_SLICE_BYTES = 2**21  # float32 rows of one chunk worked on at a time for the softmax: cache-sized
 # Above this many bytes of logits kept for the backward (labelled tokens x vocabulary x their element size), each
 # chunk is recomputed in the backward instead (activation checkpointing): memory stays flat for long answers and
