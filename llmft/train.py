@@ -117,7 +117,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     if args.use_cpu:
         bf16_attention = recipe.model.attn_implementation == "auto" and (
             args.bf16 or weights_dtype(recipe.model, recipe.peft) == torch.bfloat16)
-        cpu_speed(trainer, stage.name, recipe.peft.method, bool(args.bf16), bf16_attention)
+        cpu_speed(trainer, stage.name, recipe.peft.method, bool(args.bf16), bf16_attention, launch.cpu_micro_batches)
     groups = None
     if recipe.tuning.custom_param_groups:  # the Trainer builds its optimizer over these instead of its two groups
         trainer.optimizer, groups = tuning.build_optimizer(trainer, recipe.tuning)
@@ -191,11 +191,12 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     return out
 
 
-def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool) -> None:
+def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool, micro_batches: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
     it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs
-    with model.attn_implementation: auto; the levers that live for the training loop: cpu_step_levers)."""
+    with model.attn_implementation: auto), a step's short examples packed into one pass (SFT and pretraining with
+    CPU micro-batches; the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []
@@ -209,6 +210,9 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
         done.append("fused RMSNorm")
     if bf16_attention and levers.recomputed_attention(model):
         done.append("bf16 matmul attention recomputed in the backward")
+    if (micro_batches and stage in ("sft", "pretrain")
+            and levers.packed_micro_batches(trainer, getattr(trainer.args, "max_length", None))):
+        done.append("short examples of a step packed into one pass")
     if done:
         log.info("CPU speed: %s", ", ".join(done))
 

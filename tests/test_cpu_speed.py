@@ -307,3 +307,32 @@ def test_the_allocator_is_left_alone_when_asked_or_preloaded_already(monkeypatch
     monkeypatch.setenv("LD_PRELOAD", "/opt/mine/libmymalloc.so")
     assert preload_allocator(["train", "recipe.yaml"]) is None
     assert allocator_in_use() == "LD_PRELOAD=/opt/mine/libmymalloc.so"
+
+
+def _one_example(length: int, first: int) -> dict:
+    """A one-example batch as the SFT collator gives it with CPU micro-batches."""
+    ids = torch.arange(first, first + length)[None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_a_steps_examples_are_packed_in_order_up_to_the_budget_and_no_example_predicts_the_next():
+    from llmft.cpu_speed import _packed
+
+    batches = [_one_example(3, 10), _one_example(4, 20), _one_example(6, 30), _one_example(2, 40)]
+    first, second = _packed(batches, 8)  # 3 + 4 fit in 8; 6 starts a row of its own, and 2 joins it
+    assert first["input_ids"].tolist() == [[10, 11, 12, 20, 21, 22, 23]]
+    assert first["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert first["labels"].tolist() == [[-100, 11, 12, -100, 21, 22, 23]]
+    assert "attention_mask" not in first and second["input_ids"].tolist() == [[30, 31, 32, 33, 34, 35, 40, 41]]
+    assert batches[0]["labels"].tolist() == [[10, 11, 12]]  # the collator's batches are left as they were
+    # A group of one is the batch as it came; an example over the budget raises it to its own length.
+    long, short = _one_example(9, 0), _one_example(3, 50)
+    alone = _packed([long, short], 8)
+    assert len(alone) == 2 and alone[0] is long and alone[1] is short
+    assert _packed([_one_example(3, 0), _one_example(9, 0), _one_example(5, 0)], None)[0]["input_ids"].shape == (1, 3)
+    # Keys a packed row cannot carry, or batches of several rows: the examples run one by one.
+    odd = dict(_one_example(3, 0), completion_mask=torch.ones(1, 3))
+    plain = _one_example(3, 5)
+    assert _packed([odd, plain], 8) == [odd, plain]
+    wide = {key: torch.cat([value, value]) for key, value in plain.items()}
+    assert _packed([wide, plain], 8) == [wide, plain]

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from llmft.config import load_recipe
 from llmft.run_dir import missing_files, read_run
@@ -64,19 +65,44 @@ def test_loss_regression_on_the_tiny_model(tmp_path, tiny_model_dir, train_file)
 EXPECTED_LOSSES = [5.969, 5.902, 5.849, 5.789]
 
 
-def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_model_dir, train_file):
-    """One example per pass, accumulated, is the same optimisation as the padded batch (token-weighted loss).
-    In fp32: in bf16 the two orders of summation differ by ~2e-5."""
-    losses = {}
+class PassRecorder(TrainerCallback):
+    """The rows of every training forward pass: (batch, length, whether position ids came with it)."""
+
+    def __init__(self):
+        self.passes: list[tuple[int, int, bool]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def record(module, args_, kwargs_):
+            if module.training:
+                ids = kwargs_["input_ids"]
+                self.passes.append((ids.shape[0], ids.shape[1], kwargs_.get("position_ids") is not None))
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("max_length", [512, 100])
+def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_model_dir, train_file, max_length):
+    """A step's examples run in passes of their own, short ones packed into one row up to max_length tokens,
+    accumulated: the same optimisation as the padded batch (token-weighted loss). In fp32: in bf16 the two orders
+    of summation differ by ~2e-5."""
+    losses, passes = {}, {}
     for micro in ("true", "false"):
         out = tmp_path / micro
         recipe = write_recipe(tmp_path / f"{micro}.yaml", tiny_model_dir, train_file, out)
+        recorder = PassRecorder()
         train(load_recipe(recipe, ["--max_steps", "4", "--cpu_micro_batches", micro, "--lora_dropout", "0",
-                                          "--dtype", "float32", "--bf16", "false"]))
+                                          "--dtype", "float32", "--bf16", "false", "--max_length", str(max_length)]),
+              callbacks=[recorder])
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        losses[micro] = [h["loss"] for h in history if "loss" in h]
+        losses[micro], passes[micro] = [h["loss"] for h in history if "loss" in h], recorder.passes
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
     assert len(losses["true"]) == 4
+    assert all(batch == 2 for batch, _, _ in passes["false"]) and len(passes["false"]) == 4
+    assert all(batch == 1 for batch, _, _ in passes["true"])
+    if max_length == 512:  # both examples of every step in one packed row
+        assert len(passes["true"]) == 4 and all(packed for _, _, packed in passes["true"])
+    else:  # examples of 84-85 tokens: two do not fit in 100, so each runs alone
+        assert len(passes["true"]) == 8 and not any(packed for _, _, packed in passes["true"])
 
 
 def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_dir, train_file):
