@@ -1,4 +1,4 @@
-"""Training on CPUs without waste: six places where the libraries' general code, or the allocator, costs a CPU run
+"""Training on CPUs without waste: seven places where the libraries' general code, or the allocator, costs a CPU run
 a third of its time.
 
 Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 has the figures):
@@ -14,6 +14,8 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
   so it keeps no more than SDPA does.
 - fused_rms_norms: transformers' RMSNorm is five elementwise passes forward (square, mean, rsqrt, two products) and
   more backward; PyTorch's fused rms_norm computes the same float32 normalisation in one.
+- packed_micro_batches: one example per pass (CPU micro-batches) pays each pass's fixed cost per example; a step's
+  short examples run packed into one row instead.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
 """
@@ -297,24 +299,35 @@ def _slices(logits: torch.Tensor):
 # Short examples packed into micro-batches ----------------------------------------------------------------------------
 
 PACKABLE = {"input_ids", "attention_mask", "labels"}  # what SFT's and pretraining's collators give
+PACK_TOKENS = 512  # longest packed row: its attention is computed as one causal square (see packed_micro_batches)
 
 
 def packed_micro_batches(trainer, max_tokens: int | None) -> bool:
     """With CPU micro-batches (one example per pass, training.cpu_micro_batches), run the examples of each optimizer
-    step together, consecutive ones packed into one row of at most max_tokens tokens (or of the step's longest
-    example), position ids restarting per example, as TRL's padding-free collator packs them.
+    step together, consecutive ones packed into one row of at most PACK_TOKENS tokens (max_length if smaller, the
+    step's longest example if larger), position ids restarting per example.
 
     A pass has a cost of its own (hundreds of small operations per layer): one pass over eight 56-token examples
-    took 0.4x the time of eight passes. Packing up to max_length keeps the memory of a pass within that of the
-    longest example, and examples longer than half of it still run alone. The Trainer's loss is the sum of the
-    passes' token losses over the step's token count (num_items_in_batch), so the gradients are those of the
-    unpacked micro-batches; without that count, or with keys a packed row cannot carry, the step's examples run one
-    by one as before. The step's earlier micro-batches wait for its last one (their loss, added with the last one's,
-    is logged with the step's). Single-process runs only (DDP would reduce at every packed pass). True when
+    took 0.4x the time of eight passes. Rows stay short enough that the attention's cost across a row stays small
+    and a pass's memory within that of a long example; examples that fit with no other run alone. The Trainer's
+    loss is the sum of the passes' token losses over the step's token count (num_items_in_batch), so the gradients
+    are those of the unpacked micro-batches; without that count, or with keys a packed row cannot carry, the
+    step's examples run one by one as before. The step's earlier micro-batches wait for its last one (their loss,
+    added with the last one's, is logged with the step's). Installed only where a probe shows that a packed row
+    computes each example as if alone (models whose attention ignores position ids, or that carry state from token
+    to token, would mix examples), in single-process runs (DDP would reduce at every packed pass). True when
     installed."""
     if trainer.args.world_size != 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         return False
-    run_pass, waiting = trainer.training_step, []
+    if not _packing_keeps_examples_apart(trainer.model):
+        logging.getLogger(__name__).info("Short examples run one per pass: this model mixes examples packed in a row.")
+        return False
+    run_pass, fetch, waiting = trainer.training_step, trainer.get_batch_samples, []
+    budget = min(max_tokens or PACK_TOKENS, PACK_TOKENS)
+
+    def get_batch_samples(*args, **kwargs):  # a new step: nothing of an interrupted one is left waiting
+        waiting.clear()
+        return fetch(*args, **kwargs)
 
     def training_step(model, inputs, num_items_in_batch=None):
         waiting.append(inputs)
@@ -322,11 +335,38 @@ def packed_micro_batches(trainer, max_tokens: int | None) -> bool:
             return torch.zeros(())  # run with the step's last micro-batch
         batches = list(waiting)
         waiting.clear()
-        passes = _packed(batches, max_tokens) if num_items_in_batch is not None else batches
-        return sum(run_pass(model, batch, num_items_in_batch) for batch in passes)
+        passes = _packed(batches, budget) if num_items_in_batch is not None else batches
+        window = trainer.current_gradient_accumulation_steps
+        trainer.current_gradient_accumulation_steps = len(passes)  # TRL divides a MoE router loss by it per pass
+        try:
+            return sum(run_pass(model, batch, num_items_in_batch) for batch in passes)
+        finally:
+            trainer.current_gradient_accumulation_steps = window
 
-    trainer.training_step = training_step
+    trainer.get_batch_samples, trainer.training_step = get_batch_samples, training_step
     return True
+
+
+def _packing_keeps_examples_apart(model) -> bool:
+    """Whether an example packed after another in one row (position ids restarting) is computed the same whatever
+    that other example is: false for attention that ignores position ids (ALiBi models, some multimodal and
+    remote-code models) and for layers that carry state across tokens (Mamba-style hybrids). Rows of equal shape
+    run the same arithmetic, so a model that keeps examples apart gives the second example the same logits."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    first, other, second = (torch.randint(3, vocab, (1, n), generator=gen) for n in (6, 6, 9))
+    positions = torch.cat([torch.arange(6), torch.arange(9)])[None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            one, two = (model(input_ids=torch.cat([before, second], 1), position_ids=positions,
+                              use_cache=False).logits[:, 6:].float() for before in (first, other))
+    except Exception:  # noqa: BLE001 - a model that cannot take a packed row is not packed
+        return False
+    finally:
+        model.train(training)
+    return bool((one - two).abs().max() <= 1e-5 * one.abs().max())
 
 
 def _packed(batches: list[dict], max_tokens: int | None) -> list[dict]:

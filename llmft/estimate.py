@@ -352,12 +352,13 @@ def activations(recipe: Recipe, shape: Shape, lengths: dict[str, Any], compute: 
     micro = 1 if one_at_a_time else training.per_device_train_batch_size  # GRPO: completions per device step
     if training.stage in ("dpo", "orpo", "cpo", "reward"):
         micro *= 2  # chosen and rejected run as one batch
-    # Padding makes a batch as long as its longest example; packed rows are max_length long, and so are the rows
-    # into which SFT and pretraining pack a step's short examples with CPU micro-batches (one process).
+    # Padding makes a batch as long as its longest example; packed rows are max_length long; with CPU micro-batches
+    # SFT and pretraining pack a step's short examples into rows of up to PACK_TOKENS.
     tokens = micro * (training.max_length or lengths["max"] if packed else lengths["max"])
-    if one_at_a_time and training.stage in ("sft", "pretrain"):
-        budget = max(training.max_length or 0, lengths["max"])
-        tokens = min(budget, training.per_device_train_batch_size * lengths["max"])
+    if one_at_a_time and training.stage in ("sft", "pretrain"):  # rows of llmft.cpu_speed.packed_micro_batches
+        from llmft.cpu_speed import PACK_TOKENS
+
+        tokens = max(min(training.max_length or PACK_TOKENS, PACK_TOKENS), lengths["max"])
     h, kv, inter = shape.hidden, shape.kv_hidden, shape.intermediate
     per_token_layer = 8 * h + 2 * kv + 4 * inter + shape.adapted_inputs  # elements autograd keeps
     if training.activation_checkpointing:

@@ -196,7 +196,7 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
     TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
     it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs
     with model.attn_implementation: auto), a step's short examples packed into one pass (SFT and pretraining with
-    CPU micro-batches; the levers that live for the training loop: cpu_step_levers)."""
+    CPU micro-batches on that attention; the levers that live for the training loop: cpu_step_levers)."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []
@@ -208,9 +208,11 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
         done.append("cheap LoRA dropout")
     if levers.fused_rms_norms(model):
         done.append("fused RMSNorm")
-    if bf16_attention and levers.recomputed_attention(model):
+    attention = bf16_attention and levers.recomputed_attention(model)
+    if attention:
         done.append("bf16 matmul attention recomputed in the backward")
-    if (micro_batches and stage in ("sft", "pretrain")
+    # packed rows need a mask; llmft's attention keeps it cheap (measured there only)
+    if (micro_batches and attention and stage in ("sft", "pretrain")
             and levers.packed_micro_batches(trainer, getattr(trainer.args, "max_length", None))):
         done.append("short examples of a step packed into one pass")
     if done:
@@ -492,8 +494,9 @@ def resolve_launch(args, micro_batches: bool = True) -> Launch:
     if micro:
         # Padded batches cost the padding, and a padding mask sends attention to PyTorch's slow masked path; one
         # example per pass needs neither. The Trainer divides by the step's token count, so the loss is unchanged.
-        log.info("CPU micro-batches: each device batch of %d runs as %d single examples, accumulated "
-                 "(training.cpu_micro_batches: false to turn off)", per_device, per_device)
+        log.info("CPU micro-batches: each device batch of %d runs as single examples, accumulated (short ones "
+                 "packed into one pass where the model allows; training.cpu_micro_batches: false to turn off)",
+                 per_device)
     return Launch(world_size=world, per_device_train_batch_size=1 if micro else per_device,
                   per_device_eval_batch_size=1 if micro else args.per_device_eval_batch_size,
                   gradient_accumulation_steps=accumulation * per_device if micro else accumulation,

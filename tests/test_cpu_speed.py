@@ -336,3 +336,17 @@ def test_a_steps_examples_are_packed_in_order_up_to_the_budget_and_no_example_pr
     assert _packed([odd, plain], 8) == [odd, plain]
     wide = {key: torch.cat([value, value]) for key, value in plain.items()}
     assert _packed([wide, plain], 8) == [wide, plain]
+
+
+def test_packing_is_used_only_on_models_that_keep_packed_examples_apart(tiny):
+    """Llama-style attention separates examples by their restarting position ids; Bloom's ALiBi attention does
+    not look at position ids, so a packed row would let one example attend to the one before it."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from llmft.cpu_speed import _packing_keeps_examples_apart
+
+    tiny.train()
+    assert _packing_keeps_examples_apart(tiny) and tiny.training  # and the probe gives the mode back
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).train()
+    assert not _packing_keeps_examples_apart(bloom) and bloom.training

@@ -82,20 +82,20 @@ class PassRecorder(TrainerCallback):
 
 @pytest.mark.parametrize("max_length", [512, 100])
 def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_model_dir, train_file, max_length):
-    """A step's examples run in passes of their own, short ones packed into one row up to max_length tokens,
-    accumulated: the same optimisation as the padded batch (token-weighted loss). In fp32: in bf16 the two orders
-    of summation differ by ~2e-5."""
+    """A step's examples run in passes of their own, short ones packed into one row up to max_length tokens
+    (under bf16 autocast, where llmft's attention takes packed rows), accumulated: the same optimisation as the
+    padded batch (token-weighted loss), up to bf16's different orders of summation."""
     losses, passes = {}, {}
     for micro in ("true", "false"):
         out = tmp_path / micro
         recipe = write_recipe(tmp_path / f"{micro}.yaml", tiny_model_dir, train_file, out)
         recorder = PassRecorder()
         train(load_recipe(recipe, ["--max_steps", "4", "--cpu_micro_batches", micro, "--lora_dropout", "0",
-                                          "--dtype", "float32", "--bf16", "false", "--max_length", str(max_length)]),
+                                          "--dtype", "float32", "--bf16", "true", "--max_length", str(max_length)]),
               callbacks=[recorder])
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         losses[micro], passes[micro] = [h["loss"] for h in history if "loss" in h], recorder.passes
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    assert losses["true"] == pytest.approx(losses["false"], rel=2e-4)
     assert len(losses["true"]) == 4
     assert all(batch == 2 for batch, _, _ in passes["false"]) and len(passes["false"]) == 4
     assert all(batch == 1 for batch, _, _ in passes["true"])
