@@ -103,12 +103,18 @@ def test_bf16_inputs_and_values_narrower_than_keys(case, monkeypatch):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0.03, atol=0.03)
 
 
-def test_a_bf16_softmax_has_the_bits_of_a_float32_softmax_cast_to_bf16():
-    """What the forward relies on to match eager attention's arithmetic with PyTorch's bf16 softmax kernel."""
+def test_a_bf16_softmax_rounds_a_float32_softmax_once():
+    """What the forward relies on to match eager attention's arithmetic with PyTorch's bf16 softmax kernel: the
+    float32 softmax cast to bf16, bit for bit on AVX-512 kernels; on AVX2 kernels about one value in 10^5 lands one
+    bf16 step away."""
     gen = torch.Generator().manual_seed(5)
     scores = (torch.randn(3, 200, 333, generator=gen) * 6).to(torch.bfloat16)
     scores[:, :, 150:] = scores[:, :, 150:].masked_fill(torch.rand(3, 200, 183, generator=gen) > 0.5, float("-inf"))
-    assert torch.equal(torch.softmax(scores, -1), torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16))
+    ours, eager = torch.softmax(scores, -1), torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16)
+    differ = ours != eager
+    assert differ.sum() <= ours.numel() // 10_000
+    step = eager.float().abs() * 2**-7  # one bf16 step (8 bits of mantissa) at most
+    assert ((ours.float() - eager.float()).abs() <= step)[differ].all()
 
 
 class Training(torch.nn.Module):
