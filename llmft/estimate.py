@@ -353,9 +353,10 @@ def activations(recipe: Recipe, shape: Shape, lengths: dict[str, Any], compute: 
     if training.stage in ("dpo", "orpo", "cpo", "reward"):
         micro *= 2  # chosen and rejected run as one batch
     # Padding makes a batch as long as its longest example; packed rows are max_length long; with CPU micro-batches
-    # SFT and pretraining pack a step's short examples into rows of up to PACK_TOKENS.
+    # in bf16 on llmft's attention, SFT and pretraining pack a step's short examples into rows of up to PACK_TOKENS.
     tokens = micro * (training.max_length or lengths["max"] if packed else lengths["max"])
-    if one_at_a_time and training.stage in ("sft", "pretrain"):  # rows of llmft.cpu_speed.packed_micro_batches
+    if (one_at_a_time and training.stage in ("sft", "pretrain") and compute == 2
+            and recipe.model.attn_implementation == "auto"):  # bf16 on llmft's attention: packed_micro_batches
         from llmft.cpu_speed import PACK_TOKENS
 
         tokens = max(min(training.max_length or PACK_TOKENS, PACK_TOKENS), lengths["max"])

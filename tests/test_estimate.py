@@ -141,3 +141,24 @@ def test_cpu_estimate_within_25_percent_of_the_measured_peak(tmp_path, demo_data
     assert shown.returncode == 0, shown.stderr[-2000:]
     total = json.loads(shown.stdout[shown.stdout.index("{"):])["memory_gb"]["total"]
     assert 0.75 * measured <= total <= 1.25 * measured, (name, total, measured)
+
+
+def test_cpu_micro_batches_count_the_rows_short_examples_are_packed_into():
+    """bf16 SFT on llmft's attention packs a step's short examples into rows of up to 512 tokens (max_length if
+    smaller): the longest micro-batch is such a row, not the longest example; float32 runs are not packed."""
+    from types import SimpleNamespace
+
+    from llmft.estimate import activations
+
+    shape = SimpleNamespace(hidden=8, kv_hidden=8, intermediate=16, adapted_inputs=0, layers=2, vocab=10)
+    lengths, target = {"max": 100}, SimpleNamespace(gpu=False)
+
+    def tokens(compute, max_length, attention="auto"):
+        training = SimpleNamespace(stage="sft", cpu_micro_batches=True, packing=False, max_length=max_length,
+                                   per_device_train_batch_size=4, activation_checkpointing=False)
+        recipe = SimpleNamespace(training=training, model=SimpleNamespace(attn_implementation=attention))
+        acts, _ = activations(recipe, shape, lengths, compute, target)
+        return acts / (shape.layers * (8 * 8 + 2 * 8 + 4 * 16) * compute)
+
+    assert tokens(2, 1024) == 512 and tokens(2, 300) == 300 and tokens(2, 50) == 100
+    assert tokens(4, 1024) == 100 and tokens(2, 1024, "sdpa") == 100
