@@ -105,6 +105,24 @@ def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_mode
         assert len(passes["true"]) == 8 and not any(packed for _, _, packed in passes["true"])
 
 
+def test_packed_micro_batches_keep_an_epochs_short_last_step(tmp_path, tiny_model_dir, train_file):
+    """8 examples in steps of 3: the last step has 2. Its examples still run (packed), none is left waiting, and the
+    losses match the padded batches'."""
+    losses, passes = {}, {}
+    for micro in ("true", "false"):
+        out = tmp_path / micro
+        recipe = write_recipe(tmp_path / f"{micro}.yaml", tiny_model_dir, train_file, out,
+                              training={"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 3})
+        recorder = PassRecorder()
+        train(load_recipe(recipe, ["--cpu_micro_batches", micro, "--lora_dropout", "0", "--dtype", "float32",
+                                   "--bf16", "true", "--max_length", "512"]), callbacks=[recorder])
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[micro], passes[micro] = [h["loss"] for h in history if "loss" in h], recorder.passes
+    assert [batch for batch, _, _ in passes["false"]] == [3, 3, 2]
+    assert len(passes["true"]) == 3 and all(batch == 1 and packed for batch, _, packed in passes["true"])
+    assert losses["true"] == pytest.approx(losses["false"], rel=2e-4) and len(losses["true"]) == 3
+
+
 def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_dir, train_file):
     out = tmp_path / "run"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out,
