@@ -12,7 +12,7 @@ from llmft.config import load_recipe
 from llmft.run_dir import missing_files, read_run
 from llmft.train import train
 from tests.conftest import LLMFT
-from tests.helpers import chat_rows, make_tiny_model_dir, write_jsonl, write_recipe
+from tests.helpers import chat_rows, make_tiny_model_dir, make_tokenizer, write_jsonl, write_recipe
 
 
 @pytest.fixture
@@ -322,3 +322,33 @@ def test_a_deepspeed_run_is_refused_where_a_killed_build_left_its_lock(tmp_path,
     code = run(["train", str(recipe)])
     text = "".join(capfd.readouterr())
     assert code != 0 and str(lock) in text and "Traceback" not in text, text
+
+
+def test_packed_micro_batches_on_a_mixture_of_experts(tmp_path, train_file):
+    """A tiny Mixtral whose router loss TRL adds (router_aux_loss_coef): a step's examples still pack into one row
+    (routing is per token, so the probe finds them apart), and the losses, router loss included (~0.04 of ~6),
+    match the padded batches': the router loss counted once per pass (TRL divides it by the passes of a step, which
+    packing sets to its own count), over the same tokens."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = make_tokenizer("chatml")
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, output_router_logits=True, router_aux_loss_coef=0.02,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "mixtral"
+    MixtralForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    losses, passes = {}, {}
+    for micro in ("true", "false"):
+        out = tmp_path / micro
+        recipe = write_recipe(tmp_path / f"{micro}.yaml", model_dir, train_file, out)
+        recorder = PassRecorder()
+        train(load_recipe(recipe, ["--max_steps", "3", "--cpu_micro_batches", micro, "--lora_dropout", "0",
+                                   "--dtype", "float32", "--bf16", "true", "--max_length", "512"]), callbacks=[recorder])
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[micro], passes[micro] = [h["loss"] for h in history if "loss" in h], recorder.passes
+        assert read_run(out).info.trainable_tensors["changed"] > 0
+    assert len(passes["true"]) == 3 and all(batch == 1 and packed for batch, _, packed in passes["true"])
+    assert losses["true"] == pytest.approx(losses["false"], rel=5e-4) and len(losses["true"]) == 3
