@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, MixtralForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -91,13 +91,26 @@ def make_tiny_model_dir(path: Path, style: str = "chatml", layers: int = 2, inte
 
 def model_dir_for(tokenizer, path: Path, layers: int = 1, intermediate: int = 64, positions: int = 4096) -> Path:
     """A small random Llama sized to `tokenizer`, saved with it as a normal model directory."""
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=intermediate,
-                         num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
+    return _saved(LlamaForCausalLM, path, tokenizer, intermediate_size=intermediate, num_hidden_layers=layers,
+                  max_position_embeddings=positions, tie_word_embeddings=True)
+
+
+def make_tiny_mixtral_dir(path: Path, router_aux_loss_coef: float = 0.02) -> Path:
+    """A small random Mixtral (2 layers, 4 experts, top 2) returning its router logits, so that TRL adds the
+    load-balancing loss, with the chatml tokenizer, saved as a normal model directory."""
+    return _saved(MixtralForCausalLM, path, make_tokenizer("chatml"), intermediate_size=64, num_hidden_layers=2,
+                  num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                  output_router_logits=True, router_aux_loss_coef=router_aux_loss_coef)
+
+
+def _saved(model_class, path: Path, tokenizer, **config) -> Path:
+    """A random model of `model_class` (hidden size 32, 4 heads, 2 key/value heads, seed 0) sized to `tokenizer`,
+    saved with it."""
+    config = model_class.config_class(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4,
+                                      num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                                      bos_token_id=tokenizer.bos_token_id, **config)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -12,7 +12,7 @@ from llmft.config import load_recipe
 from llmft.run_dir import missing_files, read_run
 from llmft.train import train
 from tests.conftest import LLMFT
-from tests.helpers import chat_rows, make_tiny_model_dir, make_tokenizer, write_jsonl, write_recipe
+from tests.helpers import chat_rows, make_tiny_mixtral_dir, make_tiny_model_dir, write_jsonl, write_recipe
 
 
 @pytest.fixture
@@ -82,18 +82,23 @@ class PassRecorder(TrainerCallback):
 
 def micro_vs_padded(tmp_path, model_dir, train_file, options, **training):
     """Train with CPU micro-batches (packed where they fit) and with padded batches, same recipe, under bf16
-    autocast, no dropout: {"true"/"false": logged losses}, {"true"/"false": PassRecorder passes}."""
-    losses, passes = {}, {}
+    autocast, no dropout, checking that each run trained its tensors. Returns, keyed "true"/"false": the Trainer's
+    log history (one entry per step, then the summary), and the PassRecorder passes."""
+    histories, passes = {}, {}
     for micro in ("true", "false"):
         out = tmp_path / micro
         recipe = write_recipe(tmp_path / f"{micro}.yaml", model_dir, train_file, out, training=training)
         recorder = PassRecorder()
         train(load_recipe(recipe, ["--cpu_micro_batches", micro, "--lora_dropout", "0", "--dtype", "float32",
                                    "--bf16", "true", *options]), callbacks=[recorder])
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        losses[micro], passes[micro] = [h["loss"] for h in history if "loss" in h], recorder.passes
+        histories[micro] = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        passes[micro] = recorder.passes
         assert read_run(out).info.trainable_tensors["changed"] > 0
-    return losses, passes
+    return histories, passes
+
+
+def logged(histories: dict, key: str) -> dict:
+    return {micro: [h[key] for h in history if key in h] for micro, history in histories.items()}
 
 
 @pytest.mark.parametrize("max_length", [512, 100])
@@ -101,8 +106,9 @@ def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_mode
     """A step's examples run in passes of their own, short ones packed into one row up to max_length tokens
     (under bf16 autocast, where llmft's attention takes packed rows), accumulated: the same optimisation as the
     padded batch (token-weighted loss), up to bf16's different orders of summation."""
-    losses, passes = micro_vs_padded(tmp_path, tiny_model_dir, train_file,
-                                     ["--max_steps", "4", "--max_length", str(max_length)])
+    histories, passes = micro_vs_padded(tmp_path, tiny_model_dir, train_file,
+                                        ["--max_steps", "4", "--max_length", str(max_length)])
+    losses = logged(histories, "loss")
     assert losses["true"] == pytest.approx(losses["false"], rel=2e-4)
     assert len(losses["true"]) == 4
     assert all(batch == 2 for batch, _, _ in passes["false"]) and len(passes["false"]) == 4
@@ -116,32 +122,31 @@ def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_mode
 def test_packed_micro_batches_keep_an_epochs_short_last_step(tmp_path, tiny_model_dir, train_file):
     """8 examples in steps of 3: the last step has 2. Its examples still run (packed), none is left waiting, and the
     losses match the padded batches'."""
-    losses, passes = micro_vs_padded(tmp_path, tiny_model_dir, train_file, ["--max_length", "512"], max_steps=-1,
-                                     num_train_epochs=1, per_device_train_batch_size=3)
+    histories, passes = micro_vs_padded(tmp_path, tiny_model_dir, train_file, ["--max_length", "512"],
+                                        max_steps=-1, num_train_epochs=1, per_device_train_batch_size=3)
+    losses = logged(histories, "loss")
     assert [batch for batch, _, _ in passes["false"]] == [3, 3, 2]
-    assert len(passes["true"]) == 3 and all(batch == 1 and packed for batch, _, packed in passes["true"])
-    assert losses["true"] == pytest.approx(losses["false"], rel=2e-4) and len(losses["true"]) == 3
+    assert len(passes["true"]) == 3
+    assert all(batch == 1 and packed for batch, _, packed in passes["true"])
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=2e-4)
 
 
 def test_packed_micro_batches_on_a_mixture_of_experts(tmp_path, train_file):
-    """A tiny Mixtral whose router loss TRL adds (router_aux_loss_coef): a step's examples still pack into one row
-    (routing is per token, so the probe finds them apart), and the losses, router loss included (~0.04 of ~6),
-    match the padded batches': the router loss counted once per pass (TRL divides it by the passes of a step, which
-    packing sets to its own count), over the same tokens."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    tokenizer = make_tokenizer("chatml")
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=256, output_router_logits=True, router_aux_loss_coef=0.02,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "mixtral"
-    MixtralForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    losses, passes = micro_vs_padded(tmp_path, model_dir, train_file, ["--max_steps", "3", "--max_length", "512"])
-    assert len(passes["true"]) == 3 and all(batch == 1 and packed for batch, _, packed in passes["true"])
-    assert losses["true"] == pytest.approx(losses["false"], rel=5e-4) and len(losses["true"]) == 3
+    """A tiny Mixtral whose router loss TRL adds: a step's examples still pack into one row (routing is per token, so
+    the probe finds them apart), and the losses, router loss included, match the padded batches'. TRL adds each
+    pass's router loss divided by the step's pass count (a mean over the step's passes), which packing sets to the
+    packed passes: here each step is one packed row, over the same tokens as the one padded batch."""
+    histories, passes = micro_vs_padded(tmp_path, make_tiny_mixtral_dir(tmp_path / "mixtral"), train_file,
+                                        ["--max_steps", "3", "--max_length", "512"])
+    losses, router = logged(histories, "loss"), logged(histories, "aux_loss")
+    assert len(passes["true"]) == 3
+    assert all(batch == 1 and packed for batch, _, packed in passes["true"])
+    assert len(router["true"]) == 3 and min(router["true"]) > 1  # x 0.02: ~0.04 of a ~6.0 loss
+    assert len(losses["true"]) == 3
+    # Measured apart by ~3e-5 relative (bf16 sums in another order); the router loss counted over the step's
+    # 2 micro-batches instead of its 1 pass would halve its share: 0.02 of ~6, 3e-3 relative.
+    assert losses["true"] == pytest.approx(losses["false"], rel=5e-4)
 
 
 def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_dir, train_file):
@@ -343,4 +348,3 @@ def test_a_deepspeed_run_is_refused_where_a_killed_build_left_its_lock(tmp_path,
     code = run(["train", str(recipe)])
     text = "".join(capfd.readouterr())
     assert code != 0 and str(lock) in text and "Traceback" not in text, text
-
