@@ -9,7 +9,9 @@
   CheapDropout.
 - Attention, forward and backward, 9 query / 3 key-value heads of 64, causal, bf16: SDPA's flash kernel vs the
   math kernel vs eager (matmul, softmax, matmul, probabilities kept) vs llmft.attention's RecomputedAttention (the
-  same matmuls, the probabilities recomputed in the backward), at 128, 350 and 512 tokens.
+  same matmuls, the probabilities recomputed in the backward), at 128, 350 and 512 tokens; and on packed rows of
+  2 and 5 examples (800 and 1000 tokens, block-causal masks), every block against all keys up to its diagonal vs
+  from its first example's start.
 - A 113 MB float32 buffer (49,152 x 576, the tied embedding's gradient) zeroed, cast to bf16 and freed again, as the
   allocator does it and, under a preloaded jemalloc (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`), with
   its decay off as llmft keeps it within a step (freed_pages_kept_within_steps).
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sft_throughput import hardware_line  # noqa: E402
 
+from llmft import attention  # noqa: E402
 from llmft.attention import RecomputedAttention  # noqa: E402
 from llmft.cpu_speed import CheapDropout, _score  # noqa: E402
 from llmft.hardware import Jemalloc, allocator_in_use  # noqa: E402
@@ -112,6 +115,31 @@ def attention_rows() -> list[tuple[str, float]]:
         rows += [(f"attention {n} tokens: SDPA flash", best_ms(flash)), (f"attention {n} tokens: SDPA math", best_ms(math)),
                  (f"attention {n} tokens: eager", best_ms(eager)),
                  (f"attention {n} tokens: llmft recomputed", best_ms(recomputed))]
+    return rows + packed_attention_rows()
+
+
+def packed_attention_rows() -> list[tuple[str, float]]:
+    """A packed row's block-causal mask: each block against every key up to its diagonal (as before the key range
+    started at the block's first example) vs llmft's attention as it runs."""
+    rows = []
+    every_key = attention._Grid._first_key
+    for lengths in ((420, 380), (300, 200, 150, 250, 100)):
+        n = sum(lengths)
+        example = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        mask = ((example[:, None] == example[None]) & torch.ones(n, n, dtype=torch.bool).tril())[None, None]
+        q = torch.randn(1, 9, n, 64, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, 3, n, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+
+        def run() -> None:
+            RecomputedAttention.apply(q, k, v, mask, 0.125, True).sum().backward()
+
+        name = f"attention, a packed row of {'+'.join(map(str, lengths))} tokens: llmft recomputed"
+        attention._Grid._first_key = lambda *args: 0
+        try:
+            rows.append((f"{name}, every key to the diagonal", best_ms(run)))
+        finally:
+            attention._Grid._first_key = every_key
+        rows.append((f"{name}, from the block's first example", best_ms(run)))
     return rows
 
 

@@ -32,6 +32,15 @@ def padding(batch, length, side, missing):
     return keep
 
 
+def packed(*rows):
+    """Block-causal masks [B, 1, L, L] of rows packing examples of the given lengths: each attends to its own."""
+    masks = []
+    for lengths in rows:
+        example = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        masks.append((example[:, None] == example[None]) & torch.ones(len(example), len(example)).tril().bool())
+    return torch.stack(masks)[:, None]
+
+
 MASKS = {  # name: (queries L, keys S, mask for RecomputedAttention or None, causal flag)
     "causal": lambda: (40, 40, None, True),
     "causal after a cache": lambda: (33, 50, None, True),
@@ -44,6 +53,7 @@ MASKS = {  # name: (queries L, keys S, mask for RecomputedAttention or None, cau
     "padding after a cache": lambda: (40, 52, (torch.ones(40, 52, dtype=torch.bool).tril(12)
                                                & padding(2, 52, "right", 9)[:, None])[:, None], True),
     "arbitrary": lambda: (40, 40, torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(0)) > 0.3, True),
+    "packed rows": lambda: (40, 40, packed([9, 14, 17], [20, 20]), True),
 }
 
 
@@ -74,6 +84,10 @@ def test_output_and_gradients_match_softmax_attention(name, blocks, monkeypatch)
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
     if name == "left padding":  # queries that may attend to nothing: zero output, and they pass no gradient
         assert out[0, :, :10].abs().max() == 0
+    if name == "packed rows" and blocks == "many small blocks":  # blocks skip the keys of earlier examples
+        grid = attention._Grid(q, k, v, mask, causal)
+        firsts = sorted({(queries.start // 3, keys.start) for _, queries, keys in grid.blocks()})
+        assert firsts == [(0, 0), (16, 0), (32, 20)]  # the earliest example start of any batch row in the block
 
 
 @pytest.mark.parametrize("case", ["causal", "causal after a cache", "right padding"])
