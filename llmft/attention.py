@@ -195,8 +195,9 @@ class _Grid:
 
     def _first_key(self, start: int, stop: int, end: int) -> int:
         """The first key any query of positions [start, stop) may attend to, in any batch row (0 without a mask,
-        or where none may attend to any): the keys before it would only take -inf scores, zero probabilities. In a
-        packed row those are the keys of the examples before the block's first one."""
+        or where none may attend to any): the keys before it would only take -inf scores, zero probabilities (the
+        rows of queries that may attend to nothing are zeroed whatever their keys). In a packed row those are the
+        keys of the examples before the block's first one."""
         if self.mask is None:
             return 0
         reach = self.mask[:, 0, start:stop, :end].any(1).any(0)  # [keys]

@@ -299,7 +299,7 @@ def _slices(logits: torch.Tensor):
 # Short examples packed into micro-batches ----------------------------------------------------------------------------
 
 PACKABLE = {"input_ids", "attention_mask", "labels"}  # what SFT's and pretraining's collators give
-PACK_TOKENS = 512  # longest packed row: a pass's memory within that of a 512-token example
+PACK_TOKENS = 512  # longest packed row (a longer example runs alone): a pass's memory within a 512-token one's
 
 
 def packed_micro_batches(trainer, max_tokens: int | None) -> bool:
@@ -309,8 +309,8 @@ def packed_micro_batches(trainer, max_tokens: int | None) -> bool:
 
     A pass has a cost of its own (hundreds of small operations per layer): one pass over eight 56-token examples
     took 0.4x the time of eight passes. Rows stay short enough that a pass's memory stays within that of a long
-    example (llmft's attention skips, block by block, the keys of a row's earlier examples); examples that fit with
-    no other run alone. The Trainer's
+    example; their attention costs little more than the examples' apart (llmft's attention skips, block by block,
+    the keys of a row's earlier examples). Examples that fit with no other run alone. The Trainer's
     loss is the sum of the passes' token losses over the step's token count (num_items_in_batch), so the gradients
     are those of the unpacked micro-batches; without that count, or with keys a packed row cannot carry, the
     step's examples run one by one as before. The step's earlier micro-batches wait for its last one (their loss,
