@@ -152,6 +152,7 @@ class _Grid:
             self.causal = not mask.triu(offset + 1).any()  # blocks may stop at the diagonal
         self.offset = offset
         self.diagonals: dict[int, torch.Tensor] = {}
+        self.first_keys: dict[int, int] = {}  # by block start: read from the mask once, for forward and backward
 
     # layouts
     def rows(self, x):  # [B, H, L, D] -> [B*Hk, L*G, D], rows ordered (position, query head)
@@ -186,7 +187,9 @@ class _Grid:
         for start in range(0, self.L, BLOCK_POSITIONS):
             stop = min(self.L, start + BLOCK_POSITIONS)
             end = self.offset + stop if self.causal else self.S
-            begin = self._first_key(start, stop, end)
+            if start not in self.first_keys:
+                self.first_keys[start] = self._first_key(start, stop, end)
+            begin = self.first_keys[start]
             per_row = (stop - start) * self.G * (end - begin) * self.dtype.itemsize
             step = max(1, BLOCK_BYTES // per_row)
             for first in range(0, self.B * self.Hk, step):
