@@ -62,6 +62,8 @@ CONFIGS = {
                      ["--activation_checkpointing", "true", "--optim", "adamw_bnb_8bit"]),
     "llmft-pages-off": ("llmft defaults without jemalloc's freed pages kept within a step", {}, []),
     "llmft-packing-off": ("llmft defaults with each example in a pass of its own (no packing of short ones)", {}, []),
+    "llmft-copies-off": ("llmft defaults with autocast's bf16 weight copies made every pass (full: not once per "
+                         "step)", {}, []),
     "llmft-eager": ("llmft defaults + eager attention (matmul, softmax, matmul, probabilities kept)", {},
                     ["--attn_implementation", "eager"]),
     "llmft-sdpa": ("llmft defaults + SDPA attention (PyTorch's CPU flash kernel)", {},
@@ -69,7 +71,8 @@ CONFIGS = {
 }
 # llmft rows with a CPU lever of the training loop (llmft.cpu_speed) switched off, to measure what it does.
 LEVERS_OFF = {"llmft-pages-off": ("freed_pages_kept_within_steps", lambda trainer: contextlib.nullcontext(False)),
-              "llmft-packing-off": ("packed_micro_batches", lambda trainer, max_tokens: False)}
+              "llmft-packing-off": ("packed_micro_batches", lambda trainer, max_tokens: False),
+              "llmft-copies-off": ("bf16_weights_once_per_step", lambda model: 0)}
 
 
 def matmul_gflops(n: int = 1024, repeat: int = 10, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:

@@ -1,4 +1,4 @@
-"""Training on CPUs without waste: seven places where the libraries' general code, or the allocator, costs a CPU run
+"""Training on CPUs without waste: eight places where the libraries' general code, or the allocator, costs a CPU run
 a third of its time.
 
 Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 has the figures):
@@ -16,6 +16,10 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
   more backward; PyTorch's fused rms_norm computes the same float32 normalisation in one.
 - packed_micro_batches: one example per pass (CPU micro-batches) pays each pass's fixed cost per example; a step's
   short examples run packed into one row instead.
+- bf16_weights_once_per_step: under bf16 autocast every pass casts every float32 weight to a fresh bf16 copy, and
+  its backward casts each bf16 weight gradient to a fresh float32 one before adding it; full fine-tuning on CPU
+  micro-batches paid that per example. The copies are made once per optimizer step instead, into the same buffers,
+  and their gradients added into the float32 ones as they are.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
 """
@@ -29,6 +33,7 @@ import math
 import types
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 HEAD_CHUNK = 512  # tokens per LM-head chunk: the matmul's rows (full fine-tuning sums one weight gradient per chunk)
 HEAD_SLICE_BYTES = 2**21  # float32 rows of one chunk worked on at a time for the softmax: cache-sized
@@ -128,6 +133,74 @@ def recomputed_attention(model: torch.nn.Module) -> bool:
     attention.register()
     base.set_attn_implementation(attention.NAME)
     return base.config._attn_implementation == attention.NAME
+
+
+# Full fine-tuning's bf16 weight copies ---------------------------------------------------------------------------
+
+_optimizer_steps = [0]  # optimizer steps taken in this process: every copy is remade after one
+_step_hook = None  # counts them (torch's global hook: any optimizer, however it writes the weights)
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+def bf16_weights_once_per_step(model: torch.nn.Module) -> int:
+    """Under bf16 autocast with gradients on, each float32 torch.nn.Linear of `model` computes with a bf16 copy of its
+    weight made once per optimizer step (remade after any optimizer's step, and whenever the weight changes in
+    place), whose gradient is added into the weight's float32 gradient. The same arithmetic as autocast's cast per
+    call: equal gradients to the bit. Returns the number of layers changed; drop_bf16_weight_copies frees the copies.
+
+    For one process: the gradient reaches the weight from a hook, where DDP, DeepSpeed and FSDP wait for their own."""
+    global _step_hook
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
+    for layer in layers:
+        layer.forward = types.MethodType(_linear_with_step_copy, layer)
+    if layers and _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+    return len(layers)
+
+
+def drop_bf16_weight_copies(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop("_llmft_bf16_copy", None)
+
+
+def _linear_with_step_copy(self, x: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    if (weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32):
+        copy = self.__dict__.get("_llmft_bf16_copy")
+        if copy is None or copy.weight is not weight:
+            copy = self.__dict__["_llmft_bf16_copy"] = _Bf16Copy(weight)
+        weight = copy.current()
+    return torch.nn.functional.linear(x, weight, self.bias)
+
+
+class _Bf16Copy:
+    """A bf16 copy of a float32 weight, a leaf whose accumulated gradient goes straight into the weight's."""
+
+    def __init__(self, weight: torch.nn.Parameter):
+        self.weight = weight
+        self.copy = weight.detach().to(torch.bfloat16).requires_grad_()
+        self.made_at = (_optimizer_steps[0], weight._version)
+        self.copy.register_post_accumulate_grad_hook(self._add_to_weight_grad)
+
+    def current(self) -> torch.Tensor:
+        # an optimizer step may write through .data, which leaves the version counter as it was
+        now = (_optimizer_steps[0], self.weight._version)
+        if now != self.made_at:
+            with torch.no_grad():
+                self.copy.copy_(self.weight)
+            self.made_at = now
+        return self.copy
+
+    def _add_to_weight_grad(self, copy: torch.Tensor) -> None:
+        if self.weight.grad is None:
+            self.weight.grad = copy.grad.to(torch.float32)
+        else:
+            self.weight.grad.add_(copy.grad)
+        copy.grad = None
 
 
 # RMSNorm ------------------------------------------------------------------------------------------------------------

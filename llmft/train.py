@@ -193,7 +193,8 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
 
 def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool, micro_batches: bool) -> None:
     """llmft.cpu_speed's levers for a CPU run: the LM head on loss positions (SFT and pretraining, whose trainer asks
-    TRL's fused head for log-probs), LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
+    TRL's fused head for log-probs), full fine-tuning's bf16 weight copies once per optimizer step (one process),
+    LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
     it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs
     with model.attn_implementation: auto), a step's short examples packed into one pass (SFT and pretraining with
     CPU micro-batches on that attention; the levers that live for the training loop: cpu_step_levers)."""
@@ -204,6 +205,9 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
         done.append("LM head on loss positions")
     if method == "lora" and bf16 and levers.adapters_follow_autocast(model):
         done.append("bf16 adapter inputs under autocast")
+    if (method == "full" and bf16 and trainer.args.world_size == 1 and not trainer.is_deepspeed_enabled
+            and not trainer.is_fsdp_enabled and levers.bf16_weights_once_per_step(model)):
+        done.append("bf16 weight copies made once per optimizer step")
     if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
         done.append("cheap LoRA dropout")
     if levers.fused_rms_norms(model):
@@ -222,16 +226,19 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
 @contextlib.contextmanager
 def cpu_step_levers(trainer):
     """The CPU lever that lives as long as the training loop: jemalloc's freed pages reused within each optimizer
-    step (llmft.cpu_speed.freed_pages_kept_within_steps)."""
+    step (llmft.cpu_speed.freed_pages_kept_within_steps); at its end, full fine-tuning's bf16 weight copies go."""
     from llmft import cpu_speed as levers
 
     if not trainer.args.use_cpu:
         yield
         return
-    with levers.freed_pages_kept_within_steps(trainer) as kept:
-        if kept:
-            log.info("CPU speed: jemalloc keeps freed pages within each step")
-        yield
+    try:
+        with levers.freed_pages_kept_within_steps(trainer) as kept:
+            if kept:
+                log.info("CPU speed: jemalloc keeps freed pages within each step")
+            yield
+    finally:
+        levers.drop_bf16_weight_copies(trainer.model)
 
 
 def kahan_adamw(args) -> tuple[type, dict]:

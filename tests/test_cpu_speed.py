@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmft.config import ModelConfig, PeftSettings
-from llmft.cpu_speed import (CheapDropout, adapters_follow_autocast, cheap_lora_dropout, fused_rms_norms,
-                             loss_positions_head)
+from llmft.cpu_speed import (CheapDropout, adapters_follow_autocast, bf16_weights_once_per_step, cheap_lora_dropout,
+                             drop_bf16_weight_copies, fused_rms_norms, loss_positions_head)
 from llmft.model import add_lora, load_model
 
 
@@ -156,6 +156,72 @@ def test_lora_adapters_take_bf16_inputs_under_autocast_and_float32_outside(tiny)
     with torch.autocast("cpu", torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
+
+
+class _SgdThroughData(torch.optim.Optimizer):
+    """An optimizer that writes its update through .data, as some do: the weights' version counters stay put."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.data.add_(param.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("optimizer", ["fused adamw", "through .data"])  # neither moves the version counters
+def test_bf16_weight_copies_made_once_per_step_train_as_autocasts_casts_per_call(tiny, optimizer):
+    """Two micro-batches, an optimizer step, two more, another step: the first gradients equal autocast's to the bit
+    (the tied embedding's within float32 rounding), then the second and the weights, so each copy follows its weight
+    after a step however the step wrote it."""
+    plain = copy.deepcopy(tiny).train()
+    once = copy.deepcopy(tiny).train()
+    layers = bf16_weights_once_per_step(once)
+    assert layers == 2 * 7 + 1  # q, k, v, o, gate, up, down per decoder layer, and the LM head
+    ids = torch.randint(3, tiny.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+    make = {"fused adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True),  # the Trainer's default
+            "through .data": lambda params: _SgdThroughData(params, lr=1.0)}[optimizer]
+    optimizers = [make(model.parameters()) for model in (plain, once)]
+    for step in range(2):
+        grads = []
+        for model, opt in zip((plain, once), optimizers):
+            for row in ids[2 * step:2 * step + 2]:
+                with torch.autocast("cpu", torch.bfloat16):
+                    model(input_ids=row[None], labels=row[None]).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+            model.zero_grad(set_to_none=True)
+        assert grads[0].keys() == grads[1].keys()
+        for name, grad in grads[0].items():
+            assert grads[1][name].dtype == torch.float32
+            if step == 0 and name != "model.embed_tokens.weight":
+                assert torch.equal(grads[1][name], grad), name
+            # the tied embedding's two gradients are added in another order: float32 rounding, which AdamW carries on
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-8, msg=f"step {step}, {name}")
+        for (name, a), b in zip(plain.named_parameters(), once.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, msg=f"step {step}, {name}")
+    assert not torch.equal(once.lm_head.weight, tiny.lm_head.weight)  # it trained
+    grads = []
+    for model in (plain, once):  # a weight written in place between passes, not by an optimizer (as loading does)
+        for scale in (1, -2):
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight.mul_(scale)
+            with torch.autocast("cpu", torch.bfloat16):
+                model(input_ids=ids[:1], labels=ids[:1]).loss.backward()
+        grads.append(model.model.layers[0].mlp.down_proj.weight.grad)
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+    copies = [m for m in once.modules() if "_llmft_bf16_copy" in m.__dict__]
+    assert len(copies) == layers
+    assert all(m._llmft_bf16_copy.copy.grad is None for m in copies)  # each gradient went to its weight
+    once.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(once(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    drop_bf16_weight_copies(once)
+    assert not any("_llmft_bf16_copy" in m.__dict__ for m in once.modules())
 
 
 @pytest.mark.parametrize("setup", ["float32", "float32 weights under autocast", "bf16 weights under autocast"])

@@ -1,6 +1,7 @@
 """Training end to end on a tiny random model: weights change, the run directory holds what a user needs."""
 
 import json
+import logging
 import subprocess
 
 import pytest
@@ -163,6 +164,35 @@ def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_di
     assert not unchanged, f"weights not trained: {unchanged}"
 
 
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_full_fine_tuning_under_bf16_autocast_casts_each_weight_once_per_step(
+        tmp_path, tiny_model_dir, train_file, monkeypatch, caplog, checkpointing):
+    """CPU full fine-tuning under bf16 autocast makes its weights' bf16 copies once per optimizer step
+    (llmft.cpu_speed.bf16_weights_once_per_step): every weight trains, and the losses and weights equal those of
+    autocast's cast per pass (the lever switched off for the second run), with activations recomputed or kept."""
+    losses, weights = {}, {}
+    for lever in ("on", "off"):
+        if lever == "off":
+            monkeypatch.setattr("llmft.cpu_speed.bf16_weights_once_per_step", lambda model: 0)
+        out = tmp_path / lever
+        recipe = load_recipe(write_recipe(tmp_path / f"{lever}.yaml", tiny_model_dir, train_file, out,
+                                          peft={"method": "full"}),
+                             ["--learning_rate", "1e-3", "--bf16", "true", "--dtype", "float32",
+                              "--activation_checkpointing", checkpointing])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="llmft"):
+            train(recipe)
+        assert ("bf16 weight copies made once per optimizer step" in caplog.text) == (lever == "on")
+        run = _assert_complete(out)
+        assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[lever] = [h["loss"] for h in history if "loss" in h]
+        weights[lever] = load_file(out / "model.safetensors")
+    assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+    for name, weight in weights["off"].items():  # the tied embedding's two gradients add in another order
+        torch.testing.assert_close(weights["on"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, train_file):
     out = tmp_path / "run"
     recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, training={"max_steps": 1})
@@ -208,8 +238,6 @@ def test_bf16_frozen_base_with_autocast_tracks_fp32(tmp_path, tiny_model_dir, tr
 
 
 def test_global_batch_size_derives_accumulation_or_names_the_sizes_that_fit(tmp_path, caplog):
-    import logging
-
     from llmft.config import TrainingConfig
     from llmft.errors import LaunchError
     from llmft.train import resolve_launch, trainer_args
