@@ -31,6 +31,7 @@ import functools
 import logging
 import math
 import types
+import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -149,7 +150,9 @@ def bf16_weights_once_per_step(model: torch.nn.Module) -> int:
     """Under bf16 autocast with gradients on, each float32 torch.nn.Linear of `model` computes with a bf16 copy of its
     weight made once per optimizer step (remade after any optimizer's step, and whenever the weight changes in
     place), whose gradient is added into the weight's float32 gradient. The same arithmetic as autocast's cast per
-    call: equal gradients to the bit. Returns the number of layers changed; drop_bf16_weight_copies frees the copies.
+    call: equal gradients to the bit (a weight shared with an embedding, as tied LM heads are, gets its two
+    gradients added in another order). Weights with hooks of their own keep autocast's cast. Returns the number of
+    layers changed; drop_bf16_weight_copies frees the copies.
 
     For one process: the gradient reaches the weight from a hook, where DDP, DeepSpeed and FSDP wait for their own."""
     global _step_hook
@@ -169,12 +172,19 @@ def drop_bf16_weight_copies(model: torch.nn.Module) -> None:
 def _linear_with_step_copy(self, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if (weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32):
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32
+            and not _has_hooks(weight)):
         copy = self.__dict__.get("_llmft_bf16_copy")
         if copy is None or copy.weight is not weight:
             copy = self.__dict__["_llmft_bf16_copy"] = _Bf16Copy(weight)
         weight = copy.current()
     return torch.nn.functional.linear(x, weight, self.bias)
+
+
+def _has_hooks(weight: torch.Tensor) -> bool:
+    """Hooks on the weight itself (layer-wise GaLore/APOLLO and LOMO step each weight from one): it must stay in the
+    graph, so that they fire."""
+    return bool(weight._backward_hooks or weight._post_accumulate_grad_hooks)
 
 
 class _Bf16Copy:
@@ -184,7 +194,9 @@ class _Bf16Copy:
         self.weight = weight
         self.copy = weight.detach().to(torch.bfloat16).requires_grad_()
         self.made_at = (_optimizer_steps[0], weight._version)
-        self.copy.register_post_accumulate_grad_hook(self._add_to_weight_grad)
+        # through a weak reference: the garbage collector does not see a tensor's hooks, so a hook holding this
+        # object would keep it, its copy and the weight alive for good
+        self.copy.register_post_accumulate_grad_hook(functools.partial(_add_to_weight_grad, weakref.ref(self)))
 
     def current(self) -> torch.Tensor:
         # an optimizer step may write through .data, which leaves the version counter as it was
@@ -195,12 +207,15 @@ class _Bf16Copy:
             self.made_at = now
         return self.copy
 
-    def _add_to_weight_grad(self, copy: torch.Tensor) -> None:
-        if self.weight.grad is None:
-            self.weight.grad = copy.grad.to(torch.float32)
-        else:
-            self.weight.grad.add_(copy.grad)
-        copy.grad = None
+
+
+def _add_to_weight_grad(owner: weakref.ref, copy: torch.Tensor) -> None:
+    weight = owner().weight
+    if weight.grad is None:
+        weight.grad = copy.grad.to(torch.float32)
+    else:
+        weight.grad.add_(copy.grad)
+    copy.grad = None
 
 
 # RMSNorm ------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 dropout statistics), and a CPU training run uses them."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -185,12 +187,16 @@ def test_bf16_weight_copies_made_once_per_step_train_as_autocasts_casts_per_call
     make = {"fused adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True),  # the Trainer's default
             "through .data": lambda params: _SgdThroughData(params, lr=1.0)}[optimizer]
     optimizers = [make(model.parameters()) for model in (plain, once)]
+    head_copies = []  # the LM head's copy after each pass: (its buffer, when it was made)
     for step in range(2):
         grads = []
         for model, opt in zip((plain, once), optimizers):
             for row in ids[2 * step:2 * step + 2]:
                 with torch.autocast("cpu", torch.bfloat16):
                     model(input_ids=row[None], labels=row[None]).loss.backward()
+                if model is once:
+                    head_copies.append((once.lm_head._llmft_bf16_copy.copy.data_ptr(),
+                                        once.lm_head._llmft_bf16_copy.made_at))
             grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
             opt.step()
             model.zero_grad(set_to_none=True)
@@ -204,6 +210,9 @@ def test_bf16_weight_copies_made_once_per_step_train_as_autocasts_casts_per_call
         for (name, a), b in zip(plain.named_parameters(), once.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, msg=f"step {step}, {name}")
     assert not torch.equal(once.lm_head.weight, tiny.lm_head.weight)  # it trained
+    (buffer, made), same_step, (next_buffer, remade), next_same_step = head_copies
+    assert same_step == (buffer, made) and next_same_step == (next_buffer, remade)  # once per step
+    assert next_buffer == buffer and remade != made  # remade after the optimizer step, into the same buffer
     grads = []
     for model in (plain, once):  # a weight written in place between passes, not by an optimizer (as loading does)
         for scale in (1, -2):
@@ -220,8 +229,25 @@ def test_bf16_weight_copies_made_once_per_step_train_as_autocasts_casts_per_call
     once.eval()
     with torch.no_grad():
         torch.testing.assert_close(once(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    kept = weakref.ref(copies[0]._llmft_bf16_copy), weakref.ref(copies[0]._llmft_bf16_copy.copy)
     drop_bf16_weight_copies(once)
     assert not any("_llmft_bf16_copy" in m.__dict__ for m in once.modules())
+    del copies
+    gc.collect()
+    assert kept[0]() is None and kept[1]() is None  # freed: nothing (a gradient hook) holds them
+
+
+def test_weights_with_hooks_of_their_own_keep_autocasts_cast(tiny):
+    """Layer-wise GaLore/APOLLO and LOMO step each weight from a hook on it: such a weight must stay in the graph."""
+    model = copy.deepcopy(tiny).train()
+    bf16_weights_once_per_step(model)
+    fired = []
+    model.lm_head.weight.register_post_accumulate_grad_hook(lambda weight: fired.append(weight.grad is not None))
+    ids = torch.randint(3, tiny.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert fired == [True] and "_llmft_bf16_copy" not in model.lm_head.__dict__
+    assert "_llmft_bf16_copy" in model.model.layers[0].mlp.up_proj.__dict__  # the others have their copies
 
 
 @pytest.mark.parametrize("setup", ["float32", "float32 weights under autocast", "bf16 weights under autocast"])
