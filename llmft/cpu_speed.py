@@ -22,6 +22,8 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
   and their gradients added into the float32 ones as they are.
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
+
+With micro-batches, token_means_per_step keeps the logged entropy and token accuracy those of TRL's padded batches.
 """
 
 from __future__ import annotations
@@ -434,6 +436,56 @@ def packed_micro_batches(trainer, max_tokens: int | None) -> bool:
 
     trainer.get_batch_samples, trainer.training_step = get_batch_samples, training_step
     return True
+
+
+TOKEN_MEANS = ("entropy", "mean_token_accuracy")  # TRL logs each as its mean over a pass's label tokens
+
+
+def token_means_per_step(trainer) -> bool:
+    """TRL's SFT trainer logs the entropy and token accuracy of each pass, as means over its label tokens, and
+    averages them over a step's passes: with CPU micro-batches (one example, or one packed row, per pass) a short
+    example would weigh as much as a long one. Each step logs one mean over all its label tokens instead, as TRL's
+    padded batch of the same examples does. Installed before packed_micro_batches, whose passes it then sees.
+    True when installed (trainers that keep TRL's per-pass metrics)."""
+    from transformers import TrainerCallback
+
+    if not isinstance(getattr(trainer, "_metrics", None), dict) or "train" not in trainer._metrics:
+        return False
+    run_pass, tokens, logged = trainer.training_step, [], {}
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        tokens.append(_label_tokens(inputs))
+        return run_pass(model, inputs, num_items_in_batch)
+
+    class OneMeanPerStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            tokens.clear()
+            logged.update({key: len(trainer._metrics["train"].get(key, [])) for key in TOKEN_MEANS})
+
+        def on_step_end(self, args, state, control, **kwargs):  # before the Trainer logs the step
+            _one_mean_per_step(trainer._metrics["train"], logged, tokens)
+
+    trainer.training_step = training_step
+    trainer.add_callback(OneMeanPerStep())
+    return True
+
+
+def _one_mean_per_step(metrics: dict, logged: dict, tokens: list[int | None]) -> None:
+    """The entries each pass appended since `logged` (the lengths before the step), one per pass, become their mean
+    weighted by the passes' label tokens; left as they are otherwise."""
+    if None in tokens or sum(tokens) == 0:
+        return
+    for key, start in logged.items():
+        means = metrics.get(key, [])[start:]
+        if len(means) == len(tokens):
+            metrics[key][start:] = [sum(mean * n for mean, n in zip(means, tokens)) / sum(tokens)]
+
+
+def _label_tokens(batch: dict) -> int | None:
+    labels = batch.get("shift_labels")
+    if labels is None and batch.get("labels") is not None:
+        labels = batch["labels"][..., 1:]
+    return None if labels is None else int((labels != -100).sum())
 
 
 def _packing_keeps_examples_apart(model) -> bool:

@@ -215,6 +215,8 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
     attention = bf16_attention and levers.recomputed_attention(model)
     if attention:
         done.append("bf16 matmul attention recomputed in the backward")
+    if micro_batches and stage in ("sft", "pretrain"):  # the metrics a padded batch logs
+        levers.token_means_per_step(trainer)
     # packed rows need a mask; llmft's attention keeps it cheap (measured there only)
     if (micro_batches and attention and stage in ("sft", "pretrain")
             and levers.packed_micro_batches(trainer, getattr(trainer.args, "max_length", None))):

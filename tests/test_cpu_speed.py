@@ -430,6 +430,60 @@ def test_a_steps_examples_are_packed_in_order_up_to_the_budget_and_no_example_pr
     assert _packed([wide, plain], 8) == [wide, plain]
 
 
+def test_a_step_logs_one_entropy_and_accuracy_over_all_its_label_tokens():
+    """TRL appends each pass's mean over its label tokens; a step of several passes (its examples apart or packed)
+    logs one mean over all the step's label tokens, as a padded batch of the same examples does."""
+    from llmft.cpu_speed import _label_tokens, _one_mean_per_step
+
+    passes = [{"labels": torch.tensor([[-100, 5, 6, 7]])},  # 3 label tokens once shifted
+              {"labels": torch.tensor([[-100, -100, 9, -100]])},  # 1
+              {"labels": torch.tensor([[4, 4]]), "shift_labels": torch.tensor([[-100, -100]])}]  # none
+    tokens = [_label_tokens(batch) for batch in passes]
+    assert tokens == [3, 1, 0] and _label_tokens({"input_ids": torch.tensor([[1, 2]])}) is None
+    metrics = {"entropy": [9.0, 2.0, 4.0, 7.0], "mean_token_accuracy": [0.5, 1.0, 0.0, 0.0], "num_tokens": [10]}
+    _one_mean_per_step(metrics, {"entropy": 1, "mean_token_accuracy": 1}, tokens)  # the earlier step's entry stays
+    assert metrics == {"entropy": [9.0, pytest.approx((2.0 * 3 + 4.0) / 4)], "mean_token_accuracy": [0.5, 0.75],
+                       "num_tokens": [10]}
+    untouched = {"entropy": [1.0, 2.0]}
+    _one_mean_per_step(untouched, {"entropy": 0}, [0, 0])  # no label tokens in the step: TRL's zeros stay
+    _one_mean_per_step(untouched, {"entropy": 1}, [3, 1])  # not one entry per pass: left as logged
+    _one_mean_per_step(untouched, {"entropy": 0}, [3, None])  # a pass without labels: no weights to use
+    assert untouched == {"entropy": [1.0, 2.0]}
+
+
+def test_trls_trainer_with_micro_batches_logs_each_steps_token_weighted_entropy(tiny, tiny_model_dir, tmp_path):
+    """TRL's SFT trainer, one example per pass and two passes per step (a long and a short example): each step logs
+    the mean of its two passes' entropies weighted by their label tokens, not their plain mean."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from llmft.cpu_speed import token_means_per_step
+
+    class Seen(TrainerCallback):  # added before llmft's callback, so it sees each pass's entry
+        trainer, per_pass = None, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.per_pass.append(list(self.trainer._metrics["train"]["entropy"]))
+
+    seen = Seen()
+    rows = [{"input_ids": list(range(3, 43))}, {"input_ids": list(range(50, 56))}] * 2  # 39 and 5 label tokens
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                     max_steps=2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+                     learning_rate=1e-2, train_sampling_strategy="sequential")  # long, short; long, short
+    trainer = SFTTrainer(model=copy.deepcopy(tiny), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), callbacks=[seen])
+    seen.trainer = trainer
+    assert token_means_per_step(trainer)
+    trainer.train()
+    logged = [h["entropy"] for h in trainer.state.log_history if "entropy" in h and "loss" in h]
+    assert len(logged) == 2 and all(len(entries) == 2 for entries in seen.per_pass)
+    for (long, short), value in zip(seen.per_pass, logged):
+        weighted, plain = (39 * long + 5 * short) / 44, (long + short) / 2
+        assert abs(weighted - plain) > 1e-5  # the two means differ enough for the check to mean something
+        assert value == pytest.approx(weighted, rel=1e-6)
+
+
 def test_packing_is_used_only_on_models_that_keep_packed_examples_apart(tiny):
     """Llama-style attention separates examples by their restarting position ids; Bloom's ALiBi attention does
     not look at position ids, so a packed row would let one example attend to the one before it."""

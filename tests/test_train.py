@@ -112,6 +112,8 @@ def test_cpu_micro_batches_train_exactly_like_padded_batches(tmp_path, tiny_mode
     losses = logged(histories, "loss")
     assert losses["true"] == pytest.approx(losses["false"], rel=2e-4)
     assert len(losses["true"]) == 4
+    for key in ("entropy", "mean_token_accuracy"):  # one mean over each step's label tokens, as the padded batch's
+        assert logged(histories, key)["true"] == pytest.approx(logged(histories, key)["false"], rel=1e-3, abs=1e-4)
     assert all(batch == 2 for batch, _, _ in passes["false"]) and len(passes["false"]) == 4
     assert all(batch == 1 for batch, _, _ in passes["true"])
     if max_length == 512:  # both examples of every step in one packed row
