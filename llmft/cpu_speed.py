@@ -23,7 +23,8 @@ Applied by llmft.train to CPU runs (benchmarks/README.md#a-cpu-with-native-bf16 
 - freed_pages_kept_within_steps: jemalloc gives a tensor of several MB fresh pages (a page fault and kernel zeroing
   per 4 kB) although the same sizes were freed a moment ago; within a step, freed pages are reused instead.
 
-With micro-batches, token_means_per_step keeps the logged entropy and token accuracy those of TRL's padded batches.
+With micro-batches, token_means_per_step logs each step's entropy and token accuracy as one padded batch of all the
+step's examples would.
 """
 
 from __future__ import annotations
@@ -444,12 +445,14 @@ TOKEN_MEANS = ("entropy", "mean_token_accuracy")  # TRL logs each as its mean ov
 def token_means_per_step(trainer) -> bool:
     """TRL's SFT trainer logs the entropy and token accuracy of each pass, as means over its label tokens, and
     averages them over a step's passes: with CPU micro-batches (one example, or one packed row, per pass) a short
-    example would weigh as much as a long one. Each step logs one mean over all its label tokens instead, as TRL's
-    padded batch of the same examples does. Installed before packed_micro_batches, whose passes it then sees.
-    True when installed (trainers that keep TRL's per-pass metrics)."""
+    example would weigh as much as a long one. Each step logs one mean over all its label tokens instead, as one
+    padded batch of all the step's examples would. Installed before packed_micro_batches, whose passes it then sees.
+    True when installed: in one process (across processes TRL's entries are means over every rank's tokens, and the
+    counts here are this rank's) and on trainers that keep TRL's per-pass metrics."""
     from transformers import TrainerCallback
 
-    if not isinstance(getattr(trainer, "_metrics", None), dict) or "train" not in trainer._metrics:
+    if trainer.args.world_size != 1 or not isinstance(getattr(trainer, "_metrics", None), dict) \
+            or "train" not in trainer._metrics:
         return False
     run_pass, tokens, logged = trainer.training_step, [], {}
 

@@ -197,7 +197,8 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
     LoRA adapters in bf16 under autocast, LoRA dropout drawing only the positions
     it drops, RMSNorm in PyTorch's fused kernel, bf16 attention as matmuls recomputed in the backward (bf16 runs
     with model.attn_implementation: auto), a step's short examples packed into one pass (SFT and pretraining with
-    CPU micro-batches on that attention; the levers that live for the training loop: cpu_step_levers)."""
+    CPU micro-batches on that attention; the levers that live for the training loop: cpu_step_levers). With CPU
+    micro-batches in SFT and pretraining, each step logs one entropy and token accuracy over all its label tokens."""
     from llmft import cpu_speed as levers
 
     model, done = trainer.model, []

@@ -461,7 +461,8 @@ def test_trls_trainer_with_micro_batches_logs_each_steps_token_weighted_entropy(
     from llmft.cpu_speed import token_means_per_step
 
     class Seen(TrainerCallback):  # added before llmft's callback, so it sees each pass's entry
-        trainer, per_pass = None, []
+        def __init__(self):
+            self.trainer, self.per_pass = None, []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.per_pass.append(list(self.trainer._metrics["train"]["entropy"]))
