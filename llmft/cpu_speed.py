@@ -139,6 +139,12 @@ def recomputed_attention(model: torch.nn.Module) -> bool:
     return base.config._attn_implementation == attention.NAME
 
 
+def one_process(trainer) -> bool:
+    """Whether the run is one process with no DeepSpeed or FSDP: the levers that change what a pass hands the
+    Trainer (gradients from hooks, passes per step, per-pass metrics) hold only there."""
+    return trainer.args.world_size == 1 and not trainer.is_deepspeed_enabled and not trainer.is_fsdp_enabled
+
+
 # Full fine-tuning's bf16 weight copies ---------------------------------------------------------------------------
 
 _optimizer_steps = [0]  # optimizer steps taken in this process: every copy is remade after one
@@ -209,7 +215,6 @@ class _Bf16Copy:
                 self.copy.copy_(self.weight)
             self.made_at = now
         return self.copy
-
 
 
 def _add_to_weight_grad(owner: weakref.ref, copy: torch.Tensor) -> None:
@@ -409,7 +414,7 @@ def packed_micro_batches(trainer, max_tokens: int | None) -> bool:
     computes each example as if alone (models whose attention ignores position ids, or that carry state from token
     to token, would mix examples), in single-process runs (DDP would reduce at every packed pass). True when
     installed."""
-    if trainer.args.world_size != 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+    if not one_process(trainer):
         return False
     if not _packing_keeps_examples_apart(trainer.model):
         logging.getLogger(__name__).info("Short examples run one per pass: this model mixes examples packed in a row.")
@@ -451,8 +456,7 @@ def token_means_per_step(trainer) -> bool:
     counts here are this rank's) and on trainers that keep TRL's per-pass metrics."""
     from transformers import TrainerCallback
 
-    if trainer.args.world_size != 1 or not isinstance(getattr(trainer, "_metrics", None), dict) \
-            or "train" not in trainer._metrics:
+    if not one_process(trainer) or "train" not in getattr(trainer, "_metrics", {}):
         return False
     run_pass, tokens, logged = trainer.training_step, [], {}
 

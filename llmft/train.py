@@ -206,8 +206,7 @@ def cpu_speed(trainer, stage: str, method: str, bf16: bool, bf16_attention: bool
         done.append("LM head on loss positions")
     if method == "lora" and bf16 and levers.adapters_follow_autocast(model):
         done.append("bf16 adapter inputs under autocast")
-    if (method == "full" and bf16 and trainer.args.world_size == 1 and not trainer.is_deepspeed_enabled
-            and not trainer.is_fsdp_enabled and levers.bf16_weights_once_per_step(model)):
+    if method == "full" and bf16 and levers.one_process(trainer) and levers.bf16_weights_once_per_step(model):
         done.append("bf16 weight copies made once per optimizer step")
     if method in ("lora", "qlora") and levers.cheap_lora_dropout(model):
         done.append("cheap LoRA dropout")

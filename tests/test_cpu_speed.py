@@ -174,13 +174,17 @@ class _SgdThroughData(torch.optim.Optimizer):
                     param.data.add_(param.grad, alpha=-group["lr"])
 
 
-@pytest.mark.parametrize("optimizer", ["fused adamw", "through .data"])  # neither moves the version counters
-def test_bf16_weight_copies_made_once_per_step_train_as_autocasts_casts_per_call(tiny, optimizer):
+@pytest.mark.parametrize("optimizer,checkpointing", [("fused adamw", False), ("through .data", False),
+                                                     ("fused adamw", True)])  # neither moves the version counters
+def test_bf16_weight_copies_made_once_per_step_train_as_autocasts_casts_per_call(tiny, optimizer, checkpointing):
     """Two micro-batches, an optimizer step, two more, another step: the first gradients equal autocast's to the bit
     (the tied embedding's within float32 rounding), then the second and the weights, so each copy follows its weight
-    after a step however the step wrote it."""
+    after a step however the step wrote it; also with activations recomputed in the backward."""
     plain = copy.deepcopy(tiny).train()
     once = copy.deepcopy(tiny).train()
+    if checkpointing:
+        for model in (plain, once):
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     layers = bf16_weights_once_per_step(once)
     assert layers == 2 * 7 + 1  # q, k, v, o, gate, up, down per decoder layer, and the LM head
     ids = torch.randint(3, tiny.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))

@@ -168,31 +168,20 @@ def test_full_fine_tuning_changes_every_weight_it_trains(tmp_path, tiny_model_di
 
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
 def test_full_fine_tuning_under_bf16_autocast_casts_each_weight_once_per_step(
-        tmp_path, tiny_model_dir, train_file, monkeypatch, caplog, checkpointing):
+        tmp_path, tiny_model_dir, train_file, caplog, checkpointing):
     """CPU full fine-tuning under bf16 autocast makes its weights' bf16 copies once per optimizer step
-    (llmft.cpu_speed.bf16_weights_once_per_step): every weight trains, and the losses and weights equal those of
-    autocast's cast per pass (the lever switched off for the second run), with activations recomputed or kept."""
-    losses, weights = {}, {}
-    for lever in ("on", "off"):
-        if lever == "off":
-            monkeypatch.setattr("llmft.cpu_speed.bf16_weights_once_per_step", lambda model: 0)
-        out = tmp_path / lever
-        recipe = load_recipe(write_recipe(tmp_path / f"{lever}.yaml", tiny_model_dir, train_file, out,
-                                          peft={"method": "full"}),
-                             ["--learning_rate", "1e-3", "--bf16", "true", "--dtype", "float32",
-                              "--activation_checkpointing", checkpointing])
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="llmft"):
-            train(recipe)
-        assert ("bf16 weight copies made once per optimizer step" in caplog.text) == (lever == "on")
-        run = _assert_complete(out)
-        assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"]
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        losses[lever] = [h["loss"] for h in history if "loss" in h]
-        weights[lever] = load_file(out / "model.safetensors")
-    assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["off"], rel=1e-5)
-    for name, weight in weights["off"].items():  # the tied embedding's two gradients add in another order
-        torch.testing.assert_close(weights["on"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    (llmft.cpu_speed.bf16_weights_once_per_step; tests/test_cpu_speed.py compares its gradients with autocast's):
+    every weight trains, with activations recomputed or kept, and the loss falls."""
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, peft={"method": "full"}),
+                         ["--learning_rate", "1e-3", "--bf16", "true", "--dtype", "float32",
+                          "--activation_checkpointing", checkpointing])
+    with caplog.at_level(logging.INFO, logger="llmft"):
+        train(recipe)
+    assert "bf16 weight copies made once per optimizer step" in caplog.text
+    run = _assert_complete(out)
+    assert run.info.trainable_tensors["changed"] == run.info.trainable_tensors["total"]
+    assert run.metrics.after["eval_loss"] < run.metrics.before["eval_loss"]
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, train_file):
