@@ -8,10 +8,10 @@
 # Llama configs built locally (a tiny one, and ~0.5B parameters for speed), so nothing is downloaded.
 #
 # On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
-# .whl/ (the script installs them first when the folder exists), downloaded elsewhere, for example:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl trl==1.16.0 datasets==5.2.0 transformers==5.23.0 peft==0.21.2 torch-optimi==0.3.3 datasketch ijson \
-#       rouge-score
+# .whl/ (the script installs them first when the folder exists), made where pip reaches an index, from a list of
+# what the GPU machine has (names, or name==version as `pip list --format=freeze` prints them):
+#   python benchmarks/gpu_wheels.py --have HAVE.txt --python 3.12 --cuda 130
+# versions.txt then says whether each of llmft's requirements is met there.
 # Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +48,15 @@ for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
         print(name, m.version(name))
     except m.PackageNotFoundError:
         print(name, "missing")
+import tomllib
+from packaging.requirements import Requirement
+for text in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+    need = Requirement(text)
+    try:
+        there = m.version(need.name)
+    except m.PackageNotFoundError:
+        there = None
+    print("requirement", need, "->", there, "ok" if there and need.specifier.contains(there, prereleases=True) else "UNMET")
 EOF
 
 # Models and data, built here: a tiny random Llama (fast checks) and a ~0.5B one (speed).
