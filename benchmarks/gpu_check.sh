@@ -25,16 +25,29 @@ echo "|---|---|---|" >> "$SUMMARY"
 
 if [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        > "$OUT_DIR/wheels.log" 2>&1 || { echo "| install .whl/ | FAIL: see wheels.log | |" | tee -a "$SUMMARY"; exit 1; }
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# Without these every step fails: say so once (benchmarks/gpu_wheels.py brings what is missing).
+if ! $PY -c "import trl, peft, datasets, deepspeed, bitsandbytes, llmft.train" > "$OUT_DIR/imports.log" 2>&1; then
+    echo "| imports | FAIL: $(tail -1 "$OUT_DIR/imports.log") | |" | tee -a "$SUMMARY"
+    exit 1
+fi
 
+DEADLINE=${GPU_CHECK_SECONDS:-570}  # the whole run's budget: a step gets at most what is left of it
 step() {  # step NAME TIMEOUT_SECONDS COMMAND...: run, log, record pass/fail and time
     local name=$1 limit=$2
     shift 2
-    local start=$SECONDS
-    if timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1; then result=pass; else result="FAIL ($?)"; fi
+    local start=$SECONDS left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "| $name | skipped: past the ${DEADLINE} s budget | 0 |" | tee -a "$SUMMARY"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    # -k: llmft train turns the first SIGTERM into a checkpoint at the step's end; a hung step gets a SIGKILL.
+    if timeout -k 15 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1; then result=pass; else result="FAIL ($?)"; fi
     echo "| $name | $result | $((SECONDS - start)) |" | tee -a "$SUMMARY"
 }
 
@@ -48,6 +61,10 @@ for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
         print(name, m.version(name))
     except m.PackageNotFoundError:
         print(name, "missing")
+import shutil, sysconfig
+from pathlib import Path
+print("C compiler (Triton: torch-optimi's bf16 kernel)", shutil.which("cc") or shutil.which("gcc"),
+      "Python.h", (Path(sysconfig.get_paths()["include"]) / "Python.h").exists())
 import tomllib
 from packaging.requirements import Requirement
 for text in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
@@ -76,7 +93,9 @@ tokenizer.save_pretrained(out / "llama-0.5b")
 rows = chat_rows(272)
 (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:256]))
 (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[256:]))
-(out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows(256)))
+pairs = pair_rows(272)
+(out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:256]))
+(out / "pairs_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[256:]))
 EOF
 
 RECIPE=recipes/smollm2-135m-instruct/lora/demo.yaml
@@ -85,6 +104,24 @@ common=(--train_data "$OUT_DIR/train.jsonl" --eval_data "$OUT_DIR/eval.jsonl" --
 step gpu_tests 240 $PY -m pytest -q -m gpu tests
 step lora_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
     --output_dir "$OUT_DIR/runs/lora" --bf16 true
+# Tokens/s, MFU (against the GPU's measured bf16 matmul peak) and peak memory: TRL as shipped vs llmft's defaults, on
+# the ~0.5B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
+step sft_speed 240 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
+    --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs trl llmft
+# llmft estimate of the bf16 LoRA run above against the peak its run.json recorded (the GPU formulas' check). The
+# record is torch's peak allocation, without the CUDA context the estimate's `runtime` line adds.
+step estimate_vs_peak 60 $PY - "$OUT_DIR" "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
+    --output_dir "$OUT_DIR/runs/lora" --bf16 true <<'EOF'
+import json, subprocess, sys
+out, recipe, *overrides = sys.argv[1:]
+measured = json.load(open(f"{out}/runs/lora/run.json"))["hardware"]["peak_gpu_memory_mb"] / 1024
+shown = subprocess.run([sys.executable, "-m", "llmft", "estimate", recipe, "--json", "true", *overrides],
+                       capture_output=True, text=True, check=True).stdout
+estimate = json.loads(shown[shown.index("{"):])["memory_gb"]
+allocated = estimate["total"] - estimate["runtime"]
+print(json.dumps({"measured_peak_gb": round(measured, 2), "estimate": estimate, "estimate_allocated_gb": allocated}))
+assert 0.75 * measured <= allocated <= 1.5 * measured, (allocated, measured)
+EOF
 step qlora_4bit 120 $PY -m llmft train recipes/smollm2-135m-instruct/qlora/demo.yaml "${common[@]}" \
     --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/qlora" --bf16 true
 step full_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --method full \
@@ -98,26 +135,11 @@ step fsdp2_lora 180 accelerate launch --config_file accelerate_configs/fsdp2.yam
     -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/fsdp2"
 step eval_run 120 $PY -m llmft eval "$OUT_DIR/runs/lora" --baseline base --num_generate 4
 step dpo_lora_bf16 120 $PY -m llmft train recipes/smollm2-135m-instruct/dpo/demo.yaml --train_data "$OUT_DIR/pairs.jsonl" \
-    --eval_fraction 0.1 --max_steps 20 --max_length 256 --num_generate 4 --overwrite_output_dir true \
-    --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/dpo" --bf16 true
+    --eval_data "$OUT_DIR/pairs_eval.jsonl" --max_steps 20 --max_length 256 --num_generate 4 \
+    --overwrite_output_dir true --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/dpo" --bf16 true
+# GRPO's path on the GPU (generation, rewards, the policy step): a random model's rewards are ~0, so not learning.
 step grpo_lora_bf16 150 $PY -m llmft train recipes/smollm2-135m-instruct/grpo/gsm8k.yaml \
     --train_data "$OUT_DIR/train.jsonl" --eval_data "$OUT_DIR/eval.jsonl" --max_eval_examples 8 --max_steps 5 \
     --rewards exact_match:last_number --reward_weights 1.0 --max_completion_length 32 --num_generate 4 \
     --overwrite_output_dir true --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/grpo" --bf16 true
-# llmft estimate of the bf16 LoRA run above against the GPU peak its run.json recorded (the GPU formulas' check).
-step estimate_vs_peak 60 $PY - "$OUT_DIR" "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
-    --output_dir "$OUT_DIR/runs/lora" --bf16 true <<'EOF'
-import json, subprocess, sys
-out, recipe, *overrides = sys.argv[1:]
-measured = json.load(open(f"{out}/runs/lora/run.json"))["hardware"]["peak_gpu_memory_mb"] / 1024
-shown = subprocess.run([sys.executable, "-m", "llmft", "estimate", recipe, "--json", "true", *overrides],
-                       capture_output=True, text=True, check=True).stdout
-estimate = json.loads(shown[shown.index("{"):])["memory_gb"]
-print(json.dumps({"measured_peak_gb": round(measured, 2), "estimate": estimate}))
-assert 0.75 * measured <= estimate["total"] <= 1.5 * measured, (estimate["total"], measured)
-EOF
-# Tokens/s, MFU (against the GPU's measured bf16 matmul peak) and peak memory: TRL as shipped vs llmft's defaults, on
-# the ~0.5B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
-step sft_speed_lora 240 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
-    --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs trl llmft
 cat "$SUMMARY"
