@@ -332,12 +332,18 @@ def _defer_tracker_ends(trainer):
 
 
 def _can_evaluate_before_training(trainer) -> bool:
-    """No evaluation before training under DeepSpeed (see the log line); `llmft eval` gives the baseline after."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
+    """No evaluation before training under DeepSpeed or FSDP2 (see the log lines); `llmft eval` gives the baseline
+    after."""
+    state = trainer.accelerator.state
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        why = ("under DeepSpeed: transformers refuses it with ZeRO-1/2, and with ZeRO-3 it leaves the engine "
+               "unprepared for training")
+    elif getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) == 2:
+        why = ("under FSDP2: transformers' evaluation would shard the model alone, which accelerate refuses "
+               "(FSDP2 shards a model together with its optimizer)")
+    else:
         return True
-    log.info("Skipping the evaluation before training under DeepSpeed: transformers refuses it with ZeRO-1/2, and "
-             "with ZeRO-3 it leaves the engine unprepared for training. Compare afterwards with: "
+    log.info(f"Skipping the evaluation before training {why}. Compare afterwards with: "
              "llmft eval RUN_DIR --baseline BASE_MODEL")
     return False
 
