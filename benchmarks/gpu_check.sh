@@ -134,6 +134,13 @@ step zero3_lora 180 accelerate launch --config_file accelerate_configs/deepspeed
 step fsdp2_lora 180 accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 1 \
     -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/fsdp2"
 step eval_run 120 $PY -m llmft eval "$OUT_DIR/runs/lora" --baseline base --num_generate 4
+step eval_on_gpu 60 $PY - "$OUT_DIR" <<'EOF'
+import sys
+from llmft.evaluation import load_for_eval
+model = load_for_eval(f"{sys.argv[1]}/runs/lora")[0]
+print(model.device)
+assert model.device.type == "cuda", model.device
+EOF
 step dpo_lora_bf16 120 $PY -m llmft train recipes/smollm2-135m-instruct/dpo/demo.yaml --train_data "$OUT_DIR/pairs.jsonl" \
     --eval_data "$OUT_DIR/pairs_eval.jsonl" --max_steps 20 --max_length 256 --num_generate 4 \
     --overwrite_output_dir true --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/dpo" --bf16 true

@@ -146,7 +146,7 @@ def stream_answer(model, tokenizer, messages: list[dict[str, str]], options: Cha
 def load(options: ChatOptions):
     """(model, tokenizer, a label): a run as training left it, or a model folder as it is."""
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.model import load_model, load_run_model, load_tokenizer
+    from llmft.model import load_model, load_run_model, load_tokenizer, on_gpu_if_any
     from llmft.run_dir import is_run, read_run
 
     path = Path(options.run)
@@ -158,5 +158,5 @@ def load(options: ChatOptions):
     else:
         how = "model"
         model = load_model(ModelConfig(name_or_path=options.run, dtype=options.dtype), PeftSettings(method="full"))
-    model.eval()
+    model = on_gpu_if_any(model).eval()
     return model, tokenizer, f"{options.run} ({how}, ends a turn at {tokenizer.eos_token!r})"

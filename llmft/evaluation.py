@@ -596,7 +596,7 @@ def run_defaults(target: str) -> dict[str, Any]:
 def load_for_eval(target: str):
     """(model, tokenizer, Run or None) for a run directory (adapter on its base, or full model) or a model."""
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.model import load_model, load_run_model, load_tokenizer
+    from llmft.model import load_model, load_run_model, load_tokenizer, on_gpu_if_any
 
     path = Path(target)
     if path.is_dir() and not run_dir.is_run(path) and not (path / "config.json").exists():
@@ -606,9 +606,9 @@ def load_for_eval(target: str):
     if run_dir.is_run(path):
         run = run_dir.read_run(path)
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))  # the run's own tokenizer and template
-        return load_run_model(run), tokenizer, run
+        return on_gpu_if_any(load_run_model(run)), tokenizer, run
     cfg = ModelConfig(name_or_path=target, dtype="float32")
-    return load_model(cfg, PeftSettings(method="full")), load_tokenizer(cfg), None
+    return on_gpu_if_any(load_model(cfg, PeftSettings(method="full"))), load_tokenizer(cfg), None
 
 
 def held_out(options: EvalOptions, run) -> tuple[str, datasets.Dataset]:

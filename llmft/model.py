@@ -266,6 +266,20 @@ def quantization_config(cfg: PeftSettings, dtype: torch.dtype):
                               bnb_4bit_quant_storage=dtype)
 
 
+def on_gpu_if_any(model: PreTrainedModel) -> PreTrainedModel:
+    """A model for evaluation or chat on the GPU where there is one (models load on the CPU; a quantised one is
+    placed as it loads). One that does not fit stays on the CPU, with a warning."""
+    if not torch.cuda.is_available() or getattr(model, "hf_device_map", None):
+        return model
+    try:
+        return model.to("cuda")
+    except torch.cuda.OutOfMemoryError:
+        log.warning("The model does not fit on the GPU in %s: it runs on the CPU.", model.dtype)
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        return model
+
+
 def _kbit_device_map() -> dict[str, int | str] | None:
     """Quantised weights are made on the device they load to: this process's GPU, or the CPU.
 
