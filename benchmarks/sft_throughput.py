@@ -273,7 +273,7 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
     import yaml
 
     from llmft.config import load_recipe
-    from llmft.model import load_run_model
+    from llmft.model import load_run_model, on_gpu_if_any
     from llmft.run_dir import read_run
     from llmft.train import train
 
@@ -288,7 +288,7 @@ def _llmft_run(name, method, steps, data, workdir, examples, overrides, meter):
                      "max_length": MAX_LENGTH, "learning_rate": LR[method], "logging_steps": 1, "seed": 42},
     }))
     train(load_recipe(recipe, overrides), callbacks=[meter])
-    return load_run_model(read_run(out))
+    return on_gpu_if_any(load_run_model(read_run(out)))  # evaluated where TRL's model is
 
 
 def _peak_mb() -> float:
