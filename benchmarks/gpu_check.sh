@@ -141,6 +141,14 @@ model = load_for_eval(f"{sys.argv[1]}/runs/lora")[0]
 print(model.device)
 assert model.device.type == "cuda", model.device
 EOF
+# Self-chat's local model generates on the GPU.
+step selfchat_on_gpu 60 $PY - "$OUT_DIR" <<'EOF'
+import sys
+from llmft.synth.backends import BackendOptions, Sampling, make_backend
+backend = make_backend(BackendOptions(model=f"{sys.argv[1]}/tiny"))
+print(backend.model.device, backend.chat([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=8)))
+assert backend.model.device.type == "cuda", backend.model.device
+EOF
 step dpo_lora_bf16 120 $PY -m llmft train recipes/smollm2-135m-instruct/dpo/demo.yaml --train_data "$OUT_DIR/pairs.jsonl" \
     --eval_data "$OUT_DIR/pairs_eval.jsonl" --max_steps 20 --max_length 256 --num_generate 4 \
     --overwrite_output_dir true --name_or_path "$OUT_DIR/llama-0.5b" --output_dir "$OUT_DIR/runs/dpo" --bf16 true

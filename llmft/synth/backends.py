@@ -64,11 +64,11 @@ def make_backend(options: BackendOptions):
         return OpenAIBackend(options.base_url, options.api_model, options.api_key_env, options.concurrency,
                              options.timeout, options.max_retries)
     from llmft.config import ModelConfig, PeftSettings
-    from llmft.model import load_model, load_tokenizer
+    from llmft.model import load_model, load_tokenizer, on_gpu_if_any
 
     model_cfg = ModelConfig(name_or_path=options.model, dtype=options.dtype)
-    backend = LocalBackend(load_model(model_cfg, PeftSettings(method="full")), load_tokenizer(model_cfg),
-                           options.batch_size)
+    backend = LocalBackend(on_gpu_if_any(load_model(model_cfg, PeftSettings(method="full"))),
+                           load_tokenizer(model_cfg), options.batch_size)
     backend.name = options.model
     return backend
 
