@@ -11,7 +11,7 @@
 # .whl/ (the script installs them first when the folder exists), made where pip reaches an index, from a list of
 # what the GPU machine has (names, or name==version as `pip list --format=freeze` prints them):
 #   python benchmarks/gpu_wheels.py --have HAVE.txt --python 3.12 --cuda 130
-# versions.txt then says whether each of llmft's requirements is met there.
+# versions.txt then says whether each of llmft's requirements is met there (and `pip check` whether their own are).
 # Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +75,8 @@ for text in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"
         there = None
     print("requirement", need, "->", there, "ok" if there and need.specifier.contains(there, prereleases=True) else "UNMET")
 EOF
+# And every installed package's own requirements (datasets' pyarrow and fsspec ranges, say), as pip sees them.
+$PY -m pip check >> "$OUT_DIR/versions.txt" 2>&1
 
 # Models and data, built here: a tiny random Llama (fast checks) and a ~0.5B one (speed).
 $PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF'
