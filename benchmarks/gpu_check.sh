@@ -136,12 +136,22 @@ step zero3_lora 180 accelerate launch --config_file accelerate_configs/deepspeed
 step fsdp2_lora 180 accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 1 \
     -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/fsdp2"
 step eval_run 120 $PY -m llmft eval "$OUT_DIR/runs/lora" --baseline base --num_generate 4
-step eval_on_gpu 60 $PY - "$OUT_DIR" <<'EOF'
+# llmft eval's model on CUDA; llmft check's greedy answers made there (a random model's need not stop at the
+# end-of-turn token: that problem alone is expected).
+step eval_check_on_gpu 90 $PY - "$OUT_DIR" <<'EOF'
 import sys
+from pathlib import Path
+from llmft.errors import HubError
 from llmft.evaluation import load_for_eval
+from llmft.hub import check
 model = load_for_eval(f"{sys.argv[1]}/runs/lora")[0]
 print(model.device)
 assert model.device.type == "cuda", model.device
+try:
+    print(check(Path(f"{sys.argv[1]}/runs/lora")))
+except HubError as err:
+    print(err)
+    assert str(err).count("\n  - ") == 1 and "did not stop" in str(err), err
 EOF
 # Self-chat's local model generates on the GPU.
 step selfchat_on_gpu 60 $PY - "$OUT_DIR" <<'EOF'

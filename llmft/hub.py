@@ -81,7 +81,7 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
     info = read_run(run)  # a half-written run is reported before the model libraries load
     from llmft.config import ModelConfig, PeftSettings
     from llmft.evaluation import prompt_texts, prompts_and_references
-    from llmft.model import load_model, load_run_model, load_tokenizer
+    from llmft.model import load_model, load_run_model, load_tokenizer, on_gpu_if_any
 
     meta, problems = info.info, []
     target = artifact or run
@@ -99,6 +99,7 @@ def check(run: Path, artifact: Path | None = None, prompts: int = 3, max_new_tok
         model = load_run_model(info)
     else:
         model = load_model(ModelConfig(name_or_path=str(artifact), dtype="float32"), PeftSettings(method="full"))
+    model = on_gpu_if_any(model)
     rows = info.eval_rows()
     items = prompts_and_references(rows, prompts) if rows is not None else [
         {"prompt": [{"role": "user", "content": "Hello!"}], "reference": "Hello."}]
@@ -204,7 +205,7 @@ def _ends_with_eot(model, tokenizer, texts: list[str], max_new_tokens: int) -> l
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     finally:
