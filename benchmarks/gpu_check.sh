@@ -12,7 +12,9 @@
 # what the GPU machine has (names, or name==version as `pip list --format=freeze` prints them):
 #   python benchmarks/gpu_wheels.py --have HAVE.txt --python 3.12 --cuda 130
 # versions.txt then says whether each of llmft's requirements is met there (and `pip check` whether their own are).
-# Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table.
+# Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table. The run stops
+# starting steps after GPU_CHECK_SECONDS (570); GPU_CHECK_STEPS="name ..." runs only the steps named (the rest of
+# a run that ran out of time, say).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
@@ -37,9 +39,12 @@ if ! $PY -c "import trl, peft, datasets, deepspeed, bitsandbytes, llmft.train" >
 fi
 
 DEADLINE=${GPU_CHECK_SECONDS:-570}  # the whole run's budget: a step gets at most what is left of it
+STEPS="${GPU_CHECK_STEPS:-}"          # e.g. GPU_CHECK_STEPS="fsdp2_lora dpo_lora_bf16": only those steps
+ONLY=" ${STEPS//,/ } "
 step() {  # step NAME TIMEOUT_SECONDS COMMAND...: run, log, record pass/fail and time
     local name=$1 limit=$2
     shift 2
+    [ -n "$STEPS" ] && [[ "$ONLY" != *" $name "* ]] && return
     local start=$SECONDS left=$((DEADLINE - SECONDS))
     if [ "$left" -lt 20 ]; then
         echo "| $name | skipped: past the ${DEADLINE} s budget | 0 |" | tee -a "$SUMMARY"
@@ -108,7 +113,7 @@ step lora_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$
     --output_dir "$OUT_DIR/runs/lora" --bf16 true
 # Tokens/s, MFU (against the GPU's measured bf16 matmul peak) and peak memory: TRL as shipped vs llmft's defaults, on
 # the ~0.5B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
-step sft_speed 240 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
+step sft_speed 300 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
     --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs trl llmft
 # llmft estimate of the bf16 LoRA run above against the peak its run.json recorded (the GPU formulas' check). The
 # record is torch's peak allocation, without the CUDA context the estimate's `runtime` line adds.
