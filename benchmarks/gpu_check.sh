@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # bash benchmarks/gpu_check.sh [OUT_DIR]
 #
-# Every check that needs a CUDA GPU, in one run of under 10 minutes on one GPU: the tests marked `gpu`, then
-# llmft train on the GPU with bf16 LoRA, QLoRA (4-bit NF4), full fine-tuning (float32 and bf16 weights), DeepSpeed
-# ZeRO-3 and FSDP2 (one process each where one GPU is all there is), `llmft eval` of the GPU run, DPO and GRPO (vLLM
-# colocated in the gpu tests, where vLLM is installed), and llmft estimate against the GPU peak the LoRA run recorded. Models are random
-# Llama configs built locally (a tiny one, and ~0.5B parameters for speed), so nothing is downloaded.
+# Every check that needs a CUDA GPU, in one run of about 10 minutes on one GPU (GPU_CHECK_STEPS splits it): the
+# tests marked `gpu`; llmft train with bf16 LoRA, QLoRA (4-bit NF4), full fine-tuning (float32 and bf16 weights),
+# DeepSpeed ZeRO-3 and FSDP2 (one process each where one GPU is all there is), DPO and GRPO; tokens/s, MFU and memory
+# of TRL as shipped vs llmft's defaults, and of candidate GPU defaults (no checkpointing, Liger kernels); llmft
+# estimate against the GPU peak the LoRA run recorded; llmft eval's, check's and self-chat's models on the GPU.
+# Models are random Llama configs built locally (a tiny one, and ~0.4B parameters for speed): nothing is downloaded.
 #
 # On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
 # .whl/ (the script installs them first when the folder exists), made where pip reaches an index, from a list of
 # what the GPU machine has (names, or name==version as `pip list --format=freeze` prints them):
-#   python benchmarks/gpu_wheels.py --have HAVE.txt --python 3.12 --cuda 130
+#   python benchmarks/gpu_wheels.py --have HAVE.txt --python 3.12 --cuda 130 --also liger-kernel
 # versions.txt then says whether each of llmft's requirements is met there (and `pip check` whether their own are).
 # Results go to OUT_DIR (default $OUT, else gpu_check_out/): one log per step and a summary table. The run stops
 # starting steps after GPU_CHECK_SECONDS (570); GPU_CHECK_STEPS="name ..." runs only the steps named (the rest of
@@ -83,7 +84,7 @@ EOF
 # And every installed package's own requirements (datasets' pyarrow and fsspec ranges, say), as pip sees them.
 $PY -m pip check >> "$OUT_DIR/versions.txt" 2>&1
 
-# Models and data, built here: a tiny random Llama (fast checks) and a ~0.5B one (speed).
+# Models and data, built here: a tiny random Llama (fast checks) and a ~0.4B one (speed).
 $PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF'
 import json, random, sys
 from pathlib import Path
@@ -112,7 +113,7 @@ step gpu_tests 240 $PY -m pytest -q -m gpu tests
 step lora_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
     --output_dir "$OUT_DIR/runs/lora" --bf16 true
 # Tokens/s, MFU (against the GPU's measured bf16 matmul peak) and peak memory: TRL as shipped vs llmft's defaults, on
-# the ~0.5B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
+# the ~0.4B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
 step sft_speed 300 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
     --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs trl llmft
 # llmft estimate of the bf16 LoRA run above against the peak its run.json recorded (the GPU formulas' check). The
@@ -174,4 +175,7 @@ step grpo_lora_bf16 150 $PY -m llmft train recipes/smollm2-135m-instruct/grpo/gs
     --train_data "$OUT_DIR/train.jsonl" --eval_data "$OUT_DIR/eval.jsonl" --max_eval_examples 8 --max_steps 5 \
     --rewards exact_match:last_number --reward_weights 1.0 --max_completion_length 32 --num_generate 4 \
     --overwrite_output_dir true --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/grpo" --bf16 true
+# Candidates for llmft's GPU defaults (today TRL's: padded batches, checkpointing, SDPA), each against them.
+step sft_gpu_levers 300 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
+    --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs llmft llmft-no-ckpt llmft-liger
 cat "$SUMMARY"

@@ -101,15 +101,16 @@ def fetch(name: str, version: str, python: str, out: Path) -> tuple[Path, str]:
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in range(17, 40)] + ["--platform=manylinux2014_x86_64",
                                                                                 "--platform=manylinux1_x86_64"]
     with tempfile.TemporaryDirectory() as tmp:
+        wanted = f"{name}=={version}" if version else name
         download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python, "--implementation", "cp", *platforms, "-d", tmp, f"{name}=={version}"]
+                    "--python-version", python, "--implementation", "cp", *platforms, "-d", tmp, wanted]
         how = "wheel"
         if subprocess.run(download, capture_output=True, text=True).returncode != 0:
             how = "built here"
             build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                                    "-w", tmp, f"{name}=={version}"], capture_output=True, text=True)
+                                    "-w", tmp, wanted], capture_output=True, text=True)
             if build.returncode != 0 or not list(Path(tmp).glob("*-none-any.whl")):
-                raise SystemExit(f"gpu_wheels: no wheel for {name}=={version} for Python {python}, and no "
+                raise SystemExit(f"gpu_wheels: no wheel for {wanted} for Python {python}, and no "
                                  f"pure-Python one could be built: {build.stderr.strip()[-600:]}")
         wheel = next(Path(tmp).glob("*.whl"))
         return wheel.replace(out / wheel.name), how
@@ -123,6 +124,8 @@ def main() -> None:
                                                       "without the dot (bitsandbytes keeps that library only)")
     parser.add_argument("--ship", nargs="*", default=[], help="packages to ship although the machine has them "
                                                                    "(their version there not known to satisfy llmft)")
+    parser.add_argument("--also", nargs="*", default=[], help="more packages for that machine, not llmft "
+                                                                   "requirements (e.g. liger-kernel): name or name==version")
     parser.add_argument("--out", type=Path, default=Path(".whl"))
     parser.add_argument("--max-mb", type=float, default=60.0, help="fail above this total")
     args = parser.parse_args()
@@ -136,6 +139,11 @@ def main() -> None:
             keep_one_cuda(wheel, args.cuda)
             how += f", CUDA {args.cuda} only"
         print(f"| {name} | {metadata.version(name)} | {why} | {how} | {wheel.stat().st_size / 2**20:.1f} |", flush=True)
+    for extra in args.also:  # pip picks the newest release for that Python when no version is given
+        name, _, version = extra.partition("==")
+        wheel, how = fetch(name, version, args.python, args.out)
+        print(f"| {name} | {wheel.name.split('-')[1]} | asked for (--also) | {how} | "
+              f"{wheel.stat().st_size / 2**20:.1f} |", flush=True)
     total = sum(p.stat().st_size for p in args.out.glob("*.whl")) / 2**20
     print(f"\n{len(ship)} packages, {total:.1f} MB in {args.out}/")
     if total > args.max_mb:

@@ -68,6 +68,11 @@ CONFIGS = {
                     ["--attn_implementation", "eager"]),
     "llmft-sdpa": ("llmft defaults + SDPA attention (PyTorch's CPU flash kernel)", {},
                    ["--attn_implementation", "sdpa"]),
+    # GPU candidates (llmft's defaults there are TRL's: padded batches, checkpointing, SDPA):
+    "llmft-no-ckpt": ("llmft defaults without activation checkpointing (on by default with CUDA)", {},
+                      ["--activation_checkpointing", "false"]),
+    "llmft-liger": ("llmft defaults + Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU; needs "
+                    "liger-kernel)", {}, ["--use_liger_kernel", "true"]),
 }
 # llmft rows with a CPU lever of the training loop (llmft.cpu_speed) switched off, to measure what it does.
 LEVERS_OFF = {"llmft-pages-off": ("freed_pages_kept_within_steps", lambda trainer: contextlib.nullcontext(False)),
