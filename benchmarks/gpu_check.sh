@@ -84,26 +84,36 @@ EOF
 # And every installed package's own requirements (datasets' pyarrow and fsspec ranges, say), as pip sees them.
 $PY -m pip check >> "$OUT_DIR/versions.txt" 2>&1
 
-# Models and data, built here: a tiny random Llama (fast checks) and a ~0.4B one (speed).
+# Models and data, built here: a tiny random Llama (fast checks) and one of Qwen2.5-0.5B's shape, vocabulary
+# included (speed); the tests' short chat rows, and longer ones of random words for the speed tables (64 to ~500
+# tokens, as LIMA's up to 512).
 $PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF'
 import json, random, sys
 from pathlib import Path
+import torch
 from tests.helpers import chat_rows, make_tiny_model_dir, make_tokenizer, pair_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 out = Path(sys.argv[1])
 make_tiny_model_dir(out / "tiny")
 tokenizer = make_tokenizer()
-config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                     num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
+config = LlamaConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
-LlamaForCausalLM(config).save_pretrained(out / "llama-0.5b")
+LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out / "llama-0.5b")
 tokenizer.save_pretrained(out / "llama-0.5b")
-rows = chat_rows(272)
-(out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:256]))
-(out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[256:]))
-pairs = pair_rows(272)
-(out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:256]))
-(out / "pairs_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[256:]))
+def write(name, rows):
+    (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+rows, pairs = chat_rows(272), pair_rows(272)
+write("train.jsonl", rows[:256]), write("eval.jsonl", rows[256:])
+write("pairs.jsonl", pairs[:256]), write("pairs_eval.jsonl", pairs[256:])
+rng = random.Random(0)
+words = "the model learns a short answer from each long question about data time light water city river".split()
+say = lambda low, high: " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
+long = [{"messages": [{"role": "user", "content": say(5, 20)}, {"role": "assistant", "content": say(10, 80)}]}
+        for _ in range(216)]
+write("speed_train.jsonl", long[:200]), write("speed_eval.jsonl", long[200:])
+lengths = sorted(len(tokenizer.apply_chat_template(r["messages"], return_dict=False)) for r in long)
+print("speed rows: tokens min/median/max", lengths[0], lengths[len(lengths) // 2], lengths[-1])
 EOF
 
 RECIPE=recipes/smollm2-135m-instruct/lora/demo.yaml
@@ -113,9 +123,9 @@ step gpu_tests 240 $PY -m pytest -q -m gpu tests
 step lora_bf16 120 $PY -m llmft train "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
     --output_dir "$OUT_DIR/runs/lora" --bf16 true
 # Tokens/s, MFU (against the GPU's measured bf16 matmul peak) and peak memory: TRL as shipped vs llmft's defaults, on
-# the ~0.4B random Llama and the tests' chat rows (a bare GPU machine has neither the embedded model nor LIMA).
-step sft_speed 300 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
-    --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs trl llmft
+# the Qwen2.5-0.5B-shaped random Llama and the long rows (a bare GPU machine has neither the embedded model nor LIMA).
+step sft_speed 300 env SFT_BENCH_BATCH=16 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/speed_train.jsonl" \
+    --eval-file "$OUT_DIR/speed_eval.jsonl" --steps 6 --methods lora full --configs trl llmft
 # llmft estimate of the bf16 LoRA run above against the peak its run.json recorded (the GPU formulas' check). The
 # record is torch's peak allocation, without the CUDA context the estimate's `runtime` line adds.
 step estimate_vs_peak 60 $PY - "$OUT_DIR" "$RECIPE" "${common[@]}" --name_or_path "$OUT_DIR/llama-0.5b" \
@@ -176,6 +186,6 @@ step grpo_lora_bf16 150 $PY -m llmft train recipes/smollm2-135m-instruct/grpo/gs
     --rewards exact_match:last_number --reward_weights 1.0 --max_completion_length 32 --num_generate 4 \
     --overwrite_output_dir true --name_or_path "$OUT_DIR/tiny" --output_dir "$OUT_DIR/runs/grpo" --bf16 true
 # Candidates for llmft's GPU defaults (today TRL's: padded batches, checkpointing, SDPA), each against them.
-step sft_gpu_levers 300 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/train.jsonl" \
-    --eval-file "$OUT_DIR/eval.jsonl" --steps 6 --methods lora full --configs llmft llmft-no-ckpt llmft-liger
+step sft_gpu_levers 300 env SFT_BENCH_BATCH=16 $PY benchmarks/sft_throughput.py --model "$OUT_DIR/llama-0.5b" --train-file "$OUT_DIR/speed_train.jsonl" \
+    --eval-file "$OUT_DIR/speed_eval.jsonl" --steps 6 --methods lora full --configs llmft llmft-no-ckpt llmft-liger
 cat "$SUMMARY"

@@ -5,8 +5,9 @@
 
 Data: ../shared/data/lima.json when present (converted by `llmft data convert`, examples longer than 512 tokens
 dropped), else generated chat rows of realistic lengths. Model: the embedded SmolLM2-135M-Instruct. Each
-configuration runs in a fresh process (its own peak RSS) for `--steps` optimizer steps of 4 examples each; the
-first step is warm-up and not timed; a configuration named twice runs twice (the spread is the run-to-run noise).
+configuration runs in a fresh process (its own peak RSS) for `--steps` optimizer steps of 4 examples each
+(SFT_BENCH_BATCH=16 in the environment for 16); the first step is warm-up and not timed; a configuration named
+twice runs twice (the spread is the run-to-run noise).
 Reported per configuration:
   tokens/s      non-padding tokens per second over the timed steps (TRL's own `num_tokens` count)
   padding       share of the batch positions that were padding
@@ -38,7 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = "smollm2-135m-instruct"
 LIMA = REPO.parent / "shared" / "data" / "lima.json"
-MAX_LENGTH, BATCH = 512, 4
+MAX_LENGTH = 512
+BATCH = int(os.environ.get("SFT_BENCH_BATCH", "4"))  # examples per optimizer step (larger on a GPU)
 LR = {"lora": 2e-4, "full": 2e-5}
 
 # name -> (what it is, TRL SFTConfig overrides, llmft recipe overrides or None for a plain-TRL run)
