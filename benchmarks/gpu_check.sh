@@ -6,7 +6,7 @@
 # DeepSpeed ZeRO-3 and FSDP2 (one process each where one GPU is all there is), DPO and GRPO; tokens/s, MFU and memory
 # of TRL as shipped vs llmft's defaults, and of candidate GPU defaults (no checkpointing, Liger kernels); llmft
 # estimate against the GPU peak the LoRA run recorded; llmft eval's, check's and self-chat's models on the GPU.
-# Models are random Llama configs built locally (a tiny one, and ~0.4B parameters for speed): nothing is downloaded.
+# Models are random Llama configs built locally (a tiny one, and ~0.5B parameters for speed): nothing is downloaded.
 #
 # On a GPU machine without internet access, bring the Python packages llmft needs that it lacks as wheels in
 # .whl/ (the script installs them first when the folder exists), made where pip reaches an index, from a list of
@@ -29,7 +29,7 @@ echo "|---|---|---|" >> "$SUMMARY"
 if [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         > "$OUT_DIR/wheels.log" 2>&1 || { echo "| install .whl/ | FAIL: see wheels.log | |" | tee -a "$SUMMARY"; exit 1; }
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"  # accelerate's CLI
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -42,11 +42,14 @@ fi
 DEADLINE=${GPU_CHECK_SECONDS:-570}  # the whole run's budget: a step gets at most what is left of it
 STEPS="${GPU_CHECK_STEPS:-}"          # e.g. GPU_CHECK_STEPS="fsdp2_lora dpo_lora_bf16": only those steps
 ONLY=" ${STEPS//,/ } "
+case "$ONLY" in  # these read lora_bf16's run: it runs too
+    *" estimate_vs_peak "* | *" eval_run "* | *" eval_check_on_gpu "*) ONLY="$ONLY lora_bf16 " ;;
+esac
 step() {  # step NAME TIMEOUT_SECONDS COMMAND...: run, log, record pass/fail and time
     local name=$1 limit=$2
     shift 2
     [ -n "$STEPS" ] && [[ "$ONLY" != *" $name "* ]] && return
-    local start=$SECONDS left=$((DEADLINE - SECONDS))
+    local start=$SECONDS left=$((DEADLINE - SECONDS)) result
     if [ "$left" -lt 20 ]; then
         echo "| $name | skipped: past the ${DEADLINE} s budget | 0 |" | tee -a "$SUMMARY"
         return
@@ -85,9 +88,9 @@ EOF
 $PY -m pip check >> "$OUT_DIR/versions.txt" 2>&1
 
 # Models and data, built here: a tiny random Llama (fast checks) and one of Qwen2.5-0.5B's shape, vocabulary
-# included (speed); the tests' short chat rows, and longer ones of random words for the speed tables (64 to ~500
-# tokens, as LIMA's up to 512).
-$PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF'
+# included (speed); the tests' short chat rows, and longer ones of random words for the speed tables (134 to 435
+# tokens; LIMA's are up to 512).
+$PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF' || { echo "| setup | FAIL: see setup.log | |" | tee -a "$SUMMARY"; exit 1; }
 import json, random, sys
 from pathlib import Path
 import torch

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 SKIP = {"torch"}  # the GPU machine's own CUDA build: never replaced
 
@@ -46,11 +47,25 @@ def read_have(text: str) -> dict[str, str | None]:
     return have
 
 
-def requirements(name: str, python: str) -> list[Requirement]:
-    """What an installed distribution needs on that Python, extras left out."""
-    env = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0", "extra": ""}
-    found = [Requirement(text) for text in metadata.distribution(name).requires or []]
-    return [r for r in found if not r.marker or r.marker.evaluate(env)]
+def requirements(name: str, python: str, extras: set[str] = frozenset()) -> list[Requirement]:
+    """What an installed distribution needs on that Python, with the extras asked of it (fsspec[http])."""
+    env = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0"}
+    try:
+        found = [Requirement(text) for text in metadata.distribution(name).requires or []]
+    except metadata.PackageNotFoundError:
+        raise SystemExit(f"gpu_wheels: {name} is needed on Python {python} but not installed here, so its version "
+                         f"is unknown: name it with --also {name}==VERSION.") from None
+    return [r for r in found
+            if not r.marker or any(r.marker.evaluate({**env, "extra": extra}) for extra in ["", *extras])]
+
+
+def satisfies(version: str, requirement: Requirement) -> bool:
+    """Whether a version meets a requirement (pre-releases count, as on NGC-style builds; an unparsable one does
+    not)."""
+    try:
+        return requirement.specifier.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
 
 
 def to_ship(root: str, python: str, have: dict[str, str | None], force: set[str]) -> dict[str, str]:
@@ -58,15 +73,16 @@ def to_ship(root: str, python: str, have: dict[str, str | None], force: set[str]
     does not satisfy a requirement of what is shipped, or that `force` names; walked only through what is
     shipped, since what the machine has brings its own dependencies."""
     ship: dict[str, str] = {}
+    extras: dict[str, set[str]] = {}  # the extras asked of each package (fsspec[http]): their requirements too
     while True:  # shipping a package adds its requirements, which can unsettle another: repeat until none
         wanted: dict[str, list[Requirement]] = {}
         for parent in [root, *ship]:
-            for requirement in requirements(parent, python):
+            for requirement in requirements(parent, python, extras.get(parent, set())):
                 wanted.setdefault(norm(requirement.name), []).append(requirement)
         now = {}
         for name, needs in sorted(wanted.items()):
             there = have.get(name)
-            unmet = [str(r.specifier) for r in needs if there and r.specifier and Version(there) not in r.specifier]
+            unmet = [str(r.specifier) for r in needs if there and r.specifier and not satisfies(there, r)]
             if name in SKIP:
                 continue
             if name not in have:
@@ -75,14 +91,20 @@ def to_ship(root: str, python: str, have: dict[str, str | None], force: set[str]
                 now[name] = f"{there or 'a version'} there, shipped as asked"
             elif unmet:
                 now[name] = f"{there} there, needs {', '.join(unmet)}"
-        if now.keys() == ship.keys():
+        asked = {name: {extra for r in needs for extra in r.extras} for name, needs in wanted.items()}
+        if now.keys() == ship.keys() and asked == extras:
             return now
-        ship = now
+        ship, extras = now, asked
 
 
 def keep_one_cuda(wheel: Path, cuda: str) -> None:
-    """Rewrite a bitsandbytes wheel with the CPU library and the one for this CUDA version only."""
-    drop = re.compile(rf"libbitsandbytes_(?!cuda{cuda}\.|cpu\.)\w+\.so$")
+    """Rewrite a bitsandbytes wheel with the CPU library and the one for this CUDA version only (130 or 13.0)."""
+    keep = f"cuda{cuda.replace('.', '')}.so"
+    with zipfile.ZipFile(wheel) as source:
+        if not any(name.endswith(f"libbitsandbytes_{keep}") for name in source.namelist()):
+            raise SystemExit(f"gpu_wheels: {wheel.name} has no libbitsandbytes_{keep}: check --cuda "
+                             "(torch.version.cuda there).")
+    drop = re.compile(rf"libbitsandbytes_(?!{re.escape(keep)}$|cpu\.so$)\w+\.so$")
     with zipfile.ZipFile(wheel) as source, tempfile.NamedTemporaryFile(dir=wheel.parent, delete=False) as out:
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
             for info in source.infolist():
@@ -113,25 +135,30 @@ def fetch(name: str, version: str, python: str, out: Path) -> tuple[Path, str]:
                 raise SystemExit(f"gpu_wheels: no wheel for {wanted} for Python {python}, and no "
                                  f"pure-Python one could be built: {build.stderr.strip()[-600:]}")
         wheel = next(Path(tmp).glob("*.whl"))
-        return wheel.replace(out / wheel.name), how
+        return Path(shutil.move(wheel, out / wheel.name)), how  # /tmp may be another filesystem
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--have", type=Path, help="what the GPU machine has (names, or name==version)")
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
-    parser.add_argument("--cuda", default="130", help="the CUDA version of its torch, as in torch.version.cuda "
-                                                      "without the dot (bitsandbytes keeps that library only)")
+    parser.add_argument("--cuda", default="130", help="the CUDA version of its torch (torch.version.cuda, with or "
+                                                      "without the dot): bitsandbytes keeps that library only")
     parser.add_argument("--ship", nargs="*", default=[], help="packages to ship although the machine has them "
                                                                    "(their version there not known to satisfy llmft)")
     parser.add_argument("--also", nargs="*", default=[], help="more packages for that machine, not llmft "
-                                                                   "requirements (e.g. liger-kernel): name or name==version")
+                                                                   "requirements (e.g. liger-kernel): name or name==version; "
+                                                                   "their own dependencies are not brought")
     parser.add_argument("--out", type=Path, default=Path(".whl"))
     parser.add_argument("--max-mb", type=float, default=60.0, help="fail above this total")
     args = parser.parse_args()
     have = read_have(args.have.read_text()) if args.have else {}
     ship = to_ship("llmft", args.python, have, {norm(name) for name in args.ship})
+    for name in {norm(name) for name in args.ship} - ship.keys():
+        print(f"gpu_wheels: --ship {name}: not a requirement of llmft here (or torch): not shipped")
     args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("*.whl"):  # two versions of one package would stop the install there
+        old.unlink()
     print("| package | version | why | how | MB |\n|---|---|---|---|---|")
     for name, why in ship.items():
         wheel, how = fetch(name, metadata.version(name), args.python, args.out)

@@ -338,8 +338,9 @@ def run_config(name: str, method: str, steps: int, data: dict, workdir: Path, sc
     command = [sys.executable, script, "--worker", name, "--method", method, "--steps", str(steps),
                "--data", json.dumps(data), "--workdir", str(workdir)]
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
-    library = (os.environ.get("LD_PRELOAD") or allocator_library()  # GPU runs keep theirs, as llmft train does
-               if llmft and not torch.cuda.is_available() and os.environ.get("LLMFT_ALLOCATOR") != "system" else None)
+    jemalloc = None if torch.cuda.is_available() else allocator_library()  # as llmft train: none on GPU machines
+    library = (os.environ.get("LD_PRELOAD") or jemalloc
+               if llmft and os.environ.get("LLMFT_ALLOCATOR") != "system" else None)
     done = subprocess.run(command, capture_output=True, text=True, env={**env, "LD_PRELOAD": library} if library else env)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1][:120]}

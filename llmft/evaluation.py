@@ -611,6 +611,14 @@ def load_for_eval(target: str):
     return on_gpu_if_any(load_model(cfg, PeftSettings(method="full"))), load_tokenizer(cfg), None
 
 
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def held_out(options: EvalOptions, run) -> tuple[str, datasets.Dataset]:
     """(label, rows) to evaluate on: --data, else the rows the run evaluated in training."""
     from llmft.data import load_rows, validate_rows
@@ -723,6 +731,8 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
     tuned, answers, logps = evaluate_model(model, tokenizer, rows, items, options, settings, loaded, reward_model)
     baseline, base_answers, base_name = None, None, None
     if options.baseline:
+        del model  # its scores are in: the GPU's memory goes to the baseline
+        _free_gpu_memory()
         base_name = run.recipe.model.name_or_path if options.baseline == "base" and run else options.baseline
         base_model, base_tokenizer, _ = load_for_eval(base_name)
         baseline, base_answers, base_logps = evaluate_model(base_model, base_tokenizer, rows, items, options,

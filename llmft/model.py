@@ -16,7 +16,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from llmft.config import EMBEDDED_MODEL, ModelConfig, PeftSettings
 from llmft.errors import ModelError
-from llmft.hardware import fast_bf16_available
+from llmft.hardware import cuda_available, fast_bf16_available
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def quantization_config(cfg: PeftSettings, dtype: torch.dtype):
 def on_gpu_if_any(model: PreTrainedModel) -> PreTrainedModel:
     """A model for evaluation or chat on the GPU where there is one (models load on the CPU; a quantised one is
     placed as it loads). One that does not fit stays on the CPU, with a warning."""
-    if not torch.cuda.is_available() or getattr(model, "hf_device_map", None):
+    if not cuda_available() or getattr(model, "hf_device_map", None):
         return model
     try:
         return model.to("cuda")

@@ -7,6 +7,8 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "benchmarks" / "gpu_wheels.py")
 gpu_wheels = importlib.util.module_from_spec(spec)
@@ -59,7 +61,9 @@ def test_bitsandbytes_keeps_the_cpu_library_and_one_cuda_version(tmp_path):
         for lib in libraries:
             z.writestr(f"bitsandbytes/libbitsandbytes_{lib}.so", b"elf")
         z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", record + "bitsandbytes/__init__.py,sha256=y,6\n")
-    gpu_wheels.keep_one_cuda(wheel, "130")
+    with pytest.raises(SystemExit, match=r"no libbitsandbytes_cuda124\.so: check --cuda"):
+        gpu_wheels.keep_one_cuda(wheel, "12.4")  # a library the wheel lacks: said, nothing dropped
+    gpu_wheels.keep_one_cuda(wheel, "13.0")  # as torch.version.cuda prints it
     with zipfile.ZipFile(wheel) as z:
         assert sorted(z.namelist()) == ["bitsandbytes-0.50.2.dist-info/RECORD", "bitsandbytes/__init__.py",
                                         "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
@@ -68,3 +72,18 @@ def test_bitsandbytes_keeps_the_cpu_library_and_one_cuda_version(tmp_path):
                                                         "bitsandbytes/libbitsandbytes_cuda130.so",
                                                         "bitsandbytes/__init__.py"]
         assert z.read("bitsandbytes/__init__.py") == b"x = 1\n"
+
+
+def test_extras_asked_of_a_shipped_package_bring_their_requirements():
+    """evaluate (shipped: missing there) needs fsspec[http]: fsspec shipped brings aiohttp (missing there too);
+    fsspec left to the machine brings nothing of ours."""
+    assert "aiohttp" not in {gpu_wheels.norm(r.name) for r in gpu_wheels.requirements("fsspec", "3.12")}
+    assert "aiohttp" in gpu_wheels.to_ship("llmft", "3.12", {"fsspec": None}, {"fsspec"})
+    assert "aiohttp" not in gpu_wheels.to_ship("llmft", "3.12", {"fsspec": None}, set())
+
+
+def test_versions_that_do_not_parse_or_are_prereleases():
+    from packaging.requirements import Requirement
+
+    assert gpu_wheels.satisfies("2.6.0a0+ecf3bae40a", Requirement("torch>=2.4,<2.14"))
+    assert not gpu_wheels.satisfies("not-a-version", Requirement("torch>=2.4"))

@@ -93,3 +93,33 @@ def test_bf16_counts_as_fast_only_where_onednn_may_use_the_cpus_bf16_instruction
     finally:  # the cached answer must be this CPU's for the tests that follow
         monkeypatch.undo()
         hardware.cpu_has_fast_bf16.cache_clear()
+
+
+def test_a_model_the_gpu_cannot_hold_stays_on_the_cpu(monkeypatch, caplog, tiny_model_dir):
+    """on_gpu_if_any (eval, chat, check, self-chat): a GPU and its out-of-memory error are stood in for here."""
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmft.model import on_gpu_if_any
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert on_gpu_if_any(model) is model and model.device.type == "cpu"  # no GPU: nothing moves
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    moved, real_to = [], model.to
+
+    def to(device, *args, **kwargs):
+        moved.append(str(device))
+        if str(device) == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_to(device, *args, **kwargs)
+
+    monkeypatch.setattr(model, "to", to)
+    with caplog.at_level(logging.WARNING, logger="llmft"):
+        assert on_gpu_if_any(model) is model
+    assert moved == ["cuda", "cpu"] and "does not fit on the GPU" in caplog.text
+    model.hf_device_map = {"": 0}  # placed as it loaded (quantised): left alone
+    moved.clear()
+    assert on_gpu_if_any(model) is model and moved == []
