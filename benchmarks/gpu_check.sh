@@ -88,7 +88,7 @@ EOF
 $PY -m pip check >> "$OUT_DIR/versions.txt" 2>&1
 
 # Models and data, built here: a tiny random Llama (fast checks) and one of Qwen2.5-0.5B's shape, vocabulary
-# included (speed); the tests' short chat rows, and longer ones of random words for the speed tables (134 to 435
+# included (speed); the tests' short chat rows, and longer ones of random words for the speed tables (126 to 474
 # tokens; LIMA's are up to 512).
 $PY - "$OUT_DIR" > "$OUT_DIR/setup.log" 2>&1 <<'EOF' || { echo "| setup | FAIL: see setup.log | |" | tee -a "$SUMMARY"; exit 1; }
 import json, random, sys
