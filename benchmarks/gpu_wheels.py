@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(".whl"))
     parser.add_argument("--max-mb", type=float, default=60.0, help="fail above this total")
     args = parser.parse_args()
+    if args.have and not args.have.is_file():
+        raise SystemExit(f"gpu_wheels: --have {args.have}: no such file. List what the GPU machine has, one name or "
+                         "name==version a line (pip list --format=freeze there), or leave --have out to ship all.")
     have = read_have(args.have.read_text()) if args.have else {}
     ship = to_ship("llmft", args.python, have, {norm(name) for name in args.ship})
     for name in {norm(name) for name in args.ship} - ship.keys():
