@@ -12,7 +12,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --signal=B:TERM@120
 #SBATCH --requeue
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 CONFIG=${CONFIG:-accelerate_configs/multi_node.yaml}

@@ -159,7 +159,8 @@ class DataConfig:
     )
     eval_data: str | None = field(default=None, metadata={"help": "Held-out data, same formats as train_data."})
     eval_fraction: float = field(
-        default=0.1, metadata={"help": "Without eval_data: the share of train_data held out (seeded). 0 = none."}
+        default=0.1, metadata={"help": "Without eval_data, and without a test/ split in a train_data folder made by "
+                                 "llmft data convert/build: the share of train_data held out (seeded). 0 = none."}
     )
     overlong: str = field(
         default="drop",

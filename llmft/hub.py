@@ -26,6 +26,8 @@ PUSHED_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.j
                 "chat_template.jinja", "special_tokens_map.json", run_dir.RECIPE_FILE, run_dir.RUN_FILE,
                 run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE, run_dir.EVAL_REPORT_FILE, run_dir.STATE_FILE,
                 run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE, run_dir.REPORT_FILE)
+# A full fine-tune's model beside those (an adapter run has none of these).
+FULL_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # formats whose loading can run code
 RUN_RECORDS = (run_dir.RECIPE_FILE, run_dir.RUN_FILE, run_dir.METRICS_FILE, run_dir.EVAL_RESULTS_FILE,
                run_dir.EVAL_REPORT_FILE, run_dir.LOSS_CURVE_FILE, run_dir.REWARD_CURVE_FILE, run_dir.REPORT_FILE)
@@ -52,7 +54,9 @@ class ArtifactOptions:
 @dataclass
 class PushOptions:
     repo_id: str | None = field(default=None, metadata={"help": "ORG/NAME (default: the recipe's hub.repo_id)."})
-    public: bool = field(default=False, metadata={"help": "Create the repository public (default: private)."})
+    public: bool | None = field(default=None, metadata={
+        "help": "Create the repository public (true) or private (false); default: the recipe's hub.private "
+                "(private unless it says false)."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing)."})
     gate: list[str] | None = field(default=None, metadata={
         "nargs": "*", "help": "Gating metrics (default: the recipe's hub.gate_metrics), e.g. eval_loss "
@@ -292,7 +296,9 @@ def _artifact_lines(repo_id: str, merged: Path | None, gguf: Path | None, adapte
         return ["A LoRA adapter: peft loads it on its base model.", "", "```python",
                 "from peft import AutoPeftModelForCausalLM",
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```"]
-    return []
+    return ["The full fine-tuned model: transformers alone loads it.", "", "```python",
+            "from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            "```"]
 
 
 def _evaluation_lines(run: Run) -> list[str]:
@@ -410,7 +416,9 @@ def _artifact_files(run: Path, merged: Path | None, gguf: Path | None, allow_pic
     if gguf is not None:
         return [p for p in gguf.iterdir() if p.is_file() and (p.suffix == ".gguf" or p.name == "Modelfile")]
     if merged is None:
-        return [p for p in run.iterdir() if p.is_file() and p.name in PUSHED_FILES]
+        full = not (run / "adapter_config.json").exists()
+        return [p for p in run.iterdir() if p.is_file() and (p.name in PUSHED_FILES or full and (
+            p.name in FULL_MODEL_FILES or p.name.startswith("model") and p.name.endswith(".safetensors")))]
     files = [p for p in merged.iterdir() if p.is_file()]
     for path in files:
         if path.name.endswith(PICKLES) and not allow_pickles:
@@ -445,6 +453,7 @@ def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOpt
         raise HubError("no repository: pass --repo-id ORG/NAME or set hub.repo_id in the recipe.")
     gates = hub.gate_metrics if options.gate is None else options.gate
     merged, gguf = _paths(artifact)
-    url = push(run, repo_id, not options.public, options.revision, merged, gates, options.force, options.allow_pickles,
+    private = hub.private if options.public is None else not options.public
+    url = push(run, repo_id, private, options.revision, merged, gates, options.force, options.allow_pickles,
                gguf)
     print(f"pushed to {repo_id}: {url}")

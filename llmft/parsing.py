@@ -177,6 +177,11 @@ class OptionParser(HfArgumentParser):
         elif _is_str_bool(field.type):
             names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
             parser.add_argument(*names, type=_str_or_bool, default=field.default, help=metadata.get("help"))
+        elif _without_none(field.type) is bool and field.default is None:
+            # A switch whose absence means "not said" (a default from elsewhere); HfArgumentParser would need a value
+            names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
+            parser.add_argument(*names, type=string_to_bool, nargs="?", const=True, default=None,
+                                help=metadata.get("help"))
         elif typing.get_origin(_without_none(field.type)) is list and "nargs" in metadata:
             # HfArgumentParser makes every list flag nargs="+"; with "*", the flag alone means the empty list
             nargs = metadata.pop("nargs")

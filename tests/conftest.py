@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def fake_hub():
-    FakeHub.requests, FakeHub.files, FakeHub.auth = [], {}, set()
+    FakeHub.requests, FakeHub.files, FakeHub.auth, FakeHub.created = [], {}, set(), []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

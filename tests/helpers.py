@@ -195,6 +195,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
     requests: list = []
     files: dict = {}
     auth: set = set()
+    created: list = []  # the create-repo requests' bodies (name, private...)
 
     def _reply(self, code: int, payload: dict):
         body = json.dumps(payload).encode()
@@ -210,6 +211,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         FakeHub.auth.add(self.headers.get("Authorization"))
         if self.path == "/api/repos/create":
             spec = json.loads(raw)
+            FakeHub.created.append(spec)
             return self._reply(200, {"url": f"http://{self.headers['Host']}/{spec.get('organization')}/{spec['name']}"})
         if "/preupload/" in self.path:
             files = json.loads(raw)["files"]

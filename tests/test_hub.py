@@ -127,6 +127,30 @@ def test_push_never_sends_a_pickle_unless_asked(run, tmp_path, fake_hub, quiet_e
         assert "library_name: transformers" in FakeHub.files["README.md"].decode()
 
 
+def test_push_of_a_full_fine_tune_sends_its_weights_and_follows_hub_private(tmp_path, tiny_model_dir, fake_hub,
+                                                                            quiet_env):
+    """A full run holds no adapter: its safetensors weights and config go up, with a card that loads them with
+    transformers. The recipe's hub.private decides the repository's visibility unless --public says otherwise."""
+    from huggingface_hub import ModelCard
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", chat_rows(12))
+    out = tmp_path / "run"
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, train_file, out, peft={"method": "full"},
+                                   training={"max_steps": 40, "learning_rate": 3e-3}, hub={"private": False})))
+    env = {**quiet_env, "HF_ENDPOINT": fake_hub, "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0"}
+    for extra, visibility in (([], "public"), (["--public", "false"], "private"), (["--public"], "public")):
+        FakeHub.files.clear()
+        result = subprocess.run([LLMFT, "push", str(out), "--repo-id", "org/full", "--gate", *extra],
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert FakeHub.created[-1]["visibility"] == visibility, (extra, FakeHub.created[-1])
+    assert FakeHub.files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert {"config.json", "generation_config.json", "tokenizer.json", "run.json"} <= set(FakeHub.files)
+    assert "adapter_config.json" not in FakeHub.files and "training_args.bin" not in FakeHub.files
+    card = ModelCard(FakeHub.files["README.md"].decode())
+    assert card.data.library_name == "transformers" and "AutoModelForCausalLM.from_pretrained" in card.text
+
+
 def _gguf_folder(run, folder, template=None):
     """A folder as llmft export leaves it, its GGUF written by the gguf library with the run's metadata (llama.cpp's
     converter refuses the tests' tiny tokenizer; the real export is pushed in tests/test_export.py)."""
