@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental; docs/preference.md says so, once
@@ -27,7 +26,8 @@ with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental; d
 
 from llmft.errors import ConfigError
 from llmft.hardware import cuda_available, fast_bf16_available
-from llmft.parsing import OptionParser, build, field_names, read_yaml_mapping, suggest, unknown_flags
+from llmft.parsing import (OptionParser, build, coerce, field_names, field_types, read_yaml_mapping, suggest,
+                           unknown_flags)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("full", "lora", "qlora")
@@ -681,7 +681,10 @@ def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]
         for key in values:
             if key not in field_names(known[name]):
                 problems.append(f"{path}: unknown key '{name}.{key}'.{_key_hint(key, name, known)}")
-        sections[name] = values
+        # Each value against its field's type: argparse converts only string values (YAML's '1e-4'), so a list,
+        # number or boolean of the wrong kind would otherwise reach the code that uses it.
+        sections[name], wrong = coerce(values, field_types([known[name]]), f"{path}: {name}.")
+        problems += wrong
     return sections
 
 
@@ -840,10 +843,11 @@ def _as_recorded(cls: type, given: dict[str, Any]) -> Any:
 
 def read_recipe_file(path: Path) -> Recipe:
     """A run directory's recipe.yaml (see `recipe_from_dict`)."""
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError([f"cannot read {path}: {err}"]) from err
+    values = read_yaml_mapping(path, "the run's recipe")
+    damaged = [name for name, section in values.items() if section is not None and not isinstance(section, dict)]
+    if damaged:
+        raise ConfigError([f"{path}: section(s) {', '.join(map(str, damaged))} are not mappings of key: value; the "
+                           "file is not as llmft train wrote it: copy the run directory again."])
     return recipe_from_dict(values, str(path))
 
 

@@ -60,7 +60,9 @@ def coerce(values: dict[str, Any], kinds: dict[str, Any], where: str) -> tuple[d
         try:
             out[key] = _coerce(kinds[key], value) if key in kinds else value
         except (TypeError, ValueError):
-            problems.append(f"{where}{key}: {value!r} is not {_describe(kinds[key])}.")
+            hint = (" YAML reads an unquoted yes/no/on/off as true/false: quote the word (e.g. 'no')."
+                    if isinstance(value, bool) else "")
+            problems.append(f"{where}{key}: {value!r} is not {_describe(kinds[key])}.{hint}")
     return out, problems
 
 
@@ -78,6 +80,8 @@ def _coerce(kind: Any, value: Any) -> Any:
                 continue
         raise ValueError(value)
     if origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            return [value]  # one name where a list of names goes (target_modules: all-linear)
         if not isinstance(value, list):
             raise TypeError(value)
         return [_coerce(args[0], v) for v in value] if args else value

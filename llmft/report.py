@@ -148,7 +148,7 @@ def curves(run: Run, history: list[dict[str, Any]], charts: Charts) -> str:
 def samples_section(run: Run) -> str:
     path = run.path / run_dir.SAMPLES_FILE
     if path.exists():
-        samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        samples = run_dir.read_jsonl(path)
     else:  # a run trained without generation, answered later by llmft eval
         samples = (run.eval_results() or {}).get("samples") or []
     if not samples:
@@ -316,7 +316,7 @@ def events(run: Run, history: list[dict[str, Any]]) -> list[tuple[int, str]]:
         if step.isdigit():
             marks.append((int(step), "resumed"))
     marks += [(s["step"], "skipped non-finite step") for s in run.info.skipped_nonfinite_steps if "step" in s]
-    state = json.loads((run.path / run_dir.STATE_FILE).read_text())
+    state = run_dir.read_json(run.path / run_dir.STATE_FILE)
     if run.recipe.eval.early_stopping_patience is not None and state.get("global_step", 0) < state.get("max_steps", 0):
         marks.append((state["global_step"], "early stop"))
     return sorted(set(marks))
@@ -330,7 +330,7 @@ def _describe(markers: list[tuple[int, str]]) -> str:
 
 
 def _history(run: Run) -> list[dict[str, Any]]:
-    return json.loads((run.path / run_dir.STATE_FILE).read_text()).get("log_history", [])
+    return run_dir.read_json(run.path / run_dir.STATE_FILE).get("log_history", [])
 
 
 def _points(history: list[dict[str, Any]], key: str, train: bool = False) -> list[tuple[int, float]]:
@@ -362,7 +362,7 @@ def _tokens_by_step(run: Run, history: list[dict[str, Any]]) -> dict[int, float]
 
 def _manifest(run: Run) -> dict[str, Any] | None:
     path = run.path / run_dir.MANIFEST_COPY
-    return json.loads(path.read_text()) if path.exists() else None
+    return run_dir.read_json(path) if path.exists() else None
 
 
 def _rate(run: Run) -> str:

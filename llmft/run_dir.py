@@ -198,7 +198,7 @@ class Run:
 
     def eval_results(self) -> dict[str, Any] | None:
         path = self.path / EVAL_RESULTS_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(path) if path.exists() else None
 
 
 def missing_files(out: Path) -> list[str]:
@@ -220,15 +220,65 @@ def read_run(out: Path) -> Run:
     if missing:
         raise RunDirError(f"{out} is not a complete run directory; missing: {', '.join(missing)}. "
                           "Train one with: llmft train RECIPE")
+    raw_info, raw_metrics = read_json(out / RUN_FILE), read_json(out / METRICS_FILE)
+    for name in (STATE_FILE, "adapter_config.json", EVAL_RESULTS_FILE):  # read later by the stages that need them
+        if (out / name).exists():
+            read_json(out / name)
+    for weights in [out / "adapter_model.safetensors", *out.glob("model*.safetensors")]:
+        if weights.exists():
+            _check_safetensors(weights)
     try:
-        info = RunInfo.from_dict(json.loads((out / RUN_FILE).read_text()))
-        metrics = Metrics(**json.loads((out / METRICS_FILE).read_text()))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{out}: run.json or metrics.json is not what this llmft writes ({err}); the run may "
+        info = RunInfo.from_dict(raw_info)
+        metrics = Metrics(**raw_metrics)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise RunDirError(f"{out}: run.json or metrics.json is not what this llmft writes ({err!r}); the run may "
                           "come from an older llmft: retrain it with llmft train RUN/recipe.yaml --output_dir NEW_DIR.") from err
     from llmft.config import read_recipe_file
 
     return Run(out, read_recipe_file(out / RECIPE_FILE), info, metrics)
+
+
+DAMAGED = "the file is damaged or cut short (a copy that did not finish?): copy the run directory again"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run directory; one that cannot be read is a RunDirError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path}: not readable JSON ({err}); {DAMAGED}.") from err
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The rows of a JSON-lines file of a run directory; a line that cannot be read is a RunDirError naming it."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise RunDirError(f"{path}: not UTF-8 text ({err}); {DAMAGED}.") from err
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunDirError(f"{path}, line {number}: not readable JSON ({err}); {DAMAGED}.") from err
+    return rows
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file holds the whole of what its header describes (safetensors' layout: an 8-byte little-endian header
+    length, a JSON header of tensor offsets, then the data): a cut-short copy is found here, by name, rather than as
+    a deserialising error in whichever stage loads it first."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError):
+        header = None
+    if header is None or 8 + length + end != size:
+        raise RunDirError(f"{path}: not a whole safetensors file ({size:,} bytes); {DAMAGED}.")
 
 
 # Writing a run -------------------------------------------------------------------------------------------------

@@ -99,3 +99,33 @@ def test_a_changed_eval_split_is_refused_with_the_fix(trained, tmp_path):
 
     with pytest.raises(RunDirError, match="changed since training.*--data FILE"):
         read_run(copy).eval_rows()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("adapter_model.safetensors", "adapter_model.safetensors: not a whole safetensors file"),
+    ("adapter_config.json", "adapter_config.json: not readable JSON"),
+    ("trainer_state.json", "trainer_state.json: not readable JSON"),
+    ("eval_samples.jsonl", "eval_samples.jsonl, line 2: not readable JSON"),
+    ("run.json bytes", "run.json: not readable JSON ('utf-8' codec"),
+    ("recipe.yaml", "recipe.yaml: expected a mapping of key: value, got list"),
+])
+def test_a_damaged_run_directory_is_named_file_by_file(trained, tmp_path, capfd, damage, expected):
+    """A copy cut short or garbled is reported by file, with the fix, by the first stage that reads it."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    name = damage.split()[0]
+    path = copy / name
+    if name == "recipe.yaml":
+        path.write_text("- model\n- data\n")
+    elif damage.endswith("bytes"):
+        path.write_bytes(path.read_bytes().replace(b'"stage"', b'"st\xe9ge"', 1))
+    else:
+        path.write_bytes(path.read_bytes()[:-20])  # cut short, as by a copy that did not finish
+    capfd.readouterr()
+    for command in (["report", str(copy)], ["merge", str(copy), "--out", str(tmp_path / "merged")]):
+        code = llmft(command)
+        out, err = capfd.readouterr()
+        if name == "eval_samples.jsonl" and command[0] == "merge":  # merge does not read the samples
+            assert code == 0, err
+            continue
+        assert code in (1, 2) and expected in err and "Traceback" not in err, (command, err)
