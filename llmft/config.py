@@ -931,6 +931,31 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
             and not evaluation.baseline:
         problems.append("eval: generation/forgetting metrics run at evaluations; with eval_strategy: no and "
                         "baseline: false they run only after training.")
+    return problems + tracker_problems(training.report_to)
+
+
+# transformers' name for each tracker's "is it installed" check, where it is not is_<name>_available
+TRACKER_CHECKS = {"comet_ml": "is_comet_available", "flyte": "is_flytekit_available"}
+
+
+def tracker_problems(report_to: None | str | list[str]) -> list[str]:
+    """Trackers named in training.report_to that transformers does not know, or that are not installed: found
+    when the recipe loads, not when the Trainer starts after the data and model have loaded."""
+    from transformers.integrations import integration_utils
+
+    names = [] if report_to in (None, "none", "all") else [report_to] if isinstance(report_to, str) else report_to
+    problems = []
+    for name in (n for n in names if n != "none"):
+        known = integration_utils.INTEGRATION_TO_CALLBACK
+        if name not in known:
+            problems.append(f"training.report_to: unknown tracker '{name}'.{suggest(name, known)} Trackers: none, "
+                            f"all, {', '.join(known)}.")
+            continue
+        check = getattr(integration_utils, TRACKER_CHECKS.get(name, f"is_{name.replace('_', '')}_available"), None)
+        if check is not None and not check():
+            problems.append(f"training.report_to: {name} is not installed: pip install {name.replace('_', '-')} "
+                            "(or pip install -e '.[tracking]' for TensorBoard, MLflow and Trackio), or set report_to: "
+                            "none.")
     return problems
 
 

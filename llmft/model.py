@@ -15,7 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           PreTrainedTokenizerBase)
 
 from llmft.config import EMBEDDED_MODEL, ModelConfig, PeftSettings
-from llmft.errors import ModelError
+from llmft.errors import ConfigError, ModelError
 from llmft.hardware import cuda_available, fast_bf16_available
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
             **({"config": config} if config is not None else {}),
             **quantised,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: an attention kernel that is not installed
         hint = ""
         if not trust_remote_code and "safetensors" in str(err):
             hint = (" llmft loads safetensors weights only (pickled .bin files can run code when loaded): convert the "
@@ -355,6 +355,8 @@ def add_lora(model: PreTrainedModel, cfg: PeftSettings, task_type: str = "CAUSAL
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    if targets != "all-linear":
+        _check_targets(model, targets)
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
@@ -366,6 +368,19 @@ def add_lora(model: PreTrainedModel, cfg: PeftSettings, task_type: str = "CAUSAL
     )
     # Adapters stay float32 (peft's autocast_adapter_dtype) even on a bf16 base: their updates are small.
     return get_peft_model(model, lora)
+
+
+def _check_targets(model: PreTrainedModel, targets: list[str]) -> None:
+    """Each target name matches a module, as peft matches a list (the whole name or its last parts): peft refuses a
+    list where none match, and puts adapters on the others, without a word, where only some do."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
+        raise ConfigError([f"peft.target_modules: {', '.join(repr(t) for t in unmatched)} name(s) no module of "
+                           f"{type(model).__name__}. Its linear layers are named: {', '.join(linear)}; or use "
+                           "all-linear."])
 
 
 @torch.no_grad()
