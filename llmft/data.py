@@ -104,7 +104,8 @@ def load_rows(source: str) -> datasets.Dataset:
                 raise DataError(f"{source}: a DatasetDict without a 'train' split (has {list(loaded)}).")
             loaded = loaded["train"]
         return loaded
-    files = data_files(sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES)) if path.is_dir() else [path]
+    files = (data_files(sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES), path) if path.is_dir()
+             else [path])
     kinds = {FILE_TYPES.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:
         raise DataError(f"{source}: expected .jsonl, .json, .parquet or .txt files of one kind, found "

@@ -379,15 +379,51 @@ def rows_problems(rows, kind: str, strict: bool = False) -> list[str]:
 # Readers -------------------------------------------------------------------------------------------------------
 
 
-def data_files(files: list[Path]) -> list[Path]:
-    """The data files among `files`: .txt files are documents, except in a folder that also holds data files (a
-    README.txt or LICENSE.txt beside train.jsonl is not data); those skipped are logged."""
+# A file or folder name that says which split it holds, as Hub datasets name them (train.jsonl, test-00000-of-00001
+# .parquet, validation/): the word, then the end of the name or a separator.
+SPLIT_NAME = re.compile(r"^(train|training|test|testing|eval|evaluation|validation|valid|val|dev)(?:[-_.\d]|$)")
+SPLIT_KIND = {"training": "train", "testing": "test", "eval": "test", "evaluation": "test", "valid": "validation",
+              "val": "validation", "dev": "validation"}
+
+
+def data_files(files: list[Path], root: Path) -> list[Path]:
+    """The data files among `files` (found under the folder `root`): .txt files are documents, except in a folder
+    that also holds data files (a README.txt or LICENSE.txt beside train.jsonl is not data); files under hidden
+    folders (.ipynb_checkpoints/, .git/) are not data either; those skipped are logged. A folder whose files are
+    named for different splits (train.jsonl beside test.jsonl, as Hub datasets are laid out) is refused: read as
+    one, its test rows would be trained on."""
+    log = logging.getLogger(__name__)
+    hidden = [p for p in files if any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if hidden:
+        log.warning("Not reading %d file(s) under hidden folders or with hidden names: %s", len(hidden),
+                    ", ".join(str(p.relative_to(root)) for p in hidden[:5]))
+    files = [p for p in files if p not in hidden]
     folders_with_data = {p.parent for p in files if p.suffix != ".txt"}
     skipped = [p for p in files if p.suffix == ".txt" and p.parent in folders_with_data]
     if skipped:
-        logging.getLogger(__name__).warning("Not reading %d .txt file(s) beside data files as documents: %s",
-                                            len(skipped), ", ".join(p.name for p in skipped[:5]))
-    return [p for p in files if p not in skipped]
+        log.warning("Not reading %d .txt file(s) beside data files as documents: %s",
+                    len(skipped), ", ".join(p.name for p in skipped[:5]))
+    files = [p for p in files if p not in skipped]
+    splits = {}
+    for path in files:
+        split = _split_of(path.relative_to(root))
+        if split:
+            splits.setdefault(split, []).append(str(path.relative_to(root)))
+    if len(splits) > 1:
+        named = "; ".join(f"{split}: {', '.join(names[:3])}" for split, names in sorted(splits.items()))
+        raise DataError(f"{root}: this folder holds files of different splits ({named}); read as one dataset, the "
+                        "held-out rows would be trained on. Point at the training file or folder itself (in a recipe: "
+                        "data.train_data, and the test file as data.eval_data).")
+    return files
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a file's folders or name say it holds (the first that does), or None."""
+    for part in (*relative.parts[:-1], relative.stem):
+        match = SPLIT_NAME.match(part.lower())
+        if match:
+            return SPLIT_KIND.get(match.group(1), match.group(1))
+    return None
 
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a file

@@ -28,7 +28,8 @@ def read_source(spec: str, split: str = "train", label: str | None = None) -> It
         if not path.is_dir():
             yield from read_file(path, label)
             return
-        files = data_files(sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file()))
+        files = data_files(sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file()),
+                           path)
         if not files:
             raise DataError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder.")
         for file in files:
