@@ -199,6 +199,15 @@ def conversation_problems(messages: Any, strict: bool = False, name: str = MESSA
 TEXT_FIELDS = ("name", "tool_call_id", "reasoning_content")  # optional message fields that must be text
 
 
+def weight_problem(weight: Any) -> str | None:
+    """OpenAI fine-tuning's per-answer `weight` (0: do not learn this answer): llmft learns every assistant answer,
+    so a weight other than 1 would be trained on as if it were not there."""
+    if weight is None or (weight == 1 and not isinstance(weight, bool)):
+        return None
+    return (f"{weight!r}: per-answer weights (OpenAI's 0 = do not learn this answer) are not supported; llmft learns "
+            "every assistant answer. Remove the key to learn the answer, or end the conversation before it.")
+
+
 def _message_problems(message: Any, where: str, index: int, strict: bool) -> list[str]:
     if not isinstance(message, dict):
         return [f"{where}: not an object with 'role' and 'content'."]
@@ -208,6 +217,9 @@ def _message_problems(message: Any, where: str, index: int, strict: bool) -> lis
         problems.append(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}.")
     if calls:
         problems += _calls_problems(calls, f"{where}.tool_calls", role)
+    weight = weight_problem(message.get("weight"))
+    if weight:
+        problems.append(f"{where}.weight: {weight}")
     for key in TEXT_FIELDS:  # stored as text columns: a number or object would be turned into a string silently
         value = message.get(key)
         if value is not None and not isinstance(value, str):

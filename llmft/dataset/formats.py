@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from llmft.schema import REASONING_FIELDS, Messages, RowError
+from llmft.schema import REASONING_FIELDS, Messages, RowError, weight_problem
 
 # The speaker names ShareGPT-style data documents; any other is an error (or mapped with the source's role_map).
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -106,6 +106,9 @@ def from_openai(row: dict) -> Messages:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise RowError(f"messages[{i}]", "must be an object with 'role' and 'content'")
+        weight = weight_problem(message.get("weight"))
+        if weight:
+            raise RowError(f"messages[{i}].weight", weight)
         kept = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
         trace = next((message[f] for f in REASONING_FIELDS if message.get(f)), None)
         if trace is not None:
