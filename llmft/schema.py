@@ -349,6 +349,9 @@ def prompt_problems(prompt: Any) -> list[str]:
 
 
 def _prompt_problems(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return ["prompt: text where a list of messages goes (TRL's plain-text pairs): convert the file first, "
+                "llmft data convert FILE --out DIR, and train on DIR."]
     if not isinstance(prompt, list) or not prompt:
         return ["prompt: must be a non-empty list of messages ending on the user's."]
     last = prompt[-1].get("role") if isinstance(prompt[-1], dict) else None
