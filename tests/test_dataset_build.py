@@ -128,6 +128,18 @@ def test_csv_and_parquet_sources(tmp_path):
     assert manifest["output"]["train"]["rows"] == 3
 
 
+def test_csv_long_fields_are_read_and_repeated_column_names_refused(tmp_path):
+    long_answer = "word " * 40_000  # 200 kB: over the csv module's default field limit of 128 kB
+    csv_path = tmp_path / "long.csv"
+    csv_path.write_text(f'question,answer\n"Write a long essay.","{long_answer}"\n"Capital of France?",Paris\n')
+    manifest = build(BuildConfig(sources=[Source(path=str(csv_path), format="columns")], out=str(tmp_path / "out")))
+    assert manifest["output"]["train"]["rows"] == 2
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text("question,answer,answer\nWhat is 2+2?,4,four\n")
+    with pytest.raises(DataError, match="repeated.csv, line 1: the header names column\\(s\\) 'answer' more than once"):
+        build(BuildConfig(sources=[Source(path=str(repeated), format="columns")], out=str(tmp_path / "out2")))
+
+
 def test_unknown_format_and_missing_source_are_clear(tmp_path):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"q": "a", "a": "b"}])
     with pytest.raises(DataError, match="cannot tell the format from the keys \\['a', 'q'\\]"):

@@ -63,9 +63,14 @@ def _read_text(path: Path, name: str | None = None) -> Iterator[Row]:
 def _read_csv(path: Path, name: str | None = None) -> Iterator[Row]:
     """Rows by the header's names; a row with more or fewer fields than the header is a RowError, not silently cut
     or padded."""
+    csv.field_size_limit(2**31 - 1)  # Python's default, 128 kB a field, refuses long documents
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         reader = csv.DictReader(f)
         try:
+            repeated = sorted({n for n in reader.fieldnames or [] if reader.fieldnames.count(n) > 1})
+            if repeated:  # DictReader would keep the last column of each name without a word
+                raise DataError(f"{path}, line 1: the header names column(s) {', '.join(map(repr, repeated))} more "
+                                "than once; rename them so that each column has its own name.")
             for row in reader:
                 where = f"{name or path.name}, line {reader.line_num}"
                 extra = row.pop(None, None)  # DictReader files surplus fields under the key None

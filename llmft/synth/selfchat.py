@@ -315,9 +315,11 @@ def read_seeds(path: str, column: str | None, id_column: str | None, limit: int 
 
     if path.endswith(".txt"):
         try:
-            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
         except OSError as err:
             raise GenerationError(f"cannot read the seeds file {path}: {err.strerror}.") from err
+        except UnicodeDecodeError as err:
+            raise GenerationError(f"{path}: not UTF-8 text (byte {err.start + 1}); save the seeds file as UTF-8.") from err
         seeds = [(f"line-{i + 1}", text) for i, text in enumerate(lines) if text]
     else:
         if not column:
@@ -325,9 +327,15 @@ def read_seeds(path: str, column: str | None, id_column: str | None, limit: int 
         seeds = []
         rows = list(read_source(path))
         for where, row in rows:
-            if isinstance(row, RowError) or not isinstance(row.get(column), str) or not row[column].strip():
+            if isinstance(row, RowError):
+                raise GenerationError(f"{where}: {row}.")
+            if not isinstance(row.get(column), str) or not row[column].strip():
                 raise GenerationError(f"{where}: no text in column '{column}'.")
+            if id_column and row.get(id_column) in (None, ""):
+                raise GenerationError(f"{where}: no id in column '{id_column}' (--seed-id-column).")
             seeds.append((str(row[id_column]) if id_column else where, row[column].strip()))
+    if not seeds:
+        raise GenerationError(f"{path}: no seed questions in it.")
     ids = [sid for sid, _ in seeds]
     if len(set(ids)) != len(ids):
         raise GenerationError(f"{path}: seed ids repeat; give a column of unique ids (--seed-id-column).")
