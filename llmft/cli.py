@@ -254,6 +254,15 @@ def run(argv: list[str]) -> int:
     except LlmftError as err:
         print(f"llmft {name}: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a bug or the system's, with its traceback
+            raise
+        # a path of the wrong kind (a folder where a file goes, a file in the way of a folder), no permission, a full
+        # disk: the path and what the system said are the whole story
+        target = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        print(f"llmft {name}: {target}: {err.strerror or err}. Check the path (a file where a folder goes, or the "
+              "other way round?) and its permissions.", file=sys.stderr)
+        return 1
     return 0
 
 

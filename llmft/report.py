@@ -33,8 +33,8 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 class ReportOptions:
     runs: list[str] = field(metadata={"positional": True, "metavar": "RUN", "help": "Run directories (several: "
                                                                                    "side by side)."})
-    out: str | None = field(default=None, metadata={"help": "The HTML file (default: RUN/report.html for one run, "
-                                                            "report.html for several)."})
+    out: str | None = field(default=None, metadata={"help": "The HTML file, or a folder for it (default: "
+                                                            "RUN/report.html for one run, report.html for several)."})
 
     def __post_init__(self):
         if not self.runs:
@@ -44,7 +44,10 @@ class ReportOptions:
 def report_command(options: ReportOptions) -> None:
     runs = [run_dir.read_run(Path(path)) for path in options.runs]
     default = runs[0].path / run_dir.REPORT_FILE if len(runs) == 1 else Path(run_dir.REPORT_FILE)
-    print(f"report: {write_report(runs, Path(options.out) if options.out else default)}")
+    out = Path(options.out) if options.out else default
+    if out.is_dir():  # a folder, as other commands' --out: the page goes in it
+        out = out / run_dir.REPORT_FILE
+    print(f"report: {write_report(runs, out)}")
 
 
 def write_report(runs: list[Run], out: Path) -> Path:

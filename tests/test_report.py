@@ -79,6 +79,11 @@ def test_several_runs_side_by_side_with_their_recipe_differences(runs, tmp_path)
     assert "model.name_or_path" not in differences  # the same in both
 
 
+def test_out_as_a_folder_gets_the_page_in_it(runs, tmp_path):
+    assert llmft(["report", str(runs[0]), "--out", str(tmp_path)]) == 0
+    assert "Training curves" in (tmp_path / "report.html").read_text()
+
+
 def test_a_missing_run_is_a_clear_error(tmp_path):
     result = subprocess.run([LLMFT, "report", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
