@@ -71,6 +71,27 @@ def test_gsm8k_columns_and_decontamination_against_an_eval_set(tmp_path):
     assert manifest["output"]["train"]["rows"] == 298
 
 
+def test_decontamination_reads_eval_sets_of_any_shape(tmp_path):
+    """A benchmark's own file (GSM8K's question/answer columns), a plain-text document and a CSV are eval sets as
+    they are: every text they hold is indexed, without converting them to conversations first."""
+    asked = "Natalia sold clips to forty eight of her friends in April and then she sold half as many in May"
+    told = "the old lighthouse keeper walked down to the harbour every single morning to count the fishing boats"
+    listed = "a train leaves the station at nine and travels three hundred miles at a steady speed of sixty"
+    rows = [{"prompt": f"{text}. How many?", "completion": "Some."} for text in (asked, told, listed)]
+    rows += [{"prompt": f"Unrelated question {i} about something else entirely?", "completion": "Yes."}
+             for i in range(3)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    gsm = write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": f"{asked}?", "answer": "72 #### 72"}])
+    (tmp_path / "story.txt").write_text(f"Once upon a time {told}.\n")
+    (tmp_path / "quiz.csv").write_text(f'id,question,answer\n1,"If {listed}, when does it arrive?",2pm\n')
+    manifest = build(BuildConfig(sources=[Source(path=str(train))], out=str(tmp_path / "out"),
+                                 decontaminate=[str(gsm), str(tmp_path / "story.txt"), str(tmp_path / "quiz.csv")]))
+    contamination = manifest["steps"]["decontaminate"]
+    assert contamination["dropped"] == 3
+    assert sorted(contamination["eval_rows_hit"]) == ["gsm8k_test.jsonl, line 1", "quiz.csv, line 2", "story.txt"]
+    assert manifest["output"]["train"]["rows"] == 3
+
+
 def test_weighted_mix_and_split_are_seeded(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"question a{i} " * 3, "completion": f"answer {i}"}
                                            for i in range(40)])

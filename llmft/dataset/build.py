@@ -363,20 +363,35 @@ def _eval_index(config: BuildConfig) -> tuple[EvalIndex | None, list[str]]:
     n-grams are not checked)."""
     if not config.decontaminate:
         return None, []
+    from llmft.dataset.sources import read_source
+
     index, unreadable = EvalIndex(config.ngram), []
     for spec in config.decontaminate:
-        source = Source(path=spec)
-        for where, result, _ in convert_rows(source, source_format(source)):
-            if isinstance(result, RowError):
-                unreadable.append(f"{where}: {result}")
-            else:  # a conversation, or a pair / unpaired answer: all of its messages
-                messages = result if isinstance(result, list) else [
-                    m for name in ("prompt", "chosen", "rejected", "completion") for m in result.get(name, [])]
-                index.add(where, conversation_text(messages))
+        for where, row in read_source(spec, split="test"):
+            if isinstance(row, RowError):
+                unreadable.append(f"{where}: {row}")
+            else:  # any shape of eval row (GSM8K's question/answer, text, messages, pairs): all of its text
+                index.add(where, eval_text(row))
     if unreadable:
         log.warning("%d eval row(s) could not be read, so training rows are not checked against them (first: %s)",
                     len(unreadable), unreadable[0])
     return index, unreadable
+
+
+# Fields of an eval row that label it rather than hold its text
+NOT_TEXT = {"role", "from", "id", "type", "name", "tool_call_id", "label", "source", "split", "subject"}
+
+
+def eval_text(value: Any) -> str:
+    """Every text an eval row holds, whatever its format (system prompts left out: shared by many rows, they are
+    not what a benchmark asks)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(filter(None, map(eval_text, value)))
+    if isinstance(value, dict) and value.get("role") != "system" and value.get("from") != "system":
+        return "\n".join(filter(None, (eval_text(v) for k, v in value.items() if k not in NOT_TEXT)))
+    return ""
 
 
 def _mix(ds: datasets.Dataset, config: BuildConfig):
