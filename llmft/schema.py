@@ -408,11 +408,20 @@ def data_files(files: list[Path], root: Path) -> list[Path]:
     named for different splits (train.jsonl beside test.jsonl, as Hub datasets are laid out) is refused: read as
     one, its test rows would be trained on."""
     log = logging.getLogger(__name__)
+    if is_saved_dataset(root):
+        raise DataError(f"{root}: a dataset llmft data convert/build (or datasets' save_to_disk) wrote, not source "
+                        "files: train on it as it is (a recipe's data.train_data), or convert the files it was made "
+                        "from.")
     hidden = [p for p in files if any(part.startswith(".") for part in p.relative_to(root).parts)]
     if hidden:
         log.warning("Not reading %d file(s) under hidden folders or with hidden names: %s", len(hidden),
                     ", ".join(str(p.relative_to(root)) for p in hidden[:5]))
-    files = [p for p in files if p not in hidden]
+    outputs = [p for p in files if any(is_saved_dataset(root / folder) for folder in p.relative_to(root).parents
+                                       if folder != Path("."))]
+    if outputs:  # an earlier --out inside the source folder: its manifest and rejects are not source rows
+        log.warning("Not reading %d file(s) of datasets written inside the folder: %s", len(outputs),
+                    ", ".join(str(p.relative_to(root)) for p in outputs[:5]))
+    files = [p for p in files if p not in hidden and p not in outputs]
     folders_with_data = {p.parent for p in files if p.suffix != ".txt"}
     skipped = [p for p in files if p.suffix == ".txt" and p.parent in folders_with_data]
     if skipped:
@@ -430,6 +439,14 @@ def data_files(files: list[Path], root: Path) -> list[Path]:
                         "held-out rows would be trained on. Point at the training file or folder itself (in a recipe: "
                         "data.train_data, and the test file as data.eval_data).")
     return files
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder llmft data convert/build wrote (manifest.json beside its train/ or data_card.md), or a save_to_disk
+    dataset."""
+    built = (folder / "train").is_dir() or (folder / "data_card.md").is_file()
+    return ((folder / "manifest.json").is_file() and built) or (
+        (folder / "dataset_info.json").is_file() and (folder / "state.json").is_file())
 
 
 def _split_of(relative: Path) -> str | None:
