@@ -138,6 +138,10 @@ def from_text(row: dict) -> dict[str, str]:
 def from_columns(row: dict, prompt: str, completion: str, system: str | None = None) -> Messages:
     """Plain columns named by the source's prompt_field, completion_field (and system_field), e.g. GSM8K's
     {question, answer}."""
+    for name, flag in ((prompt, "--prompt-field"), (completion, "--completion-field"), (system, "--system-field")):
+        if name and name not in row:  # the default column names (question, answer) are not this data's
+            raise RowError(name, f"missing (the row's columns: {', '.join(map(str, row))}; name the right one "
+                                 f"with {flag})")
     messages = [{"role": "system", "content": text_of(row, system)}] if system else []
     return messages + [{"role": "user", "content": text_of(row, prompt)},
                        {"role": "assistant", "content": text_of(row, completion)}]
