@@ -473,8 +473,14 @@ def read_jsonl(path: Path, name: str | None = None) -> Iterator[tuple[str, dict[
                 yield where, RowError(None, f"not UTF-8 text (byte {err.start + 1} of the line): save the file as "
                                             "UTF-8")
                 continue
-            if line.strip():
-                yield where, _parse_line(line)
+            if not line.strip():
+                continue
+            row = _parse_line(line)
+            if isinstance(row, RowError) and line.strip() in ("[", "{"):  # the start of one JSON document
+                raise DataError(f"{where}: '{line.strip()}' alone: this file holds one JSON document spread over "
+                                "many lines (pretty-printed), not one JSON object per line. Name it .json, or write "
+                                "one row per line.")
+            yield where, row
 
 
 def _parse_line(line: str) -> dict[str, Any] | RowError:

@@ -92,6 +92,14 @@ def test_decontamination_reads_eval_sets_of_any_shape(tmp_path):
     assert manifest["output"]["train"]["rows"] == 3
 
 
+def test_a_mix_that_leaves_nothing_still_writes_the_counts_that_say_why(tmp_path):
+    path = write_jsonl(tmp_path / "few.jsonl", [{"prompt": f"question {i}?", "completion": "yes"} for i in range(3)])
+    with pytest.raises(DataError, match="no rows left after cleaning and mixing"):
+        build(BuildConfig(sources=[Source(path=str(path), fraction=0.1)], out=str(tmp_path / "out")))
+    mix = json.loads((tmp_path / "out" / "manifest.json").read_text())["steps"]["mix"]
+    assert mix == {"few.jsonl": {"available": 3, "used": 0}}
+
+
 def test_weighted_mix_and_split_are_seeded(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"question a{i} " * 3, "completion": f"answer {i}"}
                                            for i in range(40)])

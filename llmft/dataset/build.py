@@ -227,7 +227,11 @@ def build(config: BuildConfig, command: str = "") -> dict[str, Any]:
         manifest["steps"].update(steps)
         mixed, mix = _mix(kept, config)
         manifest["steps"]["mix"] = mix
-        splits = _split(mixed, kind, config)
+        try:
+            splits = _split(mixed, kind, config)
+        except DataError:  # the counts say why nothing is left
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            raise
         for name, split in splits.items():
             target = out / name
             if target.exists():
@@ -407,6 +411,9 @@ def _mix(ds: datasets.Dataset, config: BuildConfig):
             round(len(rows) * source.fraction) if source.fraction is not None else source.count)
         if want > len(rows):
             raise DataError(f"source {source.label}: count {want} is more than its {len(rows)} clean rows.")
+        if want == 0 and rows:
+            log.warning("source %s: fraction %s of its %d clean rows rounds to none of them", source.label,
+                        source.fraction, len(rows))
         picked = rng.sample(rows, want) if want < len(rows) else rows
         mix[source.label] = {"available": len(rows), "used": len(picked)}
         chosen += picked
@@ -418,7 +425,8 @@ def _split(ds: datasets.Dataset, kind: RowKind, config: BuildConfig) -> dict[str
     """train/ and test/, with all rows of one prompt on the same side (pairs from one UltraFeedback row, KTO
     answers to one prompt): held-out rows must be prompts training never saw."""
     if len(ds) == 0:
-        raise DataError("no rows left after cleaning; see rejects.jsonl and the counts in manifest.json.")
+        raise DataError("no rows left after cleaning and mixing; see rejects.jsonl and the counts in manifest.json "
+                        "(steps.mix: the rows each source had and gave).")
     if not config.test_fraction:
         return {"train": ds}
     groups: dict[str, list[int]] = {}
