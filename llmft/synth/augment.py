@@ -166,7 +166,11 @@ def augment_rows(rows: list[dict], backend, cfg: AugmentConfig, source: str = "d
 
 def augment_file(data: Path, out: Path, backend, cfg: AugmentConfig, only_new: bool = False) -> dict[str, Any]:
     """Write `out` (JSONL): the source rows (unless only_new), then the augmented ones. Returns the counts."""
+    if data.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{data}: augment reads rows from a .jsonl or .json file; save them as JSON lines.")
     rows = load_json_rows(data)
+    if not rows:
+        raise DataError(f"{data}: no rows to augment (the file is empty).")
     new_rows, rejected = augment_rows(rows, backend, cfg, str(data))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
