@@ -220,10 +220,10 @@ def _prepare(batch, indices, tokenizer, kind, max_length, overlong, reasoning):
         try:
             pairs, split = _encode_row(row, tokenizer, kind, reasoning)
         except DataError as err:
-            raise DataError(f"{_example_id(row, index)}: {err}") from err
+            raise DataError(f"{example_name(row, index)}: {err}") from err
         for turn, (input_ids, labels) in enumerate(pairs):
             input_ids, labels, status = _fit(input_ids, labels, max_length, overlong)
-            name = _example_id(row, index) + (f", turn {turn + 1}" if len(pairs) > 1 else "")
+            name = example_name(row, index) + (f", turn {turn + 1}" if len(pairs) > 1 else "")
             for key, value in (("input_ids", input_ids), ("labels", labels), ("status", status),
                                ("example_id", name), ("split", split and turn == 0)):
                 out[key].append(value)
@@ -246,7 +246,7 @@ def _fit(input_ids, labels, max_length, overlong):
     return input_ids, labels, status
 
 
-def _example_id(row: dict[str, Any], index: int) -> str:
+def example_name(row: dict[str, Any], index: int) -> str:
     """How logs name an example: its source row number, and its own `id` field when it has one."""
     number = f"row {row_number(row, index)}"
     return f"{number} (id {row['id']})" if row.get("id") is not None else number
@@ -346,7 +346,7 @@ def _prepare_pairs(batch, indices, tokenizer, kind, max_length, overlong, reason
     out = {key: [] for key in (*keys, "label", "status", "example_id", "prompt_differs")}
     for index, values in zip(indices, zip(*batch.values())):
         row = dict(zip(batch, values))
-        name = _example_id(row, index)
+        name = example_name(row, index)
         try:
             if kind == PREFERENCE:
                 encoded = encode_pair(tokenizer, row, reasoning)

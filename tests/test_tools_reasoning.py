@@ -81,7 +81,7 @@ def test_the_glaive_tool_calling_sample_converts_with_its_tools(tmp_path):
     assert all(r["tools"] for r in rows if any(m["tool_calls"] for m in r["messages"]))
 
 
-def test_a_template_without_tool_support_is_refused_by_name(tmp_path):
+def test_a_template_without_tool_support_is_refused_by_name(tmp_path, capfd):
     from llmft.config import ModelConfig
     from llmft.model import load_tokenizer
 
@@ -89,6 +89,13 @@ def test_a_template_without_tool_support_is_refused_by_name(tmp_path):
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
     with pytest.raises(DataError, match=f"the chat template of {model_dir} does not render tool schemas, tool calls"):
         tokenize_messages(tokenizer, from_sharegpt(SHAREGPT_ROW))
+    # llmft data report names the row, as training does
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello."}]},
+                                                 {"messages": from_sharegpt(SHAREGPT_ROW)}])
+    capfd.readouterr()
+    assert llmft(["data", "report", str(rows), "--model", str(model_dir)]) == 1
+    assert "rows.jsonl: row 2: the chat template" in capfd.readouterr().err
 
 
 REASONING_ROW = {"messages": [{"role": "user", "content": "Two plus two?"},

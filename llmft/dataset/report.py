@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llmft.data import IGNORE, answer_ids, load_rows, tokenize_row, validate_rows
+from llmft.data import IGNORE, answer_ids, example_name, load_rows, tokenize_row, validate_rows
 from llmft.errors import ConfigError, DataError
 from llmft.masking import masking_for
 from llmft.schema import PREFERENCE, PROMPT_ONLY, TEXT, UNPAIRED
@@ -83,13 +83,17 @@ def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     lengths, trainable, role_tokens = [], [], Counter()
     over, cut_tokens, cut_trainable, left_empty, zero_trainable = 0, 0, 0, 0, 0
     rendered, rendered_tools = None, None
-    for row in tqdm(rows, desc="Tokenizing", unit="row"):
+    for index, row in enumerate(tqdm(rows, desc="Tokenizing", unit="row")):
         conversation = as_example(row, kind)
         for message in conversation.messages:
             text = message.get("content") if isinstance(message.get("content"), str) else ""
             role_tokens[message["role"]] += len(tokenizer(text, add_special_tokens=False)["input_ids"])
         uses_tools = any(m.get("tool_calls") or m["role"] == "tool" for m in conversation.messages)
-        for ids, labels in tokenize_row(row, tokenizer, kind, reasoning):
+        try:
+            examples = list(tokenize_row(row, tokenizer, kind, reasoning))
+        except DataError as err:  # named as training names it
+            raise DataError(f"{source}: {example_name(row, index)}: {err}") from err
+        for ids, labels in examples:
             n_train = sum(label != IGNORE for label in labels)
             lengths.append(len(ids))
             trainable.append(n_train)
