@@ -7,6 +7,7 @@ only for the command that runs, so light commands (`llmft data convert`) never i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -255,15 +256,26 @@ def run(argv: list[str]) -> int:
         print(f"llmft {name}: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:
-        if err.filename is None:  # not about a path the user gave: a bug or the system's, with its traceback
+        hint = _path_hint(err)
+        if hint is None:  # anything else may be a bug: its traceback
             raise
-        # a path of the wrong kind (a folder where a file goes, a file in the way of a folder), no permission, a full
-        # disk: the path and what the system said are the whole story
-        target = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
-        print(f"llmft {name}: {target}: {err.strerror or err}. Check the path (a file where a folder goes, or the "
-              "other way round?) and its permissions.", file=sys.stderr)
+        print(f"llmft {name}: {err.filename}: {err.strerror or err}. {hint}", file=sys.stderr)
         return 1
     return 0
+
+
+def _path_hint(err: OSError) -> str | None:
+    """What to do about a path the user gave that the system refused (the whole story then is the path and the
+    system's words); None for any other error."""
+    if err.filename is None:
+        return None
+    if isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return "A file is where a folder goes, or the other way round: choose another path, or move what is there."
+    if isinstance(err, PermissionError):
+        return "Choose a path you may write to, or change its permissions."
+    if err.errno in (errno.ENOSPC, errno.EROFS):
+        return "Free some space, or choose a path on another disk."
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

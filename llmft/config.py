@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # TRL keeps ORPO and CPO in trl.experimental; d
 from llmft.errors import ConfigError
 from llmft.hardware import cuda_available, fast_bf16_available
 from llmft.parsing import (OptionParser, build, coerce, field_names, field_types, read_yaml_mapping, suggest,
-                           unknown_flags)
+                           unknown_flags, without_none)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("full", "lora", "qlora")
@@ -683,9 +683,20 @@ def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]
                 problems.append(f"{path}: unknown key '{name}.{key}'.{_key_hint(key, name, known)}")
         # Each value against its field's type: argparse converts only string values (YAML's '1e-4'), so a list,
         # number or boolean of the wrong kind would otherwise reach the code that uses it.
-        sections[name], wrong = coerce(values, field_types([known[name]]), f"{path}: {name}.")
+        sections[name], wrong = coerce(values, _checked_types(name, known[name]), f"{path}: {name}.")
         problems += wrong
     return sections
+
+
+def _checked_types(section: str, cls: type) -> dict[str, Any]:
+    """The fields whose YAML values are checked against their type hints: all of llmft's own settings; of TRL's and
+    the Trainer's arguments only numbers and switches, because some of their text fields accept more than their hints
+    say (GRPO's scale_rewards: false, fsdp: true or a list) and TRL checks those."""
+    kinds = field_types([cls])
+    if section != "training":
+        return kinds
+    own = field_names(LlmftTraining)
+    return {key: kind for key, kind in kinds.items() if key in own or without_none(kind) in (int, float, bool)}
 
 
 RENAMED_KEYS = {("eval", "generation_batch_size"): "generate_batch_size"}  # old recipes (and runs' recipe.yaml)
@@ -793,12 +804,22 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
     except ConfigError as err:
         raise ConfigError([_where(p, sections, cli) for p in err.problems] + problems, source=str(path)) from err
     problems += [f"command line: {p}" for p in unknown_flags(unknown, _flags(known))]
+    _old_checkpointing_name(namespace, sections.get("training") or {}, cli)
     built = dict(zip(known, build(known.values(), namespace, problems)))
     if not problems:
         problems.extend(cross_check(built))
     if problems:
         raise ConfigError(problems, source=str(path))
     return Recipe(**built, source=str(path))
+
+
+def _old_checkpointing_name(namespace, training: dict[str, Any], cli: list[str]) -> None:
+    """training.gradient_checkpointing, the Trainer's old name, said without the new one: it decides, rather than the
+    machine's default of activation_checkpointing (which the Trainer would keep, ignoring the old name)."""
+    said = "activation_checkpointing" in training or any(
+        arg.split("=", 1)[0] in ("--activation_checkpointing", "--activation-checkpointing") for arg in cli)
+    if namespace.gradient_checkpointing is not None and not said:
+        namespace.activation_checkpointing = namespace.gradient_checkpointing
 
 
 def recipe_from_dict(values: dict[str, dict[str, Any]], source: str) -> Recipe:
@@ -931,31 +952,32 @@ def cross_check(sections: dict[str, Any]) -> list[str]:
             and not evaluation.baseline:
         problems.append("eval: generation/forgetting metrics run at evaluations; with eval_strategy: no and "
                         "baseline: false they run only after training.")
-    return problems + tracker_problems(training.report_to)
+    return problems + tracker_problems(training.report_to)  # names only: estimate and report run without them
 
 
 # transformers' name for each tracker's "is it installed" check, where it is not is_<name>_available
 TRACKER_CHECKS = {"comet_ml": "is_comet_available", "flyte": "is_flytekit_available"}
 
 
-def tracker_problems(report_to: None | str | list[str]) -> list[str]:
-    """Trackers named in training.report_to that transformers does not know, or that are not installed: found
-    when the recipe loads, not when the Trainer starts after the data and model have loaded."""
+def tracker_problems(report_to: None | str | list[str], available: bool = False) -> list[str]:
+    """Trackers named in training.report_to that transformers does not know, and with `available` those that are
+    not installed: found before a run loads its data and model, not when the Trainer starts."""
     from transformers.integrations import integration_utils
 
-    names = [] if report_to in (None, "none", "all") else [report_to] if isinstance(report_to, str) else report_to
-    problems = []
-    for name in (n for n in names if n != "none"):
+    names = [] if report_to in ("none", "all") else [report_to] if isinstance(report_to, str) or report_to is None \
+        else report_to
+    problems = ["training.report_to: null is not a tracker; write none for no tracker."] if None in names else []
+    for name in (str(n) for n in names if n not in (None, "none")):
         known = integration_utils.INTEGRATION_TO_CALLBACK
         if name not in known:
             problems.append(f"training.report_to: unknown tracker '{name}'.{suggest(name, known)} Trackers: none, "
                             f"all, {', '.join(known)}.")
             continue
         check = getattr(integration_utils, TRACKER_CHECKS.get(name, f"is_{name.replace('_', '')}_available"), None)
-        if check is not None and not check():
-            problems.append(f"training.report_to: {name} is not installed: pip install {name.replace('_', '-')} "
-                            "(or pip install -e '.[tracking]' for TensorBoard, MLflow and Trackio), or set report_to: "
-                            "none.")
+        if available and check is not None and not check():
+            problems.append(f"training.report_to: {name} is not available here (not installed, or turned off by its "
+                            "environment variables); install it (pip install -e '.[tracking]' has TensorBoard, MLflow "
+                            "and Trackio), or set report_to: none.")
     return problems
 
 

@@ -248,7 +248,7 @@ def model_card(run: Path, repo_id: str, merged: Path | None = None, gguf: Path |
               "differ slightly from the original's." if meta.base_model.name_or_path == EMBEDDED_MODEL else "")
     made = (f"A model trained from scratch (random initial weights) with the architecture and tokenizer of `{base}`, "
             "made with llmft." if scratch else f"A {method} fine-tune ({meta.stage}) of `{base}` made with llmft.{origin}")
-    lines = [f"# {repo_id}", "", made, "", *_artifact_lines(repo_id, merged, gguf, adapter), "",
+    lines = [f"# {repo_id}", "", made, "", *_artifact_lines(repo_id, merged, gguf, adapter, meta.stage), "",
              "## Training data", "", "| split | file | sha256 | rows used |", "|---|---|---|---|"]
     for split, record in meta.data.items():
         if record:
@@ -277,7 +277,7 @@ def model_card(run: Path, repo_id: str, merged: Path | None = None, gguf: Path |
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content
 
 
-def _artifact_lines(repo_id: str, merged: Path | None, gguf: Path | None, adapter: bool) -> list[str]:
+def _artifact_lines(repo_id: str, merged: Path | None, gguf: Path | None, adapter: bool, stage: str) -> list[str]:
     """What the repository holds and how to load it."""
     if gguf is not None:
         rows = [f"| `{path.name}` | {gguf_metadata(path)['file_type']} | {path.stat().st_size / 1e6:,.0f} MB |"
@@ -296,9 +296,9 @@ def _artifact_lines(repo_id: str, merged: Path | None, gguf: Path | None, adapte
         return ["A LoRA adapter: peft loads it on its base model.", "", "```python",
                 "from peft import AutoPeftModelForCausalLM",
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```"]
+    auto = "AutoModelForSequenceClassification" if stage == "reward" else "AutoModelForCausalLM"
     return ["The full fine-tuned model: transformers alone loads it.", "", "```python",
-            "from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-            "```"]
+            f"from transformers import {auto}", f'model = {auto}.from_pretrained("{repo_id}")', "```"]
 
 
 def _evaluation_lines(run: Run) -> list[str]:
@@ -456,4 +456,5 @@ def push_command(target: RunOptions, artifact: ArtifactOptions, options: PushOpt
     private = hub.private if options.public is None else not options.public
     url = push(run, repo_id, private, options.revision, merged, gates, options.force, options.allow_pickles,
                gguf)
-    print(f"pushed to {repo_id}: {url}")
+    print(f"pushed to {repo_id} ({'private' if private else 'public'} when created here; an existing repository keeps "
+          f"its visibility): {url}")

@@ -376,8 +376,10 @@ def _check_targets(model: PreTrainedModel, targets: list[str]) -> None:
     names = [name for name, _ in model.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
+                         if isinstance(m, (torch.nn.Linear, Conv1D)) and n.rsplit(".", 1)[-1] != "lm_head"})
         raise ConfigError([f"peft.target_modules: {', '.join(repr(t) for t in unmatched)} name(s) no module of "
                            f"{type(model).__name__}. Its linear layers are named: {', '.join(linear)}; or use "
                            "all-linear."])

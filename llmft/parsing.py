@@ -60,8 +60,9 @@ def coerce(values: dict[str, Any], kinds: dict[str, Any], where: str) -> tuple[d
         try:
             out[key] = _coerce(kinds[key], value) if key in kinds else value
         except (TypeError, ValueError):
+            wants_text = str in (kinds[key], *typing.get_args(kinds[key]))
             hint = (" YAML reads an unquoted yes/no/on/off as true/false: quote the word (e.g. 'no')."
-                    if isinstance(value, bool) else "")
+                    if isinstance(value, bool) and wants_text else "")
             problems.append(f"{where}{key}: {value!r} is not {_describe(kinds[key])}.{hint}")
     return out, problems
 
@@ -96,6 +97,8 @@ def _coerce(kind: Any, value: Any) -> Any:
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError(value)
+        if kind is float and isinstance(value, int):
+            return value  # an integer is a number: kept as written (num_train_epochs: 2 stays 2)
         number = kind(value)
         if kind is int and isinstance(value, float) and value != number:
             raise ValueError(value)
@@ -110,7 +113,8 @@ def _describe(kind: Any) -> str:
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(kind))
     if typing.get_origin(kind) is list:
-        return "a list"
+        args = typing.get_args(kind)
+        return "a list of strings (or one string)" if args and args[0] is str else "a list"
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
 
@@ -152,7 +156,7 @@ def _is_str_bool(kind: Any) -> bool:
     return (origin is typing.Union or origin is types.UnionType) and {str, bool} <= set(typing.get_args(kind))
 
 
-def _without_none(kind: Any) -> Any:
+def without_none(kind: Any) -> Any:
     """X for Optional[X]; any other type as it is."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     union = typing.get_origin(kind) in (typing.Union, types.UnionType)
@@ -181,12 +185,12 @@ class OptionParser(HfArgumentParser):
         elif _is_str_bool(field.type):
             names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
             parser.add_argument(*names, type=_str_or_bool, default=field.default, help=metadata.get("help"))
-        elif _without_none(field.type) is bool and field.default is None:
+        elif without_none(field.type) is bool and field.default is None:
             # A switch whose absence means "not said" (a default from elsewhere); HfArgumentParser would need a value
             names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
             parser.add_argument(*names, type=string_to_bool, nargs="?", const=True, default=None,
                                 help=metadata.get("help"))
-        elif typing.get_origin(_without_none(field.type)) is list and "nargs" in metadata:
+        elif typing.get_origin(without_none(field.type)) is list and "nargs" in metadata:
             # HfArgumentParser makes every list flag nargs="+"; with "*", the flag alone means the empty list
             nargs = metadata.pop("nargs")
             field = copy.copy(field)

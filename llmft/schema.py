@@ -394,19 +394,18 @@ def rows_problems(rows, kind: str, strict: bool = False) -> list[str]:
 # Readers -------------------------------------------------------------------------------------------------------
 
 
-# A file or folder name that says which split it holds, as Hub datasets name them (train.jsonl, test-00000-of-00001
-# .parquet, validation/): the word, then the end of the name or a separator.
-SPLIT_NAME = re.compile(r"^(train|training|test|testing|eval|evaluation|validation|valid|val|dev)(?:[-_.\d]|$)")
-SPLIT_KIND = {"training": "train", "testing": "test", "eval": "test", "evaluation": "test", "valid": "validation",
-              "val": "validation", "dev": "validation"}
+# A file or folder name that is a split's, as Hub datasets name them: train.jsonl, test-00000-of-00001.parquet,
+# validation/ (the word alone, or with a shard number: train_notes.jsonl or testing_plan.txt are not splits).
+SPLIT_NAME = re.compile(r"^(train|test|validation|valid|val|dev|eval)(?:-\d{5}-of-\d{5}|-\d+)?$")
+SPLIT_KIND = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "test"}
 
 
-def data_files(files: list[Path], root: Path) -> list[Path]:
+def data_files(files: list[Path], root: Path, check_splits: bool = True) -> list[Path]:
     """The data files among `files` (found under the folder `root`): .txt files are documents, except in a folder
     that also holds data files (a README.txt or LICENSE.txt beside train.jsonl is not data); files under hidden
     folders (.ipynb_checkpoints/, .git/) are not data either; those skipped are logged. A folder whose files are
-    named for different splits (train.jsonl beside test.jsonl, as Hub datasets are laid out) is refused: read as
-    one, its test rows would be trained on."""
+    named for different splits (train.jsonl beside test.jsonl, as Hub datasets are laid out) is refused unless
+    `check_splits` is off (eval sets, where every split is wanted): read as one, its test rows would be trained on."""
     log = logging.getLogger(__name__)
     if is_saved_dataset(root):
         raise DataError(f"{root}: a dataset llmft data convert/build (or datasets' save_to_disk) wrote, not source "
@@ -429,15 +428,15 @@ def data_files(files: list[Path], root: Path) -> list[Path]:
                     len(skipped), ", ".join(p.name for p in skipped[:5]))
     files = [p for p in files if p not in skipped]
     splits = {}
-    for path in files:
-        split = _split_of(path.relative_to(root))
+    for path in files if check_splits else []:
+        split = _split_of(path.relative_to(root)) if path.suffix != ".txt" else None  # documents' names are free
         if split:
             splits.setdefault(split, []).append(str(path.relative_to(root)))
     if len(splits) > 1:
         named = "; ".join(f"{split}: {', '.join(names[:3])}" for split, names in sorted(splits.items()))
         raise DataError(f"{root}: this folder holds files of different splits ({named}); read as one dataset, the "
-                        "held-out rows would be trained on. Point at the training file or folder itself (in a recipe: "
-                        "data.train_data, and the test file as data.eval_data).")
+                        "held-out rows would be trained on. Point at the training file or folder itself (a recipe "
+                        "takes the held-out one as data.eval_data).")
     return files
 
 

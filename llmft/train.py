@@ -19,9 +19,9 @@ from transformers import TrainerCallback, set_seed
 
 from llmft import report, run_dir, tuning
 from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resume_point
-from llmft.config import Recipe, bf16_full_training
+from llmft.config import Recipe, bf16_full_training, tracker_problems
 from llmft.data import load_splits
-from llmft.errors import LaunchError, Preempted
+from llmft.errors import ConfigError, LaunchError, Preempted
 from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, PerplexityCallback, eval_items,
                               held_out_pairs, load_metrics, samples)
 from llmft.hardware import tune_allocator
@@ -42,6 +42,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     check_launch(recipe.training.world_size)
     check_build_locks(recipe.training.deepspeed)
     loaded_metrics = load_metrics(recipe.eval.metrics) if recipe.eval.num_generate else {}  # fail before loading
+    trackers = tracker_problems(recipe.training.report_to, available=True)
+    if trackers:
+        raise ConfigError(trackers, source=recipe.source)
     launch = resolve_launch(recipe.training, stage.micro_batches)
     args = trainer_args(recipe.training, launch, stage.counts_tokens)  # a copy: the recipe is never changed
     out = Path(args.output_dir)

@@ -11,6 +11,7 @@ subprocess, for what only a process shows (the console script, its exit status, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -71,6 +72,7 @@ def _check_accounting(out: Path, expected_rows: int) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
 def test_bad_input(case, tmp_path, tiny_model_dir, capfd, monkeypatch):
+    _skip_where_installed(case)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     _materialise(tmp_path, tiny_model_dir)
@@ -79,6 +81,11 @@ def test_bad_input(case, tmp_path, tiny_model_dir, capfd, monkeypatch):
         assert code == 0, text
     code, text = _llmft(case["run"], tiny_model_dir, capfd)
     _check(case, code, text, tmp_path)
+
+
+def _skip_where_installed(case: dict) -> None:
+    if "without" in case and importlib.util.find_spec(case["without"]):
+        pytest.skip(f"{case['without']} is installed here: the case is about a machine without it")
 
 
 def _command(case: dict) -> str:
@@ -91,6 +98,7 @@ FIRST_OF_EACH_COMMAND = list({_command(case): case for case in reversed(CASES)}.
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FIRST_OF_EACH_COMMAND, ids=[case["id"] for case in FIRST_OF_EACH_COMMAND])
 def test_bad_input_through_the_console_script(case, tmp_path, tiny_model_dir, quiet_env):
+    _skip_where_installed(case)
     _materialise(tmp_path, tiny_model_dir)
     for step in ("setup", "run"):
         argv = [arg.replace("{model}", str(tiny_model_dir)) for arg in case.get(step, [])]

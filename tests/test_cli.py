@@ -86,3 +86,17 @@ main()
     assert done.returncode == 2, done.stderr[-2000:]
     assert "missing.yaml" in done.stderr
     assert done.stdout.split() == ["buffered", "output", "exit", "handler", "ran"], done.stdout
+
+
+def test_only_refused_paths_become_one_line_messages():
+    """A path of the wrong kind, without permission or on a full disk is the user's to fix: one line naming it. Any
+    other OSError may be a bug and keeps its traceback."""
+    import errno
+
+    from llmft.cli import _path_hint
+
+    assert "a folder goes" in _path_hint(NotADirectoryError(errno.ENOTDIR, "Not a directory", "out/train"))
+    assert "permissions" in _path_hint(PermissionError(errno.EACCES, "Permission denied", "/root/x"))
+    assert "space" in _path_hint(OSError(errno.ENOSPC, "No space left on device", "runs/x"))
+    assert _path_hint(FileNotFoundError(errno.ENOENT, "No such file", "llmft/resources/x")) is None
+    assert _path_hint(OSError(errno.EIO, "I/O error")) is None

@@ -148,3 +148,20 @@ def test_resolved_recipe_round_trips(tmp_path):
     saved.write_text(yaml.safe_dump(recipe.to_dict()))
     again = load_recipe(saved)
     assert again.to_dict() == {**recipe.to_dict(), "training": {**recipe.to_dict()["training"]}}
+
+
+def test_trl_settings_that_accept_more_than_their_type_hints_still_load(tmp_path):
+    """GRPO's scale_rewards is typed str but takes false (no scaling); fsdp is typed str but takes true: TRL checks
+    those, so the recipe's type check leaves TRL's text fields to it (and checks llmft's own and every number)."""
+    def recipe(training):
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "data": {"train_data": "t.jsonl"},
+                                        "training": training}))
+        return path
+
+    assert load_recipe(recipe({"stage": "grpo", "scale_rewards": False})).training.scale_rewards == "none"
+    assert load_recipe(recipe({"num_train_epochs": 2, "gradient_checkpointing": True})).training.activation_checkpointing
+    with pytest.raises(ConfigError, match="training.save_strategy: False is not a string. YAML reads an unquoted"):
+        load_recipe(recipe({"save_strategy": False}))
+    with pytest.raises(ConfigError, match="training.warmup_steps: 'many' is not"):
+        load_recipe(recipe({"warmup_steps": "many"}))

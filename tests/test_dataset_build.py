@@ -260,3 +260,33 @@ def test_round_trip_convert_report_train_on_smollm2(tmp_path):
     assert info["data"]["train"]["tokenized"]["rows_in"] == 24  # rows over 256 tokens are dropped and counted
     prep = info["data"]["train"]["tokenized"]
     assert prep["rows_out"] + sum(prep["dropped"].values()) == 24
+
+
+def test_split_names_are_whole_words_and_eval_sets_keep_every_split(tmp_path):
+    """Only a split's own name (train.jsonl, test-00000-of-00001.parquet, validation/) marks a split: files named
+    train_part1 and valid_ids, or documents, are data like any other. An eval set for decontamination may hold
+    several splits: all are checked."""
+    row = {"prompt": "What is the capital of France?", "completion": "Paris."}
+    folder = tmp_path / "parts"
+    write_jsonl(folder / "train_part1.jsonl", [row])
+    write_jsonl(folder / "valid_ids.jsonl", [{"prompt": "What is 2+2?", "completion": "4"}])
+    manifest = build(BuildConfig(sources=[Source(path=str(folder))], out=str(tmp_path / "out")))
+    assert manifest["output"]["train"]["rows"] == 2
+    shards = tmp_path / "hub"
+    write_jsonl(shards / "train-00000-of-00001.jsonl", [row])
+    write_jsonl(shards / "validation-00000-of-00001.jsonl", [row])
+    with pytest.raises(DataError, match="different splits \\(train: train-00000-of-00001.jsonl; validation: "):
+        build(BuildConfig(sources=[Source(path=str(shards))], out=str(tmp_path / "out2")))
+    evals = tmp_path / "evals"
+    asked = "a farmer has seventeen sheep and all but nine run away so how many sheep are left on the farm now"
+    write_jsonl(evals / "test.jsonl", [{"question": "Unrelated.", "answer": "1"}])
+    write_jsonl(evals / "validation.jsonl", [{"question": asked, "answer": "9"}])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": asked, "completion": "9"}, row])
+    manifest = build(BuildConfig(sources=[Source(path=str(train))], out=str(tmp_path / "out3"),
+                                 decontaminate=[str(evals)]))
+    assert manifest["steps"]["decontaminate"]["eval_rows_hit"] == ["evals/validation.jsonl, line 1"]
+    build(BuildConfig(sources=[Source(path=str(evals / "validation.jsonl"), format="columns")],
+                      out=str(tmp_path / "built_eval")))  # an eval set llmft built: read as a dataset, not as files
+    manifest = build(BuildConfig(sources=[Source(path=str(train))], out=str(tmp_path / "out4"),
+                                 decontaminate=[str(tmp_path / "built_eval")]))
+    assert manifest["steps"]["decontaminate"]["dropped"] == 1

@@ -367,11 +367,9 @@ def _eval_index(config: BuildConfig) -> tuple[EvalIndex | None, list[str]]:
     n-grams are not checked)."""
     if not config.decontaminate:
         return None, []
-    from llmft.dataset.sources import read_source
-
     index, unreadable = EvalIndex(config.ngram), []
     for spec in config.decontaminate:
-        for where, row in read_source(spec, split="test"):
+        for where, row in _eval_rows(spec):
             if isinstance(row, RowError):
                 unreadable.append(f"{where}: {row}")
             else:  # any shape of eval row (GSM8K's question/answer, text, messages, pairs): all of its text
@@ -382,8 +380,27 @@ def _eval_index(config: BuildConfig) -> tuple[EvalIndex | None, list[str]]:
     return index, unreadable
 
 
+def _eval_rows(spec: str):
+    """(where, row) of an eval set: a file or folder (every split in it), a dataset llmft or save_to_disk wrote
+    (its test/ split where it has one), or a Hub id (its test split; ID:SPLIT for another)."""
+    from llmft.dataset.sources import read_source
+    from llmft.schema import is_saved_dataset
+
+    path = Path(spec)
+    if path.is_dir() and is_saved_dataset(path):
+        folder = next((path / s for s in ("test", "train") if (path / s).is_dir()), path)
+        rows = datasets.load_from_disk(str(folder))
+        yield from ((f"{spec}, row {i + 1}", row) for i, row in enumerate(rows))
+        return
+    hub_id, colon, split = spec.rpartition(":")
+    if colon and not path.exists() and hub_id.count("/") == 1:
+        yield from read_source(hub_id, split=split)
+        return
+    yield from read_source(spec, split="test", check_splits=False)
+
+
 # Fields of an eval row that label it rather than hold its text
-NOT_TEXT = {"role", "from", "id", "type", "name", "tool_call_id", "label", "source", "split", "subject"}
+NOT_TEXT = {"role", "from", "id", "type", "name", "tool_call_id", "split"}
 
 
 def eval_text(value: Any) -> str:

@@ -19,7 +19,7 @@ EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 Row = tuple[str, dict[str, Any] | RowError]
 
 
-def read_source(spec: str, split: str = "train", label: str | None = None) -> Iterator[Row]:
+def read_source(spec: str, split: str = "train", label: str | None = None, check_splits: bool = True) -> Iterator[Row]:
     """Rows of a local file or folder, or of a Hub dataset id (`org/name`, split `split`), each with where it came
     from: "LABEL, line 12" for a file (LABEL defaults to its name), "LABEL/sub/file.jsonl, line 12" for a folder's
     files (so two train.jsonl in different subfolders stay apart)."""
@@ -29,7 +29,7 @@ def read_source(spec: str, split: str = "train", label: str | None = None) -> It
             yield from read_file(path, label)
             return
         files = data_files(sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file()),
-                           path)
+                           path, check_splits)
         if not files:
             raise DataError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder.")
         for file in files:
@@ -67,7 +67,7 @@ def _read_csv(path: Path, name: str | None = None) -> Iterator[Row]:
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         reader = csv.DictReader(f)
         try:
-            repeated = sorted({n for n in reader.fieldnames or [] if reader.fieldnames.count(n) > 1})
+            repeated = sorted({n for n in reader.fieldnames or [] if n and reader.fieldnames.count(n) > 1})
             if repeated:  # DictReader would keep the last column of each name without a word
                 raise DataError(f"{path}, line 1: the header names column(s) {', '.join(map(repr, repeated))} more "
                                 "than once; rename them so that each column has its own name.")
