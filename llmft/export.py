@@ -212,10 +212,18 @@ def template_pieces(tokenizer) -> dict[str, str]:
               "user_prefix": user_prefix,
               "user_to_assistant": prompt[prompt.index(s["user"]) + len(s["user"]):],
               "assistant_suffix": assistant_suffix}
+    # What the template writes when there is no system message (SmolLM2's default system prompt; nothing for most)
+    plain = _without_bos(tokenizer, tokenizer.apply_chat_template(turns[1:2], tokenize=False,
+                                                                   add_generation_prompt=True))
+    first_turn = user_prefix + s["user"] + pieces["user_to_assistant"]
+    if not plain.endswith(first_turn):
+        raise HubError("the chat template renders a conversation without a system prompt unlike one with it; write "
+                       "the Modelfile's TEMPLATE by hand.")
+    pieces["default_system"] = plain[: len(plain) - len(first_turn)]
     check = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2 plus 2?"}]
-    if render_pieces(pieces, check) != _without_bos(tokenizer, tokenizer.apply_chat_template(
-            check, tokenize=False, add_generation_prompt=True)):
+    if any(render_pieces(pieces, c) != _without_bos(tokenizer, tokenizer.apply_chat_template(
+            c, tokenize=False, add_generation_prompt=True)) for c in (check, check[1:])):
         raise HubError("the chat template renders some turns unlike the others (reasoning blocks, dates, turn "
                        "numbers), which one pattern per role cannot express; write the Modelfile's TEMPLATE by hand.")
     return pieces
@@ -223,7 +231,7 @@ def template_pieces(tokenizer) -> dict[str, str]:
 
 def render_pieces(pieces: dict[str, str], messages: list[dict[str, str]]) -> str:
     """What the Ollama template renders for `messages` with the generation prompt (BOS left to llama.cpp)."""
-    out = []
+    out = [] if messages and messages[0]["role"] == "system" else [pieces["default_system"]]
     for m in messages:
         if m["role"] == "system":
             out.append(pieces["system_prefix"] + m["content"] + pieces["system_end"])
@@ -235,15 +243,18 @@ def render_pieces(pieces: dict[str, str], messages: list[dict[str, str]]) -> str
 
 
 def _without_bos(tokenizer, text: str) -> str:
-    """llama.cpp adds the BOS token itself (the GGUF's add_bos_token), so a template's leading BOS is left out."""
+    """A template's leading BOS left out where the tokenizer adds it to every text itself, as llama.cpp then does (the
+    GGUF's add_bos_token). Where it does not (SmolLM2's BOS is <|im_start|>, which its template writes), it stays."""
     bos = tokenizer.bos_token
-    return text[len(bos):] if bos and text.startswith(bos) else text
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
 
 
 def ollama_template(tokenizer) -> str:
     """The run's chat template as an Ollama (Go) template over .System and .Messages."""
     p = template_pieces(tokenizer)
-    return ("{{- if .System }}" + p["system_prefix"] + "{{ .System }}" + p["system_end"] + "{{ end }}"
+    return ("{{- if .System }}" + p["system_prefix"] + "{{ .System }}" + p["system_end"]
+            + ("{{- else }}" + p["default_system"] if p["default_system"] else "") + "{{ end }}"
             "{{- range .Messages }}"  # Ollama passes the system prompt as .System
             "{{- if eq .Role \"user\" }}" + p["user_prefix"] + "{{ .Content }}" + p["user_to_assistant"]
             + "{{- else if eq .Role \"assistant\" }}{{ .Content }}" + p["assistant_suffix"]

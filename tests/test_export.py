@@ -13,7 +13,7 @@ from llmft.config import ModelConfig, load_recipe
 from llmft.errors import HubError
 from llmft.evaluation import prompt_texts
 from llmft.hub import check
-from llmft.export import export_gguf, render_pieces, template_pieces
+from llmft.export import export_gguf, ollama_template, render_pieces, template_pieces
 from llmft.model import generate_texts, load_run_model, load_tokenizer
 from llmft.run_dir import read_run
 from llmft.train import train
@@ -36,8 +36,15 @@ def test_the_modelfile_template_renders_as_the_chat_template(name):
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 plus 2?"},
                 {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 plus 3?"}]
-    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert render_pieces(pieces, messages) == expected.removeprefix(tokenizer.bos_token or "\x00")
+    for conversation in (messages, messages[1:]):  # with a system prompt, and without (a template's default)
+        expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        if tokenizer.bos_token and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            expected = expected.removeprefix(tokenizer.bos_token)  # llama.cpp adds it, as the tokenizer does
+        assert render_pieces(pieces, conversation) == expected
+    if name.startswith("smollm2"):  # its BOS is <|im_start|>, written by the template; its default system prompt
+        assert pieces["system_prefix"] == "<|im_start|>system\n"
+        assert "You are a helpful AI assistant named SmolLM" in pieces["default_system"]
+        assert "{{- else }}" + pieces["default_system"] in ollama_template(tokenizer)
 
 
 @pytest.fixture(scope="module")
