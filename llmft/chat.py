@@ -10,11 +10,12 @@ opens and closes a block of several lines.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmft.errors import ConfigError
+from llmft.errors import ConfigError, GenerationError
 
 BLOCK = '"""'
 HELP = ("/reset clears the conversation, /system TEXT sets the system prompt, /history shows it, /quit leaves; "
@@ -63,7 +64,13 @@ def chat_command(options: ChatOptions) -> None:
             continue
         session.messages.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        answer = stream_answer(model, tokenizer, session.conversation(), options)
+        try:
+            answer = stream_answer(model, tokenizer, session.conversation(), options)
+        except GenerationError as err:  # the session goes on without the question
+            session.messages.pop()
+            print(f"llmft chat: {err}. The question is dropped; /reset starts the conversation again.",
+                  file=sys.stderr)
+            continue
         session.messages.append({"role": "assistant", "content": answer})
 
 
@@ -126,7 +133,16 @@ def stream_answer(model, tokenizer, messages: list[dict[str, str]], options: Cha
     kwargs = dict(**ids.to(model.device), max_new_tokens=options.max_new_tokens, streamer=streamer,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   stopping_criteria=StoppingCriteriaList([Stop()]), **sampling)
-    worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs), daemon=True)
+    failed = []
+
+    def generate():
+        try:
+            torch.no_grad()(model.generate)(**kwargs)
+        except Exception as err:  # out of memory, a conversation past the model's positions: said, not a hang
+            failed.append(err)
+            streamer.end()  # the loop below waits on the streamer, which only a finished generation closes
+
+    worker = threading.Thread(target=generate, daemon=True)
     worker.start()
     pieces = []
     try:
@@ -140,6 +156,8 @@ def stream_answer(model, tokenizer, messages: list[dict[str, str]], options: Cha
         print(" (stopped)", end="")
     worker.join()
     print(flush=True)
+    if failed:
+        raise GenerationError(f"generation failed: {type(failed[0]).__name__}: {failed[0]}")
     return "".join(pieces).strip()
 
 
@@ -153,6 +171,12 @@ def load(options: ChatOptions):
     tokenizer = load_tokenizer(ModelConfig(name_or_path=options.run))
     if is_run(path):
         run = read_run(path)
+        from llmft.stages import STAGES
+
+        if run.info.stage in STAGES and STAGES[run.info.stage].head != "causal_lm":
+            raise ConfigError([f"{path}: a {run.info.stage} run scores answers and cannot write them; chat with a "
+                               "run that generates (sft, dpo, grpo...), or score with llmft eval."],
+                              what="the options of llmft chat")
         how = f"adapter on {run.info.base_model.name_or_path}" if run.is_adapter else "full model"
         model = load_run_model(run, options.dtype)
     else:

@@ -85,3 +85,30 @@ def test_a_missing_run_is_a_clear_error(tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus != 0 and "Traceback" not in child.before and "llmft chat:" in child.before
+
+
+def test_a_generation_that_fails_is_an_error_not_a_hang(run, tiny_model_dir):
+    """The answer streams from a worker thread; when generation raises there (out of memory, or here a model that
+    cannot generate at all: a reward model's scoring head), the streamer is closed and the error comes back."""
+    import threading
+
+    from transformers import AutoModelForSequenceClassification
+
+    from llmft.chat import ChatOptions, stream_answer
+    from llmft.errors import GenerationError
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(run)))
+    result = {}
+
+    def answer():
+        try:
+            stream_answer(scorer, tokenizer, [{"role": "user", "content": "Hi"}], ChatOptions(run=str(run)))
+        except GenerationError as err:
+            result["error"] = str(err)
+
+    worker = threading.Thread(target=answer, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "stream_answer hung on a failed generation"
+    assert result["error"].startswith("generation failed:")
