@@ -17,6 +17,7 @@ import torch
 
 from llmft import run_dir
 from llmft.errors import ConfigError, DataError, HubError
+from llmft.merge import MERGE_MARK
 from llmft.run_dir import Run, read_run, template_hash
 
 log = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ def _artifact_files(run: Path, merged: Path | None, gguf: Path | None, allow_pic
         full = not (run / "adapter_config.json").exists()
         return [p for p in run.iterdir() if p.is_file() and (p.name in PUSHED_FILES or full and (
             p.name in FULL_MODEL_FILES or p.name.startswith("model") and p.name.endswith(".safetensors")))]
-    files = [p for p in merged.iterdir() if p.is_file()]
+    files = [p for p in merged.iterdir() if p.is_file() and p.name != MERGE_MARK]  # the mark names a local path
     for path in files:
         if path.name.endswith(PICKLES) and not allow_pickles:
             log.warning("Not pushing %s: a pickle, which can run code when loaded (--allow-pickles to push it).",

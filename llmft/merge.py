@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PREFIX = "base_model.model."  # peft's prefix on the saved adapter's tensor names
 INDEX = "model.safetensors.index.json"
 COPIED = ("config.json", "generation_config.json")  # from the base; the tokenizer comes from the run
+MERGE_MARK = "llmft_merge.json"  # marks a folder a merge wrote, which a later merge may replace
 
 
 @dataclass
@@ -52,6 +54,8 @@ def merge_command(run: str, options: MergeOptions) -> None:
 
 def merge(run_path: Path, out: Path, dtype: str = "auto") -> Path:
     """The run's adapter folded into its base, written to `out` as a standalone model; returns `out`."""
+    out = Path(os.path.abspath(out))
+    _check_out(out, run_path)
     run = read_run(run_path)
     if not run.is_adapter:
         raise HubError(f"{run_path} holds a full model, not an adapter: it loads as it is, there is nothing to merge.")
@@ -81,6 +85,7 @@ def merge(run_path: Path, out: Path, dtype: str = "auto") -> Path:
         raise HubError(f"the adapter of {run_path} changes {len(missing)} tensor(s) the base checkpoint in {base} does "
                        f"not hold (e.g. {sorted(missing)[0]}); is it the base the run was trained on?")
     _write_metadata(base, partial, shards, target, run)
+    (partial / MERGE_MARK).write_text(json.dumps({"run": str(run.path), "dtype": str(target)}))
     if out.exists():
         shutil.rmtree(out)
     partial.replace(out)  # complete or absent: a killed merge leaves only the .partial folder
@@ -97,7 +102,20 @@ def merge_in_memory(run: Run, out: Path, dtype: str) -> Path:
     model = load_run_model(run, "float32" if dtype in ("auto", "float32") else dtype).merge_and_unload()
     model.save_pretrained(out)
     load_tokenizer(ModelConfig(name_or_path=str(run.path))).save_pretrained(out)
+    (out / MERGE_MARK).write_text(json.dumps({"run": str(run.path), "dtype": dtype}))
     return out
+
+
+def _check_out(out: Path, run_path: Path) -> None:
+    """A merge replaces its output folder whole: never the run itself or a folder around it, and never a folder
+    that holds something other than an earlier merge."""
+    run = Path(os.path.abspath(run_path))
+    if out == run or run in out.parents or out in run.parents:
+        raise HubError(f"--out {out} is the run directory or holds it: merging there would delete the run. Choose a "
+                       f"folder outside {run_path}.")
+    if out.exists() and not (out / MERGE_MARK).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HubError(f"--out {out} already holds files that are not an earlier llmft merge: a merge would replace "
+                       "them. Choose a new folder, or empty this one first.")
 
 
 class Deltas:

@@ -87,6 +87,23 @@ def test_dtype_default_is_the_bases_and_can_be_chosen(tmp_path, sharded_base):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_a_merge_replaces_only_an_earlier_merge(tmp_path, sharded_base):
+    """The output folder is replaced whole: an earlier merge may be, the run itself or a folder of other files may
+    not (merging into the run directory would delete it)."""
+    run = _run(tmp_path, sharded_base)
+    out = merge(run, tmp_path / "merged")
+    assert merge(run, out) == out  # again, over its own earlier output
+    for refused in (run, run.parent):
+        with pytest.raises(HubError, match="is the run directory or holds it"):
+            merge(run, refused)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(HubError, match="already holds files that are not an earlier llmft merge"):
+        merge(run, notes)
+    assert (notes / "todo.txt").read_text() == "mine" and (run / "adapter_model.safetensors").exists()
+
+
 def test_what_it_cannot_merge_is_refused_by_name(tmp_path, sharded_base):
     run = _run(tmp_path, sharded_base)
     copy = tmp_path / "patterned"
