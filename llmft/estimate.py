@@ -197,7 +197,9 @@ def _recipe_for(path: str, target: Target, overrides: list[str]) -> Recipe:
         return recipe
     written = {*((yaml.safe_load(Path(path).read_text()) or {}).get("training") or {}),
                *(a.lstrip("-").split("=")[0].removeprefix("training.") for a in overrides if a.startswith("--"))}
-    bf16 = not recipe.training.fp16 and target.name not in NO_BF16
+    if "gradient_checkpointing" in written:  # the old name said alone decides, as in llmft train
+        written.add("activation_checkpointing")
+    bf16 = not recipe.training.fp16 and _gpu_key(target.name) not in NO_BF16
     defaults = [f"--{k}={v}" for k, v in (("bf16", str(bf16).lower()), ("activation_checkpointing", "true"))
                 if k not in written]
     return load_recipe(path, defaults + overrides)

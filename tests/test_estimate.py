@@ -162,3 +162,17 @@ def test_cpu_micro_batches_count_the_rows_short_examples_are_packed_into():
 
     assert tokens(2, 1024) == 512 and tokens(2, 300) == 300 and tokens(2, 50) == 100
     assert tokens(4, 1024) == 100 and tokens(2, 1024, "sdpa") == 100
+
+
+def test_a_gpu_recipe_is_estimated_as_it_would_train(tmp_path):
+    """GPU defaults (bf16, activation checkpointing) apply where the recipe says nothing: gradient_checkpointing,
+    the old name, said alone turns checkpointing off as in llmft train; a T4 (no bf16) counts float32."""
+    from llmft.estimate import GPUS, Target, _recipe_for
+
+    model = _model(tmp_path, "7b")
+    a100 = Target("A100", 80, 312, True)
+    assert _recipe_for(str(_recipe(tmp_path, model, "lora")), a100, []).training.activation_checkpointing
+    said = _recipe(tmp_path, model, "full", gradient_checkpointing=False)
+    assert not _recipe_for(str(said), a100, []).training.activation_checkpointing
+    assert "T4" in GPUS
+    assert not _recipe_for(str(_recipe(tmp_path, model, "lora")), Target("Tesla T4", 15, 65, True), []).training.bf16
