@@ -49,6 +49,9 @@ def compare_command(options: CompareOptions, overrides: list[str]) -> None:
     print(f"Report: {out / 'report.md'} and {out / 'report.html'}")
 
 
+COMPARED_STAGES = ("sft", "pretrain")  # the stages whose runs log eval_loss over input_ids
+
+
 def subset_tokens(recipe: Recipe) -> tuple[int, int, int]:
     """Rows available, rows used and their tokens, for the recipe's training data as training will see it."""
     data, args = recipe.data, recipe.training
@@ -60,9 +63,11 @@ def subset_tokens(recipe: Recipe) -> tuple[int, int, int]:
 
 
 def run_overrides(size: int, out: Path, epochs: float, evals: int) -> list[str]:
-    """What compare sets in each recipe: the data size, the epochs that meet the budget, evaluations by ratio."""
+    """What compare sets in each recipe: the data size, the epochs that meet the budget, evaluations by ratio (a
+    ratio under 1: the Trainer reads 1 as every step, so one evaluation is at the end of training)."""
+    ratio = min(1 / evals, 0.999999)
     return ["--max_train_examples", str(size), "--output_dir", str(out), "--num_train_epochs", f"{epochs:.6f}",
-            "--max_steps", "-1", "--eval_strategy", "steps", "--eval_steps", f"{1 / evals:.6f}",
+            "--max_steps", "-1", "--eval_strategy", "steps", "--eval_steps", f"{ratio:.6f}",
             "--save_strategy", "no", "--overwrite_output_dir", "true", "--resume_from_checkpoint", "no",
             "--include_num_input_tokens_seen", "non_padding"]  # the x axis of every curve
 
@@ -120,6 +125,11 @@ def _plan(recipes: list[str], sizes: list[int], tokens: int | None, argv: list[s
     for path in recipes:
         for size in sizes:
             recipe = load_recipe(path, [*argv, "--max_train_examples", str(size)])
+            if recipe.training.stage not in COMPARED_STAGES:
+                raise ConfigError([f"{path}: training.stage {recipe.training.stage}: compare measures eval loss "
+                                   f"against tokens trained, which stages {' and '.join(COMPARED_STAGES)} have; "
+                                   "compare other stages' runs side by side with llmft report RUN RUN."],
+                                  what="the options of llmft compare")
             available, rows, count = subset_tokens(recipe)
             if size > available:
                 raise DataError(f"--sizes {size} is more than the {available} training rows of "

@@ -49,3 +49,23 @@ def test_compare_trains_every_arm_at_every_size_on_one_budget(tmp_path, arms, qu
 def test_compare_refuses_a_size_larger_than_the_data(tmp_path, arms):
     with pytest.raises(DataError, match="--sizes 99 is more than the 16 training rows"):
         compare(arms, [4, 99], tmp_path / "report")
+
+
+def test_compare_refuses_stages_without_an_eval_loss_curve(tmp_path, tiny_model_dir):
+    from llmft.errors import ConfigError
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": f"Question {i}?"}],
+         "chosen": [{"role": "assistant", "content": "Yes."}], "rejected": [{"role": "assistant", "content": "No."}]}
+        for i in range(8)])
+    dpo = write_recipe(tmp_path / "dpo.yaml", tiny_model_dir, pairs, tmp_path / "unused", training={"stage": "dpo"})
+    with pytest.raises(ConfigError, match="training.stage dpo: compare measures eval loss against tokens trained"):
+        compare([str(dpo)], [4], tmp_path / "report")
+
+
+def test_one_evaluation_is_at_the_end_not_at_every_step(tmp_path):
+    """The Trainer reads an eval_steps ratio only under 1: 1.0 would evaluate at every step."""
+    from llmft.compare import run_overrides
+
+    overrides = run_overrides(4, tmp_path, 2.0, evals=1)
+    assert float(overrides[overrides.index("--eval_steps") + 1]) < 1
