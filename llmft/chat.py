@@ -120,6 +120,8 @@ def stream_answer(model, tokenizer, messages: list[dict[str, str]], options: Cha
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+    from llmft.model import stop_token_ids
+
     stop = threading.Event()
 
     class Stop(StoppingCriteria):
@@ -131,7 +133,7 @@ def stream_answer(model, tokenizer, messages: list[dict[str, str]], options: Cha
     sampling = ({"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
                 if options.temperature > 0 else {"do_sample": False})
     kwargs = dict(**ids.to(model.device), max_new_tokens=options.max_new_tokens, streamer=streamer,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                   stopping_criteria=StoppingCriteriaList([Stop()]), **sampling)
     failed = []
 

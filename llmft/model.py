@@ -404,7 +404,7 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
         inputs = inputs.to(model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
                                 pad_token_id=tokenizer.pad_token_id, stop_strings=stop or None,
                                 tokenizer=tokenizer if stop else None, num_return_sequences=num_return_sequences,
                                 **sampling)
@@ -415,6 +415,15 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     generated = int((new != tokenizer.pad_token_id).sum())
     answers = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [_cut_at_stop(a, stop).strip() for a in answers], generated
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS (the trained end-of-turn token) and those the model's
+    generation config names (Gemma's <end_of_turn> beside <eos>); an eos_token_id given to generate replaces the
+    config's, so the union is given."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:

@@ -123,3 +123,25 @@ def test_a_model_the_gpu_cannot_hold_stays_on_the_cpu(monkeypatch, caplog, tiny_
     model.hf_device_map = {"": 0}  # placed as it loaded (quantised): left alone
     moved.clear()
     assert on_gpu_if_any(model) is model and moved == []
+
+
+def test_generation_stops_at_the_tokens_the_models_generation_config_names_too(tiny_model_dir):
+    """Chat models such as Gemma end a turn with a token their generation config lists beside the tokenizer's EOS;
+    an eos_token_id passed to generate would replace that list, so both are passed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmft.config import ModelConfig
+    from llmft.model import generate_texts, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    text = ["<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"]
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    first = int(model.generate(**inputs, max_new_tokens=1, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, -1])
+    assert first != tokenizer.eos_token_id
+    _, free = generate_texts(model, tokenizer, text, max_new_tokens=5)
+    model.generation_config.eos_token_id = [first]  # as a Gemma config names <end_of_turn>
+    _, stopped = generate_texts(model, tokenizer, text, max_new_tokens=5)
+    assert free == 5 and stopped == 1
