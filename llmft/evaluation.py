@@ -298,8 +298,9 @@ def general_texts() -> list[str]:
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
     """Token-weighted perplexity of plain texts (no chat template)."""
-    was_training = model.training
+    was_training, side = model.training, tokenizer.padding_side
     model.eval()
+    tokenizer.padding_side = "right"  # left padding would shift the positions of padded rows (Llama counts them from 0)
     total_nll, total_tokens = 0.0, 0
     try:
         for start in range(0, len(texts), batch_size):
@@ -313,6 +314,7 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float
             total_tokens += int((targets != -100).sum())
     finally:
         model.train(was_training)
+        tokenizer.padding_side = side
     return math.exp(total_nll / total_tokens)
 
 

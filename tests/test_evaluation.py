@@ -1,6 +1,7 @@
 """Evaluation: offline metrics, the in-training hook, the forgetting check, early stopping."""
 
 import json
+import math
 
 import pytest
 
@@ -192,3 +193,27 @@ def test_evaluate_library_metrics_by_path_in_scores_and_training_and_a_clear_err
                              "evaluate:rouge"], capture_output=True, text=True, env=quiet_env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "cannot load the evaluate metric 'rouge'" in result.stderr and "evaluate:/path/to/rouge.py" in result.stderr
+
+
+def test_perplexity_of_a_batch_equals_each_text_alone_whatever_the_padding_side(tiny_model_dir):
+    """Padded rows keep their positions: a text's perplexity does not depend on the texts batched with it, even with
+    a tokenizer that pads on the left."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmft.config import ModelConfig
+    from llmft.evaluation import perplexity
+    from llmft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    texts = ["a short one", "a much longer text that needs no padding at all in this batch"]
+    alone = perplexity(model, tokenizer, texts[:1])
+    tokenizer.padding_side = "left"
+    short_nll, long_nll = (math.log(perplexity(model, tokenizer, [t])) for t in texts)
+    n_short, n_long = (len(tokenizer(t)["input_ids"]) - 1 for t in texts)
+    together = perplexity(model, tokenizer, texts)
+    assert tokenizer.padding_side == "left"  # put back as it was
+    assert together == pytest.approx(math.exp((short_nll * n_short + long_nll * n_long) / (n_short + n_long)),
+                                     rel=1e-4)
+    assert math.log(alone) == pytest.approx(short_nll, rel=1e-5)
