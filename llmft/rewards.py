@@ -71,11 +71,13 @@ def completion_text(completion) -> str:
 
 def _exact_match(extractor: str) -> Callable:
     from llmft.evaluation import extract, matches
+    from llmft.schema import without_reasoning
 
     extract("", extractor)  # an unknown extractor fails here, when the recipe loads
 
-    def exact_match(prompts, completions, reference, **_):
-        return [float(matches(completion_text(c), ref, extractor)) for c, ref in zip(completions, reference)]
+    def exact_match(prompts, completions, reference, **_):  # the answer after any reasoning, as the eval scores it
+        return [float(matches(without_reasoning(completion_text(c)), ref, extractor))
+                for c, ref in zip(completions, reference)]
 
     return exact_match
 

@@ -44,6 +44,11 @@ def test_exact_match_reward_reads_answers_with_the_eval_extractors():
     strict = build_reward("exact_match:regex:#### (\\d+)")
     assert strict(prompts=[""], completions=_completion("She sold 72 clips."), reference=[GSM8K_ANSWER]) == [0.0]
     assert reward_name("exact_match:gsm8k") == "exact_match_gsm8k" and reward_name("length:64") == "length_64"
+    # A thinking model's reasoning is not its answer, as in llmft eval: 71 inside <think> is not the answer 72
+    thought = _completion("<think>\nMaybe #### 71? No.\n</think>\n\n#### 72")
+    assert strict(prompts=[""], completions=thought, reference=[GSM8K_ANSWER]) == [1.0]
+    assert build_reward("exact_match")(prompts=[""], completions=_completion("<think>\nSum.\n</think>\n\n4"),
+                                       reference=["4"]) == [1.0]
 
 
 def test_format_and_length_rewards():
