@@ -68,6 +68,11 @@ def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str,
 def with_few_shot(items: list[dict[str, Any]], shots: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Prompts preceded by worked examples: earlier user/assistant turns for chat prompts, earlier prompt and
     answer paragraphs for plain-text prompts."""
+    text_items = {isinstance(it["prompt"], str) for it in items}
+    text_shots = {isinstance(shot["prompt"], str) for shot in shots}
+    if len(text_items | text_shots) > 1:
+        raise DataError("the few-shot examples and the evaluated rows are of different kinds (plain prompt/completion "
+                        "text and chat messages): give worked examples of the same kind as the rows evaluated.")
     if items and isinstance(items[0]["prompt"], str):
         text = "".join(f"{shot['prompt']}{shot['reference']}\n\n" for shot in shots)
         return [{**it, "prompt": text + it["prompt"]} for it in items]

@@ -217,3 +217,15 @@ def test_perplexity_of_a_batch_equals_each_text_alone_whatever_the_padding_side(
     assert together == pytest.approx(math.exp((short_nll * n_short + long_nll * n_long) / (n_short + n_long)),
                                      rel=1e-4)
     assert math.log(alone) == pytest.approx(short_nll, rel=1e-5)
+
+
+def test_few_shot_examples_of_another_kind_than_the_rows_are_refused():
+    from llmft.errors import DataError
+    from llmft.evaluation import with_few_shot
+
+    chat = [{"prompt": [{"role": "user", "content": "2+2?"}], "reference": "4"}]
+    text = [{"prompt": "Q: 3+3?\nA: ", "reference": "6"}]
+    assert with_few_shot(chat, chat)[0]["prompt"][1] == {"role": "assistant", "content": "4"}
+    for items, shots in ((chat, text), (text, chat)):
+        with pytest.raises(DataError, match="few-shot examples and the evaluated rows are of different kinds"):
+            with_few_shot(items, shots)
