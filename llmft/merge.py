@@ -80,15 +80,13 @@ def merge(run_path: Path, out: Path, dtype: str = "auto") -> Path:
     for shard in tqdm(shards, desc="Merging shards", unit="shard"):
         merged |= _merge_shard(shard, partial / shard.name, deltas, target)
     missing = deltas.names() - merged
-    if missing:
+    if missing:  # checkpoints that name tensors unlike the model (GPT-2's, saved without "transformer.")
         shutil.rmtree(partial)
-        raise HubError(f"the adapter of {run_path} changes {len(missing)} tensor(s) the base checkpoint in {base} does "
-                       f"not hold (e.g. {sorted(missing)[0]}); is it the base the run was trained on?")
+        log.warning("The base checkpoint in %s names %d of the tensors the adapter changes otherwise (e.g. %s): merging "
+                    "in memory with peft instead (memory: one copy of the model)", base, len(missing), sorted(missing)[0])
+        return merge_in_memory(run, out, dtype)
     _write_metadata(base, partial, shards, target, run)
-    (partial / MERGE_MARK).write_text(json.dumps({"run": str(run.path), "dtype": str(target)}))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.replace(out)  # complete or absent: a killed merge leaves only the .partial folder
+    _finish(partial, out, run, str(target))
     return out
 
 
@@ -98,12 +96,24 @@ def merge_in_memory(run: Run, out: Path, dtype: str) -> Path:
     from llmft.config import ModelConfig
     from llmft.model import load_run_model, load_tokenizer
 
-    log.info("Merging %s in memory with peft (its head is not in the base checkpoint)", run.path)
+    log.info("Merging %s in memory with peft", run.path)
     model = load_run_model(run, "float32" if dtype in ("auto", "float32") else dtype).merge_and_unload()
-    model.save_pretrained(out)
-    load_tokenizer(ModelConfig(name_or_path=str(run.path))).save_pretrained(out)
-    (out / MERGE_MARK).write_text(json.dumps({"run": str(run.path), "dtype": dtype}))
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    model.save_pretrained(partial)
+    load_tokenizer(ModelConfig(name_or_path=str(run.path))).save_pretrained(partial)
+    _finish(partial, out, run, dtype)
     return out
+
+
+def _finish(partial: Path, out: Path, run: Run, dtype: str) -> None:
+    """The merged folder marked as a merge and moved into place: complete or absent (a killed merge leaves only the
+    .partial folder)."""
+    (partial / MERGE_MARK).write_text(json.dumps({"run": str(run.path), "dtype": dtype}))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.replace(out)
 
 
 def _check_out(out: Path, run_path: Path) -> None:

@@ -87,6 +87,28 @@ def test_dtype_default_is_the_bases_and_can_be_chosen(tmp_path, sharded_base):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_a_checkpoint_that_names_its_tensors_unlike_the_model_is_merged_in_memory(tmp_path):
+    """GPT-2's published checkpoints hold its body without the "transformer." prefix the model's names have, so the
+    shard-by-shard merge finds no tensor to change: peft merges the whole model in memory instead."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    base = tmp_path / "gpt2-like"
+    tokenizer = make_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    GPT2Model(config).save_pretrained(base)  # the body alone: h.0.attn.c_attn.weight, not transformer.h.0...
+    tokenizer.save_pretrained(base)
+    assert not any(k.startswith("transformer.") for k in load_file(base / "model.safetensors"))
+    run = _run(tmp_path, base)
+    out = merge(run, tmp_path / "merged")
+    theirs = _peft_merged(run)
+    ours = GPT2LMHeadModel.from_pretrained(out).state_dict()
+    assert all(torch.allclose(ours[k].float(), theirs[k], atol=1e-6) for k in theirs)
+    assert (out / "llmft_merge.json").exists()
+
+
 def test_a_merge_replaces_only_an_earlier_merge(tmp_path, sharded_base):
     """The output folder is replaced whole: an earlier merge may be, the run itself or a folder of other files may
     not (merging into the run directory would delete it)."""
