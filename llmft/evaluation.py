@@ -600,8 +600,9 @@ def run_defaults(target: str) -> dict[str, Any]:
             "reasoning": recipe.data.reasoning}
 
 
-def load_for_eval(target: str):
-    """(model, tokenizer, Run or None) for a run directory (adapter on its base, or full model) or a model."""
+def load_for_eval(target: str, revision: str | None = None):
+    """(model, tokenizer, Run or None) for a run directory (adapter on its base, or full model) or a model (at
+    `revision`, for a Hub id)."""
     from llmft.config import ModelConfig, PeftSettings
     from llmft.model import load_model, load_run_model, load_tokenizer, on_gpu_if_any
 
@@ -614,7 +615,7 @@ def load_for_eval(target: str):
         run = run_dir.read_run(path)
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))  # the run's own tokenizer and template
         return on_gpu_if_any(load_run_model(run)), tokenizer, run
-    cfg = ModelConfig(name_or_path=target, dtype="float32")
+    cfg = ModelConfig(name_or_path=target, dtype="float32", revision=revision)
     return on_gpu_if_any(load_model(cfg, PeftSettings(method="full"))), load_tokenizer(cfg), None
 
 
@@ -740,8 +741,9 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
     if options.baseline:
         del model  # its scores are in: the GPU's memory goes to the baseline
         _free_gpu_memory()
-        base_name = run.recipe.model.name_or_path if options.baseline == "base" and run else options.baseline
-        base_model, base_tokenizer, _ = load_for_eval(base_name)
+        own_base = options.baseline == "base" and run is not None
+        base_name = run.recipe.model.name_or_path if own_base else options.baseline
+        base_model, base_tokenizer, _ = load_for_eval(base_name, run.recipe.model.revision if own_base else None)
         baseline, base_answers, base_logps = evaluate_model(base_model, base_tokenizer, rows, items, options,
                                                             settings, loaded)
         if logps is not None:  # DPO's implicit reward of the run against the baseline as reference

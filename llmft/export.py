@@ -77,13 +77,13 @@ def export_gguf(run_path: Path, out: Path, quant: str = "q8_0") -> Path:
 
             model = merge(run_path, Path(tmp) / "merged")
         first = quant if quant in CONVERTER_TYPES else "f16"
-        converted = out / f"{name}-{first}.gguf"
+        # a k-quant's f16 step goes in the temporary folder: an f16 export the user made earlier stays
+        converted = (out if quant in CONVERTER_TYPES else Path(tmp)) / f"{name}-{first}.gguf"
         convert(model, converted, first)
-    target = converted
-    if quant in K_QUANTS:
-        target = out / f"{name}-{quant}.gguf"
-        quantize(converted, target, quant)
-        converted.unlink()
+        target = converted
+        if quant in K_QUANTS:
+            target = out / f"{name}-{quant}.gguf"
+            quantize(converted, target, quant)
     write_modelfile(target, run_path)
     return target
 

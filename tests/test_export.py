@@ -76,7 +76,14 @@ def _greedy_llama_cpp(path, prompts, max_tokens):
 def test_the_tuned_embedded_model_exports_and_llama_cpp_writes_the_iso_dates(demo_run, tmp_path, quant):
     run, held_out = demo_run
     out = tmp_path / "gguf"
+    earlier = out / "run-f16.gguf"  # an f16 export made before: a k-quant's own f16 step must not replace it
+    if quant != "f16":
+        out.mkdir()
+        earlier.write_bytes(b"an earlier export")
     path = export_gguf(run, out, quant)
+    if quant != "f16":
+        assert earlier.read_bytes() == b"an earlier export" and sorted(out.glob("*.gguf")) == [earlier, path]
+        earlier.unlink()  # not a GGUF file: the checks below read every one in the folder
     assert path.name == f"run-{quant}.gguf" and path.exists()
     import gguf
 
