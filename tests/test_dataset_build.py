@@ -290,3 +290,13 @@ def test_split_names_are_whole_words_and_eval_sets_keep_every_split(tmp_path):
     manifest = build(BuildConfig(sources=[Source(path=str(train))], out=str(tmp_path / "out4"),
                                  decontaminate=[str(tmp_path / "built_eval")]))
     assert manifest["steps"]["decontaminate"]["dropped"] == 1
+
+
+def test_a_system_prompt_is_added_with_or_without_normalisation(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Hi  there ", "completion": "Hello."}])
+    for normalise in (True, False):
+        out = tmp_path / f"out-{normalise}"
+        build(BuildConfig(sources=[Source(path=str(path))], out=str(out), system_prompt="Be brief.",
+                          normalise=normalise))
+        first = datasets.load_from_disk(str(out / "train"))[0]["messages"][0]
+        assert (first["role"], first["content"]) == ("system", "Be brief.")

@@ -79,6 +79,23 @@ def test_writer_recovers_from_a_partial_line(tmp_path):
     assert [json.loads(line)["seed_id"] for line in path.read_text().splitlines()] == ["a", "b"]
 
 
+def test_records_holding_line_separators_read_back(tmp_path):
+    """JSON written with ensure_ascii=False keeps U+2028, U+2029 and U+0085 as they are; str.splitlines() would cut a
+    record there. Resuming and finishing read the file line by line on newlines only."""
+    from llmft.synth.selfchat import finalize
+
+    path = tmp_path / "dialogues.jsonl"
+    writer = DialogueWriter(path)
+    for i, odd in enumerate(["\u2028", "\u2029", "\x85"]):
+        writer.write({"seed_id": str(i), "status": "ok", "messages": [
+            {"role": "user", "content": f"Question {i} with a{odd}break?"},
+            {"role": "assistant", "content": f"Answer {i}:{odd}fine."}]})
+    writer.close()
+    assert DialogueWriter(path).done == {"0", "1", "2"}
+    manifest = finalize(tmp_path, {"command": "test"})
+    assert manifest["output"]["train"]["rows"] == 3
+
+
 def test_seeds_from_text_and_columns(tmp_path):
     (tmp_path / "s.txt").write_text("Q1\n\nQ2\n")
     assert read_seeds(str(tmp_path / "s.txt"), None, None, None) == [("line-1", "Q1"), ("line-3", "Q2")]

@@ -32,11 +32,15 @@ def normalise_text(text: str) -> str:
 
 def normalise_messages(messages: Messages, system_prompt: str | None = None) -> Messages:
     """Messages with normalised content, and `system_prompt` first where the conversation has no system message."""
-    out = [{**m, "content": normalise_text(m["content"])} if isinstance(m.get("content"), str) else dict(m)
-           for m in messages]
-    if system_prompt and not (out and out[0].get("role") == "system"):
-        out.insert(0, {"role": "system", "content": system_prompt})
-    return out
+    return with_system([{**m, "content": normalise_text(m["content"])} if isinstance(m.get("content"), str)
+                        else dict(m) for m in messages], system_prompt)
+
+
+def with_system(messages: Messages, system_prompt: str | None) -> Messages:
+    """`system_prompt` first where the conversation has no system message."""
+    if system_prompt and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
 
 
 # Duplicates ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 
-from llmft.dataset.clean import normalise_messages
+from llmft.dataset.clean import normalise_messages, with_system
 from llmft.schema import (MESSAGES, PREFERENCE, TEXT, UNPAIRED, Messages, clean_tools, conversation_problems,
                           preference_problems, tools_problems, unpaired_problems)
 
@@ -38,8 +38,8 @@ class RowKind:
         """A converted row as the dataset's columns (without source and origin), its messages normalised."""
         row = {MESSAGES: result} if self.name == MESSAGES else dict(result)
         for name in self.message_fields:
-            if normalise:
-                row[name] = normalise_messages(row[name], system_prompt if name in (MESSAGES, "prompt") else None)
+            system = system_prompt if name in (MESSAGES, "prompt") else None
+            row[name] = normalise_messages(row[name], system) if normalise else with_system(row[name], system)
         row["tools"] = raw.get("tools") if isinstance(raw, dict) else None
         return row
 

@@ -124,7 +124,7 @@ def finalize(out: Path, options: FeedbackOptions, meta: dict[str, Any]) -> dict[
     """sft/ and dpo/ datasets from feedback.jsonl, each with its manifest and a card stating how it was made."""
     from llmft.dataset.build import BuildConfig, Source, build, data_card
 
-    records = [json.loads(line) for line in (out / "feedback.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    records = [json.loads(line) for line in (out / "feedback.jsonl").read_text(encoding="utf-8").split("\n") if line]
     scores = Counter(a["score"] for r in records for a in r["answers"])
     outcomes, rows = Counter(), {"sft": [], "dpo": []}
     for record in records:

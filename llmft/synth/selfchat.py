@@ -264,7 +264,7 @@ class DialogueWriter:
                         len(data) - end)
             with self.path.open("r+b") as f:
                 f.truncate(end)
-        for line in data[:end].decode("utf-8").splitlines():
+        for line in data[:end].decode("utf-8").split("\n"):  # not splitlines: U+2028 may sit in a record
             if line.strip():
                 self.done.add(json.loads(line)["seed_id"])
 
@@ -348,7 +348,7 @@ def finalize(out: Path, meta: dict[str, Any], test_fraction: float = 0.0, seed: 
 
     from llmft.dataset.build import BuildConfig, Source, build, data_card
 
-    records = [json.loads(line) for line in (out / "dialogues.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    records = [json.loads(line) for line in (out / "dialogues.jsonl").read_text(encoding="utf-8").split("\n") if line]
     statuses = Counter(r["status"] for r in records)
     accepted = out / "accepted.jsonl"
     with accepted.open("w", encoding="utf-8") as f:
