@@ -300,3 +300,23 @@ def test_a_system_prompt_is_added_with_or_without_normalisation(tmp_path):
                           normalise=normalise))
         first = datasets.load_from_disk(str(out / "train"))[0]["messages"][0]
         assert (first["role"], first["content"]) == ("system", "Be brief.")
+
+
+def test_threads_of_one_opening_stay_on_one_side_and_a_rebuild_leaves_no_stale_test_split(tmp_path):
+    """OASST's root-to-leaf threads of one tree share their first user message: held out on one side together. A
+    build without --test-fraction into the folder of one with it leaves no test/ for training to evaluate on."""
+    rows = []
+    for tree in range(6):
+        for reply in range(3):
+            rows.append({"messages": [{"role": "user", "content": f"Opening question {tree}?"},
+                                      {"role": "assistant", "content": f"Reply {reply} to {tree}."},
+                                      {"role": "user", "content": f"Follow-up {reply}?"},
+                                      {"role": "assistant", "content": f"More {reply} on {tree}."}]})
+    path = write_jsonl(tmp_path / "threads.jsonl", rows)
+    out = tmp_path / "out"
+    build(BuildConfig(sources=[Source(path=str(path))], out=str(out), test_fraction=0.3, seed=1))
+    sides = [{r["messages"][0]["content"] for r in datasets.load_from_disk(str(out / split))}
+             for split in ("train", "test")]
+    assert sides[0] and sides[1] and not sides[0] & sides[1]
+    build(BuildConfig(sources=[Source(path=str(path))], out=str(out)))
+    assert not (out / "test").exists() and len(datasets.load_from_disk(str(out / "train"))) == 18

@@ -232,11 +232,11 @@ def build(config: BuildConfig, command: str = "") -> dict[str, Any]:
         except DataError:  # the counts say why nothing is left
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
             raise
+        for name in ("train", "test"):  # an earlier build's test/ must not outlive a build without one
+            if (out / name).exists():
+                shutil.rmtree(out / name)
         for name, split in splits.items():
-            target = out / name
-            if target.exists():
-                shutil.rmtree(target)
-            split.save_to_disk(str(target))
+            split.save_to_disk(str(out / name))
         manifest["output"] = {name: {"rows": len(split), "path": str(out / name)} for name, split in splits.items()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     (out / "data_card.md").write_text(data_card(manifest))
@@ -447,8 +447,8 @@ def _split(ds: datasets.Dataset, kind: RowKind, config: BuildConfig) -> dict[str
     if not config.test_fraction:
         return {"train": ds}
     groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(ds["prompt"] if "prompt" in ds.column_names else [None] * len(ds)):
-        groups.setdefault(exact_key(prompt) if prompt is not None else str(i), []).append(i)
+    for i, opening in enumerate(_openings(ds)):
+        groups.setdefault(exact_key(opening) if opening is not None else str(i), []).append(i)
     order = list(groups.values())
     random.Random(config.seed).shuffle(order)
     wanted = math.ceil(config.test_fraction * len(ds))  # as datasets' train_test_split sizes it
@@ -462,6 +462,17 @@ def _split(ds: datasets.Dataset, kind: RowKind, config: BuildConfig) -> dict[str
                         "lower it, or add rows.")
     chosen = set(test)
     return {"train": ds.select([i for i in range(len(ds)) if i not in chosen]), "test": ds.select(sorted(test))}
+
+
+def _openings(ds: datasets.Dataset) -> list:
+    """What decides a row's side of the split: its prompt (pairs, KTO answers), or a conversation's opening up to its
+    first user message (OASST's threads of one tree share it), or None (a row of its own)."""
+    if "prompt" in ds.column_names:
+        return ds["prompt"]
+    if MESSAGES not in ds.column_names:
+        return [None] * len(ds)
+    return [next((messages[: i + 1] for i, m in enumerate(messages) if m.get("role") == "user"), None)
+            for messages in ds[MESSAGES]]
 
 
 def _fingerprint(source: Source) -> dict[str, Any]:
