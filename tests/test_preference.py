@@ -274,3 +274,17 @@ def test_reference_free_stages_orpo_and_simpo_train(tmp_path, tiny_model_dir, pa
     run = _changed(out)
     assert run.info.stage == stage and "eval_rewards/accuracies" in run.metrics.after
     assert "eval_nll_loss" in run.metrics.after and "eval_pair_accuracy" in run.metrics.after
+
+
+def test_kto_kl_completions_answer_another_prompt():
+    """A pair unpaired for KTO is two neighbouring rows of one prompt; the KL term's mismatched completion must come
+    from another prompt, not the row's own pair."""
+    from llmft.stages.preference import mismatched_completions
+
+    prompts = [[1], [1], [2], [2], [3], [3]]  # chosen, rejected of three prompts
+    completions = [[10], [11], [20], [21], [30], [31]]
+    kl = mismatched_completions({"prompt_ids": prompts, "completion_ids": completions})["KL_completion_ids"]
+    for prompt, completion in zip(prompts, kl):
+        assert completions.index(completion) // 2 != prompt[0] - 1
+    assert mismatched_completions({"prompt_ids": [[1], [1]], "completion_ids": [[10], [11]]}) == {
+        "KL_completion_ids": [[11], [10]]}  # one prompt only: nothing else to take

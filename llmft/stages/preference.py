@@ -62,13 +62,23 @@ def kto_trainer_class() -> type:
             if not self.calculate_KL:
                 return dataset
 
-            def rotate(batch):
-                return {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]}
-
-            return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size,
+            return dataset.map(mismatched_completions, batched=True, batch_size=args.per_device_train_batch_size,
                                desc=f"Mismatched completions for the KL term ({dataset_name})")
 
     return PretokenizedKTOTrainer
+
+
+def mismatched_completions(batch) -> dict:
+    """KTO's KL term: each row's prompt with a completion of another prompt in its batch. TRL takes the previous
+    row's; pairs unpaired for KTO sit side by side (chosen, then rejected, of one prompt), so the previous row is
+    passed over while it answers the same prompt."""
+    ids, prompts = batch["completion_ids"], batch["prompt_ids"]
+    n = len(ids)
+
+    def other(i: int):
+        return next((ids[(i - k) % n] for k in range(1, n) if prompts[(i - k) % n] != prompts[i]), ids[(i - 1) % n])
+
+    return {"KL_completion_ids": [other(i) for i in range(n)]}
 
 
 def _tokens_as_trl_row(feature) -> dict:
