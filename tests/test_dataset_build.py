@@ -320,3 +320,22 @@ def test_threads_of_one_opening_stay_on_one_side_and_a_rebuild_leaves_no_stale_t
     assert sides[0] and sides[1] and not sides[0] & sides[1]
     build(BuildConfig(sources=[Source(path=str(path))], out=str(out)))
     assert not (out / "test").exists() and len(datasets.load_from_disk(str(out / "train"))) == 18
+
+
+def test_near_duplicates_are_those_above_the_threshold_not_every_lsh_candidate():
+    """MinHash LSH at 0.85 returns some pairs of lower similarity as candidates (3 of these 150 at 0.82); only those
+    whose estimated similarity reaches the threshold are duplicates."""
+    from llmft.dataset.clean import NearDuplicateFinder
+
+    words = [f"w{i}" for i in range(200)]
+    base = " ".join(words)
+    finder = NearDuplicateFinder(threshold=0.85)
+    assert finder.seen("base", base) is None
+    assert finder.seen("near", " ".join(words[:-2] + ["x1", "x2"])) == "base"  # ~0.98 of the 5-grams shared
+    dropped = []
+    for i in range(150):  # ~0.82 of the 5-grams shared with base: under the threshold, not duplicates
+        pair = NearDuplicateFinder(threshold=0.85)
+        pair.seen("base", base)
+        if pair.seen(f"v{i}", " ".join(words[:180] + [f"z{i}-{j}" for j in range(20)])) is not None:
+            dropped.append(i)
+    assert dropped == []
