@@ -125,7 +125,8 @@ class Judge:
 
     def compare(self, prompts: list, first: list[str], second: list[str]) -> list[dict[str, Any]]:
         """For each prompt, `first` against `second` judged in both orders: the outcome (win, loss or tie for
-        `first`; a split verdict is a tie) and the two raw verdicts."""
+        `first`; a split verdict is a tie; undecided, None, unless both orders gave a verdict) and the two raw
+        verdicts."""
         n = len(prompts)
         texts = [conversation_text(p) for p in prompts]
         asked = [COMPARE_PROMPT.format(conversation=t, a=a, b=b) for t, a, b in zip(texts, first, second)]
@@ -134,8 +135,8 @@ class Judge:
         out = []
         for ab, ba in zip(verdicts[:n], verdicts[n:]):
             points = [{"A": 1.0, "B": 0.0, "tie": 0.5}.get(ab), {"A": 0.0, "B": 1.0, "tie": 0.5}.get(ba)]
-            known = [p for p in points if p is not None]
-            score = sum(known) / len(known) if known else None
+            # both orders or none: one verdict alone would bring back the position bias the pair cancels
+            score = None if None in points else sum(points) / 2
             outcome = None if score is None else "win" if score > 0.5 else "loss" if score < 0.5 else "tie"
             out.append({"outcome": outcome, "verdicts": [ab, ba]})
         return out
