@@ -57,6 +57,10 @@ class RowError(ValueError):
 def kind_of(columns: set[str] | list[str], source: str) -> str:
     """The kind of rows a dataset holds (one of KINDS), from its columns."""
     columns = set(columns)
+    if {MESSAGES, "label"} <= columns and not set(COLUMNS[UNPAIRED]) <= columns:
+        raise DataError(f"{source}: conversations with a 'label' column (KTO's desirable or not): trained as they are, "
+                        "the undesirable answers would be learned. Convert them to KTO rows (llmft data convert "
+                        "--format kto), or drop the column to learn every conversation.")
     for kind in (PREFERENCE, UNPAIRED, MESSAGES, PROMPT_COMPLETION, TEXT):  # the most specific first
         if set(COLUMNS[kind]) <= columns:
             return kind
