@@ -137,7 +137,7 @@ def test_every_mode_writes_one_record_per_seed(tmp_path, tiny_backend, mode):
 class FakeOpenAI(http.server.BaseHTTPRequestHandler):
     """Stands in for an OpenAI-compatible server (vLLM, TGI, ...) on 127.0.0.1, with scripted failures."""
 
-    failures: list = []  # per request in arrival order: 429, 500, "drop", or None for a normal answer
+    failures: list = []  # per request in arrival order: 429, 500, "dated", "drop", "html", "shapeless", or None
     seen_keys: list = []
     delay = 0.0
 
@@ -148,11 +148,19 @@ class FakeOpenAI(http.server.BaseHTTPRequestHandler):
         if failure == "drop":
             self.connection.shutdown(2)  # close without an answer
             return
-        if failure in (429, 500, 400):
-            self.send_response(failure)
-            self.send_header("Retry-After", "0")
+        if failure in (429, 500, 400, "dated"):
+            self.send_response(429 if failure == "dated" else failure)
+            # Retry-After as seconds, or as an HTTP date (RFC 9110: here one already past)
+            self.send_header("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT" if failure == "dated" else "0")
             self.end_headers()
             self.wfile.write(b'{"error": "scripted"}')
+            return
+        if failure in ("html", "shapeless"):
+            payload = b"<html>Bad gateway</html>" if failure == "html" else b'{"choices": [{"delta": "x"}]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
             return
         time.sleep(FakeOpenAI.delay)
         if self.path.endswith("/chat/completions"):
@@ -188,6 +196,18 @@ def test_http_backend_retries_429_500_and_dropped_connections(server, monkeypatc
     assert backend.retries == 3 and backend.generated_tokens == 7
     assert set(FakeOpenAI.seen_keys) == {"Bearer sk-secret-123"}
     assert "sk-secret" not in caplog.text and "HTTP 429" in caplog.text
+
+
+def test_http_backend_reads_a_dated_retry_after_and_names_answers_it_cannot_read(server):
+    FakeOpenAI.failures = ["dated"]
+    backend = OpenAIBackend(server, "m", concurrency=1, backoff=0.01)
+    assert backend.chat([[{"role": "user", "content": "hi"}]], Sampling()) == ["An answer to: hi"]
+    FakeOpenAI.failures = ["html"]
+    with pytest.raises(GenerationError, match="answered 200 with something other than JSON: '<html>Bad gateway"):
+        backend.chat([[{"role": "user", "content": "hi"}]], Sampling())
+    FakeOpenAI.failures = ["shapeless"]
+    with pytest.raises(GenerationError, match="answered choices of another shape than OpenAI's"):
+        backend.chat([[{"role": "user", "content": "hi"}]], Sampling())
 
 
 def test_http_backend_gives_up_clearly(server):

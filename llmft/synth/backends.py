@@ -135,7 +135,11 @@ class OpenAIBackend:
     def chat_n(self, conversations: list[list[dict]], n: int, sampling: Sampling) -> list[list[str]]:
         payloads = [{"messages": c, "n": n, **self._sampling(sampling, None)} for c in conversations]
         results = self._results("/chat/completions", payloads)
-        answers = [[(choice["message"]["content"] or "").strip() for choice in r["choices"]] for r in results]
+        try:
+            answers = [[(choice["message"]["content"] or "").strip() for choice in r["choices"]] for r in results]
+        except (KeyError, TypeError, AttributeError) as err:
+            raise GenerationError(f"{self.base_url}/chat/completions answered choices of another shape than OpenAI's "
+                                  f"({err!r}): {str(results[0])[:200]}") from err
         short = [i for i, a in enumerate(answers) if len(a) != n]
         if short:
             raise GenerationError(f"{self.base_url} answered {len(answers[short[0]])} choices where n={n} were asked "
@@ -154,7 +158,12 @@ class OpenAIBackend:
         return body
 
     def _run(self, path: str, payloads: list[dict], pick) -> list[str]:
-        return [pick(result["choices"][0]).strip() for result in self._results(path, payloads)]
+        results = self._results(path, payloads)
+        try:
+            return [(pick(result["choices"][0]) or "").strip() for result in results]
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            raise GenerationError(f"{self.base_url}{path} answered choices of another shape than OpenAI's ({err!r}): "
+                                  f"{str(results[0])[:200]}") from err
 
     def _results(self, path: str, payloads: list[dict]) -> list[dict]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -181,13 +190,36 @@ class OpenAIBackend:
                 problem = f"{type(err).__name__}"
             else:
                 if response.status_code == 200:
-                    return response.json()
+                    try:
+                        result = response.json()
+                    except ValueError:  # a proxy's HTML page, a cut-short body
+                        raise GenerationError(f"{url} answered 200 with something other than JSON: "
+                                              f"{response.text[:200]!r}") from None
+                    if not isinstance(result, dict):
+                        raise GenerationError(f"{url} answered JSON that is not an object: {str(result)[:200]}")
+                    return result
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code not in self.RETRY_STATUS:
                     raise GenerationError(f"{url} answered {problem}")
-                wait = float(response.headers.get("Retry-After", wait))
+                wait = _retry_after(response.headers.get("Retry-After"), wait)
             if attempt < self.max_retries:
                 self.retries += 1
                 log.warning("%s: %s; retrying in %.1f s (%d/%d)", url, problem, wait, attempt + 1, self.max_retries)
                 time.sleep(wait)
         raise GenerationError(f"{url} failed after {self.max_retries} retries: {problem}")
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    """Seconds to wait from a Retry-After header: a number of seconds, or an HTTP date (RFC 9110)."""
+    if not header:
+        return default
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return default
