@@ -103,10 +103,16 @@ class SelfChatConfig(SelfChatSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        missing = [name for name, text in self.templates.items() if "{seed}" not in text]
-        if missing:
-            raise ConfigError([f"template '{name}' has no {{seed}} placeholder." for name in missing],
-                              what="self-chat templates")
+        problems = [f"template '{name}' has no {{seed}} placeholder." for name, text in self.templates.items()
+                    if "{seed}" not in text]
+        for name, text in self.templates.items():
+            try:
+                text.format(seed="")
+            except (KeyError, IndexError, ValueError) as err:  # {other} or a lone brace: format() reads them too
+                problems.append(f"template '{name}': braces other than {{seed}} must be doubled ({{{{ and }}}}) "
+                                f"({type(err).__name__}: {err}).")
+        if problems:
+            raise ConfigError(problems, what="self-chat templates")
 
 
 # Baize's structural post-processing ----------------------------------------------------------------------------
