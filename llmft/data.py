@@ -222,7 +222,7 @@ def _prepare(batch, indices, tokenizer, kind, max_length, overlong, reasoning):
         except DataError as err:
             raise DataError(f"{example_name(row, index)}: {err}") from err
         for turn, (input_ids, labels) in enumerate(pairs):
-            input_ids, labels, status = _fit(input_ids, labels, max_length, overlong)
+            input_ids, labels, status = fit_example(input_ids, labels, max_length, overlong)
             name = example_name(row, index) + (f", turn {turn + 1}" if len(pairs) > 1 else "")
             for key, value in (("input_ids", input_ids), ("labels", labels), ("status", status),
                                ("example_id", name), ("split", split and turn == 0)):
@@ -230,7 +230,7 @@ def _prepare(batch, indices, tokenizer, kind, max_length, overlong, reasoning):
     return out
 
 
-def _fit(input_ids, labels, max_length, overlong):
+def fit_example(input_ids, labels, max_length, overlong):
     """An example within max_length: dropped, or truncated keeping whichever end holds more of its trained tokens
     (the end, for an answer after a long history), with its status."""
     status = "ok"

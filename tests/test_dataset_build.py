@@ -228,7 +228,10 @@ def test_report_counts_lengths_truncation_and_masks(tmp_path):
     ])
     r = report(rows, make_tokenizer("chatml"), max_length=100, overlong="truncate", source="mem")  # lengths 49, 447
     assert r["rows"] == 2 and r["over_max_length"]["rows"] == 1
-    assert r["over_max_length"]["rows_left_without_loss_if_truncated"] == 1
+    # truncated as training truncates: keeping the end, where the long question's answer is, so no answer is lost
+    assert r["over_max_length"]["rows_left_without_loss_if_truncated"] == 0
+    assert r["over_max_length"]["trainable_tokens_cut_if_truncated"] == 0
+    assert r["over_max_length"]["tokens_cut_if_truncated"] == 447 - 100
     assert 0 < r["loss_share"] < 0.5
     assert f"{MARK_OPEN}Paris<|im_end|>{MARK_CLOSE}" in r["example"]
     paths = write(r, tmp_path / "rep")

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llmft.data import IGNORE, answer_ids, example_name, load_rows, tokenize_row, validate_rows
+from llmft.data import IGNORE, answer_ids, example_name, fit_example, load_rows, tokenize_row, validate_rows
 from llmft.errors import ConfigError, DataError
 from llmft.masking import masking_for
 from llmft.schema import PREFERENCE, PROMPT_ONLY, TEXT, UNPAIRED
@@ -101,7 +101,8 @@ def report(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
             if max_length is not None and len(ids) > max_length:
                 over += 1
                 cut_tokens += len(ids) - max_length
-                kept_train = sum(label != IGNORE for label in labels[:max_length])
+                kept = fit_example(ids, labels, max_length, "truncate")[1]  # the end training would keep
+                kept_train = sum(label != IGNORE for label in kept)
                 cut_trainable += n_train - kept_train
                 left_empty += kept_train == 0
             if n_train and rendered is None:
@@ -140,8 +141,11 @@ def pair_report(rows: datasets.Dataset, kind: str, tokenizer, max_length: int | 
     answers = ("chosen", "rejected") if kind == PREFERENCE else ("completion",)
     prompts, lengths, over, rendered = [], {a: [] for a in answers}, 0, None
     labels = rows["label"] if kind == UNPAIRED else None
-    for row in tqdm(rows, desc="Tokenizing", unit="row"):
-        ids = {a: answer_ids(tokenizer, row, kind, a, reasoning) for a in answers}
+    for index, row in enumerate(tqdm(rows, desc="Tokenizing", unit="row")):
+        try:
+            ids = {a: answer_ids(tokenizer, row, kind, a, reasoning) for a in answers}
+        except DataError as err:  # named as training names it
+            raise DataError(f"{source}: {example_name(row, index)}: {err}") from err
         prompt = ids[answers[0]][0]
         prompts.append(len(prompt))
         for a in answers:
