@@ -116,7 +116,7 @@ def load_rows(source: str) -> datasets.Dataset:
         rows = [row for p in files for row in load_json_rows(p)]
         if not rows:
             raise DataError(f"{source}: no rows (the file is empty).")
-        return _as_json_columns(rows)
+        return as_json_columns(rows)
     try:
         return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
     except Exception as err:  # pyarrow raises many types for bad files; all mean the same here
@@ -130,13 +130,25 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start + 1}): save the file as UTF-8.") from err
 
 
-def _as_json_columns(rows: list[dict[str, Any]]) -> datasets.Dataset:
+def as_json_columns(rows: list[dict[str, Any]]) -> datasets.Dataset:
     """Rows kept exactly as written: Arrow's own inference would merge the keys of every message, tool call and
     tool schema across rows into one struct, giving each row the others' keys as nulls (which templates render),
     and refuses a column whose type varies between rows."""
     columns = sorted(set().union(*rows))
-    features = datasets.Features({c: datasets.Json() for c in columns})
+    features = datasets.Features({c: _json_feature([row.get(c) for row in rows]) for c in columns})
     return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in rows], features=features)
+
+
+SCALARS = {str: "string", bool: "bool", int: "int64", float: "float64"}
+
+
+def _json_feature(values: list[Any]):
+    """A column's feature: its scalar type where every value has one (datasets' Json would read the text "4" back as
+    the number 4), else Json (messages, tool calls, a column whose type varies between rows)."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) == 1 and next(iter(kinds)) in SCALARS:
+        return datasets.Value(SCALARS[next(iter(kinds))])
+    return datasets.Json()
 
 
 def validate_rows(ds: datasets.Dataset, source: str) -> str:

@@ -163,3 +163,13 @@ def test_pad_token_is_distinct_from_eos():
     tokenizer.pad_token = tokenizer.eos_token  # as SmolLM2 ships it
     set_distinct_pad(tokenizer)
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_answers_that_look_like_numbers_stay_text(tmp_path):
+    """GSM8K-like rows answer "4": read back as the number 4 (as datasets' Json feature does for a text column),
+    every row would be refused as not text."""
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?",
+                                                                                       "completion": "6", "id": 7}])
+    rows = load_rows(str(path))
+    assert rows[0]["completion"] == "4" and rows[1]["id"] == 7 and rows[0]["id"] is None
+    assert validate_rows(rows, str(path)) == "prompt_completion"

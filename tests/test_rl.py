@@ -264,3 +264,23 @@ def test_only_a_prompt_with_its_reference_is_a_prompt_only_row():
     for columns in (["prompt", "chosen"], ["prompt", "response"], ["prompt"]):  # malformed pairs, unknown answers
         with pytest.raises(DataError, match="none of the columns of a training row"):
             kind_of(columns, "x")
+
+
+def test_grpo_prompts_keep_each_messages_own_fields(tmp_path, tiny_model_dir):
+    """One prompt's message with a `name` must not give every other prompt's messages `name: null` (templates that
+    test `'name' in message` would render it), and a reference answer "4" stays text."""
+    from llmft.data import load_rows
+    from llmft.model import load_tokenizer
+    from llmft.stages.rl import prepare
+
+    rows = [{"messages": [{"role": "user", "content": "Two plus two?", "name": "ann"},
+                          {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "Three plus three?"}, {"role": "assistant", "content": "6"}]}]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    recipe = load_recipe(write_recipe(tmp_path / "g.yaml", tiny_model_dir, data, tmp_path / "g",
+                                      training={"stage": "grpo", "rewards": ["exact_match"], "num_generations": 2,
+                                                "per_device_train_batch_size": 2}))
+    prepared, _ = prepare(load_rows(str(data)), load_tokenizer(recipe.model), recipe, str(data))
+    assert prepared[0]["prompt"] == [{"role": "user", "content": "Two plus two?", "name": "ann"}]
+    assert prepared[1]["prompt"] == [{"role": "user", "content": "Three plus three?"}]
+    assert prepared[0]["reference"] == "4"

@@ -14,7 +14,7 @@ from collections import Counter
 
 import datasets
 
-from llmft.data import TokenizeReport, validate_rows
+from llmft.data import TokenizeReport, as_json_columns, validate_rows
 from llmft.errors import DataError
 from llmft.schema import MESSAGES, PROMPT_COMPLETION, PROMPT_ONLY, ROW, prompt_and_reference, row_number
 
@@ -61,7 +61,11 @@ def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str, split: str =
         if needs and not reference.strip():  # e.g. a conversation ending on a tool call
             report.dropped[f"no reference answer ({needs[0]} compares with one)"] += 1
             continue
-        length = _prompt_length(tokenizer, prompt)
+        try:
+            length = _prompt_length(tokenizer, prompt)
+        except Exception as err:  # jinja2's TemplateError and what templates raise ("System role not supported")
+            raise DataError(f"{source}: row {row_number(row, index)}: the chat template refuses this prompt "
+                            f"({type(err).__name__}: {err}).") from err
         if limit and length > limit:
             report.dropped[f"prompt longer than max_length {limit}"] += 1
             continue
@@ -72,7 +76,7 @@ def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str, split: str =
     report.rows_out = report.examples = len(out)
     if not out:
         raise DataError(f"{source}: no prompt left to train on ({_reasons(report.dropped)}).")
-    return datasets.Dataset.from_list(out), report
+    return as_json_columns(out), report  # each prompt's messages keep their own keys, not every row's as nulls
 
 
 def _prompt_length(tokenizer, prompt) -> int:
