@@ -173,3 +173,17 @@ def test_answers_that_look_like_numbers_stay_text(tmp_path):
     rows = load_rows(str(path))
     assert rows[0]["completion"] == "4" and rows[1]["id"] == 7 and rows[0]["id"] is None
     assert validate_rows(rows, str(path)) == "prompt_completion"
+
+
+def test_the_held_out_share_keeps_every_row_of_a_prompt_on_one_side(tmp_path):
+    """Pairs from one UltraFeedback row, or threads of one OASST tree, share a prompt: held out together, so the
+    eval rows are prompts training never saw. Rows of distinct prompts split as datasets splits them."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {q}?"}, {"role": "assistant", "content": f"A{a}."}]}
+            for q in range(10) for a in range(3)]
+    train, held = load_splits(str(write_jsonl(tmp_path / "threads.jsonl", rows)), None, 0.2, seed=3)
+    openings = [{r["messages"][0]["content"] for r in split} for split in (train, held)]
+    assert len(held) == 6 and not openings[0] & openings[1]
+    distinct = write_jsonl(tmp_path / "distinct.jsonl", chat_rows(10))
+    train, held = load_splits(str(distinct), None, 0.2, seed=3)
+    expected = load_rows(str(distinct)).train_test_split(test_size=0.2, seed=3)["test"]
+    assert [r["messages"] for r in held] == [r["messages"] for r in expected]
