@@ -8,9 +8,7 @@ reasoning, end-of-turn token), and tokens whose characters start inside them car
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,39 +461,20 @@ def load_splits(train_source: str, eval_source: str | None, eval_fraction: float
 def held_out_split(rows: datasets.Dataset, fraction: float, seed: int, source: str):
     """(train, eval): a seeded share held out, rows of one prompt on one side (pairs from one UltraFeedback row, KTO
     answers to one prompt, threads of one OASST tree). Where every prompt is its own, datasets' own split."""
-    from llmft.dataset.clean import exact_key
+    from llmft.dataset.clean import group_keys, held_out_groups
 
-    openings = _openings(rows)
-    keys = [exact_key(o) if isinstance(o, list) else f"#{i}" if o is None else str(o) for i, o in enumerate(openings)]
+    keys = group_keys(rows)
     if len(set(keys)) == len(keys):
         parts = rows.train_test_split(test_size=fraction, seed=seed)
         return parts["train"], parts["test"]
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    order = list(groups.values())
-    random.Random(seed).shuffle(order)
-    wanted, held, prompts = math.ceil(fraction * len(rows)), [], 0
-    for group in order:
-        if len(held) >= wanted:
-            break
-        held, prompts = held + group, prompts + 1
+    held = held_out_groups(keys, fraction, seed)
     if len(held) >= len(rows):
-        raise DataError(f"{source}: its rows answer {len(groups)} prompt(s); holding out data.eval_fraction "
+        raise DataError(f"{source}: its rows answer {len(set(keys))} prompt(s); holding out data.eval_fraction "
                         f"{fraction} of them leaves none to train on. Lower it, or give data.eval_data.")
     chosen = set(held)
-    log.info("%s: held out %d row(s) of %d prompt(s), every row of a prompt on one side", source, len(held), prompts)
-    return rows.select([i for i in range(len(rows)) if i not in chosen]), rows.select(sorted(held))
-
-
-def _openings(rows: datasets.Dataset) -> list:
-    """What ties rows together: a prompt (pairs, KTO, prompt/completion), or a conversation's opening up to its first
-    user message; the row's number where neither applies."""
-    if "prompt" in rows.column_names:
-        return rows["prompt"]
-    if "messages" not in rows.column_names:
-        return list(range(len(rows)))
-    return [next((m[: i + 1] for i, x in enumerate(m) if x.get("role") == "user"), None) for m in rows["messages"]]
+    log.info("%s: held out %d row(s) of %d prompt(s), every row of a prompt on one side", source, len(held),
+             len({keys[i] for i in held}))
+    return rows.select([i for i in range(len(rows)) if i not in chosen]), rows.select(held)
 
 
 def text_blocks(rows: datasets.Dataset, tokenizer, block: int, source: str):

@@ -423,7 +423,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     config's, so the union is given."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
-    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+    return [t for t in dict.fromkeys([tokenizer.eos_token_id, *configured]) if t is not None]
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:

@@ -18,7 +18,8 @@ from tests.helpers import chat_rows, send_json, write_jsonl, write_recipe
 
 class StandInJudge(http.server.BaseHTTPRequestHandler):
     """Grades an answer by the digits in it (more is better), picks the answer with more digits, or (biased) always
-    the first; the first verdict for a prompt holding 'garbled' is unparseable. Answers every choice of `n`."""
+    the first; the first verdict for a prompt holding 'garbled' is unparseable (a comparison's, whenever the garbled
+    answer comes first). Answers every choice of `n`."""
 
     biased = False
     asked: list = []
@@ -39,6 +40,8 @@ class StandInJudge(http.server.BaseHTTPRequestHandler):
             digits = [sum(c.isdigit() for c in x) for x in (a, b)]
             winner = "A" if StandInJudge.biased or digits[0] > digits[1] else "B" if digits[1] > digits[0] else "tie"
             text = f"Winner: {winner}\nReason: counted digits."
+            if "garbled" in a:  # an unparseable verdict whenever that answer comes first
+                text = "Both have merit."
         else:
             text = "An answer with 42 in it."
         choices = [{"message": {"role": "assistant", "content": text}}] * body.get("n", 1)
@@ -87,6 +90,14 @@ def test_both_orders_cancel_a_judge_that_prefers_the_first_answer(judge_url):
     biased = judge.compare(["q1", "q2"], ["1 2 3", "none"], ["none", "4 5"])
     assert [r["outcome"] for r in biased] == ["tie", "tie"]
     assert win_rate(biased) == {"eval_judge_win_rate": 0.5, "eval_judge_position_bias": 1.0, "eval_judge_undecided": 0}
+
+
+def test_a_comparison_with_one_order_unread_is_undecided(judge_url):
+    """One verdict alone would decide by whichever position the judge read: undecided, and counted as such."""
+    judge = Judge(OpenAIBackend(judge_url, "judge", backoff=0), retries=0)
+    results = judge.compare(["q"], ["garbled 1 2 3"], ["none"])  # read only with the garbled answer second
+    assert results[0]["verdicts"][0] is None and results[0]["verdicts"][1] == "B"
+    assert results[0]["outcome"] is None and win_rate(results)["eval_judge_undecided"] == 1
 
 
 def test_feedback_samples_grades_and_builds_sft_and_dpo_datasets_resumably(tmp_path, tiny_model_dir, judge_url, capfd):

@@ -239,6 +239,11 @@ def test_reward_model_trains_a_score_head_and_is_evaluated_as_one(tmp_path, tiny
     results = json.loads((out / "eval_results.json").read_text())["results"]
     assert set(results) == {"eval_reward_accuracy", "eval_reward_margin"}
     assert_report(out, "eval_reward_accuracy", "Training curves")  # refreshed by llmft eval
+    from llmft.chat import ChatOptions, load  # a reward model scores answers: chat refuses it by name
+    from llmft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="a reward run scores answers and cannot write them"):
+        load(ChatOptions(run=str(out)))
 
 
 def test_stages_refuse_the_wrong_kind_of_rows(tmp_path, tiny_model_dir, pairs_file):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import re
 import shutil
@@ -26,7 +25,8 @@ from typing import Any
 
 import datasets
 
-from llmft.dataset.clean import EvalIndex, NearDuplicateFinder, conversation_text, exact_key
+from llmft.dataset.clean import (EvalIndex, NearDuplicateFinder, conversation_text, exact_key, group_keys,
+                                 held_out_groups)
 from llmft.dataset.convert import Source, SourceOptions, convert_rows, kind_of_format, source_format
 from llmft.dataset.kinds import KINDS, RowKind
 from llmft.errors import ConfigError, DataError, LlmftError
@@ -446,33 +446,12 @@ def _split(ds: datasets.Dataset, kind: RowKind, config: BuildConfig) -> dict[str
                         "(steps.mix: the rows each source had and gave).")
     if not config.test_fraction:
         return {"train": ds}
-    groups: dict[str, list[int]] = {}
-    for i, opening in enumerate(_openings(ds)):
-        groups.setdefault(exact_key(opening) if opening is not None else str(i), []).append(i)
-    order = list(groups.values())
-    random.Random(config.seed).shuffle(order)
-    wanted = math.ceil(config.test_fraction * len(ds))  # as datasets' train_test_split sizes it
-    test: list[int] = []
-    for group in order:
-        if len(test) >= wanted:
-            break
-        test += group
+    test = held_out_groups(group_keys(ds), config.test_fraction, config.seed)
     if len(test) >= len(ds):
         raise DataError(f"--test-fraction {config.test_fraction} of {len(ds)} clean row(s) leaves no row to train on: "
                         "lower it, or add rows.")
     chosen = set(test)
-    return {"train": ds.select([i for i in range(len(ds)) if i not in chosen]), "test": ds.select(sorted(test))}
-
-
-def _openings(ds: datasets.Dataset) -> list:
-    """What decides a row's side of the split: its prompt (pairs, KTO answers), or a conversation's opening up to its
-    first user message (OASST's threads of one tree share it), or None (a row of its own)."""
-    if "prompt" in ds.column_names:
-        return ds["prompt"]
-    if MESSAGES not in ds.column_names:
-        return [None] * len(ds)
-    return [next((messages[: i + 1] for i, m in enumerate(messages) if m.get("role") == "user"), None)
-            for messages in ds[MESSAGES]]
+    return {"train": ds.select([i for i in range(len(ds)) if i not in chosen]), "test": ds.select(test)}
 
 
 def _fingerprint(source: Source) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -91,6 +93,38 @@ class NearDuplicateFinder:
         self._lsh.insert(key, signature)
         self._signatures[key] = signature
         return None
+
+
+# Held-out splits -----------------------------------------------------------------------------------------------
+
+
+def group_keys(rows) -> list[str]:
+    """One key per row of a dataset; rows that must stay on one side of a split share it: a prompt (pairs from one
+    UltraFeedback row, KTO answers to one prompt), or a conversation's opening up to its first user message (OASST's
+    threads of one tree). Any other row has a key of its own."""
+    if "prompt" in rows.column_names:
+        values = rows["prompt"]
+    elif "messages" in rows.column_names:
+        values = [next((m[: i + 1] for i, x in enumerate(m) if x.get("role") == "user"), None) for m in rows["messages"]]
+    else:
+        values = [None] * len(rows)
+    return [exact_key(v) if isinstance(v, list) else f"#{i}" if v is None else f"text:{v}" for i, v in enumerate(values)]
+
+
+def held_out_groups(keys: list[str], fraction: float, seed: int) -> list[int]:
+    """The sorted indices of a seeded share of rows (at least `fraction`, as datasets' train_test_split sizes it),
+    whole groups of equal keys at a time."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    wanted, held = math.ceil(fraction * len(keys)), []
+    for group in order:
+        if len(held) >= wanted:
+            break
+        held += group
+    return sorted(held)
 
 
 # Decontamination -----------------------------------------------------------------------------------------------
