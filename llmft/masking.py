@@ -29,7 +29,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from llmft.errors import DataError
-from llmft.schema import REASONING_FIELDS, Messages, reasoning_of
+from llmft.schema import REASONING_FIELDS, Messages, reasoning_of, trainable
 
 log = logging.getLogger(__name__)
 Spans = list[tuple[int, int]]
@@ -112,13 +112,17 @@ def incremental(tokenizer, messages: Messages, template: str, tools=None, first_
     return text, spans
 
 
+def _learned(messages: Messages, first_trainable: int) -> list[int]:
+    """The assistant messages that carry loss: not in a conversational prompt, not marked weight 0."""
+    return [i for i, message in enumerate(messages) if i >= first_trainable and trainable(message)]
+
+
 def _turns(tokenizer, messages: Messages, template: str, tools, first_trainable: int):
     """(index, the conversation before it with the generation prompt, the conversation through it) for every
     trainable assistant message."""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant" and i >= first_trainable:
-            yield (i, render(tokenizer, messages[:i], template, tools, generation_prompt=True),
-                   render(tokenizer, messages[: i + 1], template, tools))
+    for i in _learned(messages, first_trainable):
+        yield (i, render(tokenizer, messages[:i], template, tools, generation_prompt=True),
+               render(tokenizer, messages[: i + 1], template, tools))
 
 
 def per_turn(tokenizer, messages: Messages, template: str, tools=None, first_trainable: int = 0):
@@ -145,14 +149,20 @@ def _ends_special(tokenizer, text: str) -> bool:
 
 def markers(tokenizer, messages: Messages, template: str, tools=None, first_trainable: int = 0):
     """(text, spans) from the training template's {% generation %} blocks (one or more per assistant message); the
-    blocks of a conversational prompt's own assistant messages are left out (TRL's training templates render a
-    conversation's start the same whatever follows, so those blocks end before the prompt's rendering does). A
-    block that opens with what the generation prompt already says (DeepSeek's '<｜Assistant｜>', and the '<think>\n'
-    its R1 prompt pre-fills) starts after it: the model is not the one writing that part."""
+    blocks of assistant messages that carry no loss (a conversational prompt's, those marked weight 0) are left out:
+    TRL's training templates render a conversation's start the same whatever follows, so such a message's blocks lie
+    between the renderings of the conversation before it and through it. A block that opens with what the
+    generation prompt already says (DeepSeek's '<｜Assistant｜>', and the '<think>\n' its R1 prompt pre-fills)
+    starts after it: the model is not the one writing that part."""
     text, spans = render_marked(tokenizer, messages, template, tools)
     prompt_end = len(render_marked(tokenizer, messages[:first_trainable], template, tools)[0]) if first_trainable else 0
+    skipped = [(0, prompt_end)] + [(len(render_marked(tokenizer, messages[:i], template, tools)[0]),
+                                    len(render_marked(tokenizer, messages[: i + 1], template, tools)[0]))
+                                   for i, message in enumerate(messages)
+                                   if i >= first_trainable and message["role"] == "assistant" and not trainable(message)]
     prompt = _generation_prompt(tokenizer, template, tools)
-    return text, [(a + len(os.path.commonprefix([prompt, text[a:b]])), b) for a, b in spans if a >= prompt_end]
+    return text, [(a + len(os.path.commonprefix([prompt, text[a:b]])), b) for a, b in spans
+                  if not any(start <= a < end for start, end in skipped)]
 
 
 _PROMPTS: dict[tuple[str, str, str], str] = {}

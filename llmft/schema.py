@@ -159,8 +159,8 @@ def without_reasoning(text: str) -> str:
 
 
 def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str, str]:
-    """What a model is asked (the conversation before the last assistant message, or the prompt text) and the
-    answer it should give (that message's content, without its reasoning; a pair's chosen answer; an unpaired
+    """What a model is asked (the conversation before the last learned assistant message, or the prompt text) and
+    the answer it should give (that message's content, without its reasoning; a pair's chosen answer; an unpaired
     row's answer, which callers take only where it is labelled desirable)."""
     if kind == PROMPT_ONLY:
         column = next((c for c in REFERENCE_COLUMNS if c in row), None)
@@ -169,7 +169,7 @@ def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str
     ex = example(row, PROMPT_COMPLETION if kind == UNPAIRED else kind)
     if ex.plain_text:
         return row["prompt"], row["completion"]
-    last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+    last = max(i for i, m in enumerate(ex.messages) if trainable(m))  # a context-only answer is not a reference
     return ex.messages[:last], reasoning_of(ex.messages[last])[1]
 
 
@@ -193,6 +193,8 @@ def conversation_problems(messages: Any, strict: bool = False, name: str = MESSA
     turns = [(i, r) for i, r in roles if r != "system"]
     if not any(r == "assistant" for _, r in turns):
         return problems + [f"{name}: no assistant message, so nothing would be trained."]
+    if not any(isinstance(m, dict) and trainable(m) for m in messages):
+        problems.append(f"{name}: every assistant message has weight 0, so nothing would be trained.")
     if turns[0][1] != "user":
         problems.append(f"{name}[{turns[0][0]}]: the conversation starts with '{turns[0][1]}'; start with 'user'.")
     if strict:
@@ -203,13 +205,22 @@ def conversation_problems(messages: Any, strict: bool = False, name: str = MESSA
 TEXT_FIELDS = ("name", "tool_call_id", "reasoning_content")  # optional message fields that must be text
 
 
-def weight_problem(weight: Any) -> str | None:
-    """OpenAI fine-tuning's per-answer `weight` (0: do not learn this answer): llmft learns every assistant answer,
-    so a weight other than 1 would be trained on as if it were not there."""
-    if weight is None or (weight == 1 and not isinstance(weight, bool)):
+def weight_problem(weight: Any, role: Any = "assistant") -> str | None:
+    """OpenAI fine-tuning's per-answer `weight`: 1 learns the answer, 0 keeps it as context only (a bad answer the
+    conversation goes on from, or an earlier turn of a conversational prompt). Nothing else has a meaning."""
+    if weight is None:
         return None
-    return (f"{weight!r}: per-answer weights (OpenAI's 0 = do not learn this answer) are not supported; llmft learns "
-            "every assistant answer. Remove the key to learn the answer, or end the conversation before it.")
+    if role != "assistant":
+        return (f"{weight!r} on a {role!r} message: only assistant answers are learned, so only they take a weight "
+                "(0: context only, 1: learned). Remove the key.")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        return f"{weight!r}: must be 1 (learn this answer) or 0 (context only, not learned), as OpenAI's format has it."
+    return None
+
+
+def trainable(message: dict[str, Any]) -> bool:
+    """An assistant message whose answer is learned (not marked weight 0)."""
+    return message.get("role") == "assistant" and message.get("weight") != 0
 
 
 def _message_problems(message: Any, where: str, index: int, strict: bool) -> list[str]:
@@ -221,7 +232,7 @@ def _message_problems(message: Any, where: str, index: int, strict: bool) -> lis
         problems.append(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}.")
     if calls:
         problems += _calls_problems(calls, f"{where}.tool_calls", role)
-    weight = weight_problem(message.get("weight"))
+    weight = weight_problem(message.get("weight"), role)
     if weight:
         problems.append(f"{where}.weight: {weight}")
     for key in TEXT_FIELDS:  # stored as text columns: a number or object would be turned into a string silently
@@ -314,6 +325,8 @@ def row_problems(row: dict[str, Any], kind: str, strict: bool = False) -> list[s
         problems = conversation_problems(prompt + completion, strict, "prompt+completion")
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
             problems.append("completion: no assistant message.")
+        elif not any(isinstance(m, dict) and trainable(m) for m in completion):
+            problems.append("completion: every assistant message has weight 0, so nothing would be trained.")
         return problems + tools
     return ["prompt, completion: must both be strings or both be lists of messages."]
 
@@ -369,6 +382,8 @@ def _answer_problems(prompt: Messages, answer: Any, name: str, strict: bool) -> 
         return [f"{name}: must be a list holding the assistant's one answer message."]
     if not isinstance(answer[0], dict) or answer[0].get("role") != "assistant":
         return [f"{name}[0]: must be the assistant's answer (role 'assistant')."]
+    if answer[0].get("weight") == 0:
+        return [f"{name}[0].weight: 0 (context only) on the answer a pair or a labelled answer is about; remove it."]
     return conversation_problems(prompt + answer, strict, f"prompt+{name}")
 
 

@@ -6,6 +6,7 @@ import datasets
 import pytest
 
 from llmft.data import IGNORE, load_rows, load_splits, prepare_dataset, tokenize_messages, validate_rows
+from llmft.dataset.build import BuildConfig, Source, build
 from llmft.errors import DataError
 from llmft.model import set_distinct_pad
 from tests.helpers import TEMPLATES, chat_rows, make_tokenizer, write_jsonl
@@ -57,6 +58,32 @@ def test_prompt_completion_messages_train_only_the_completion():
     runs = _labelled_runs(out[0]["input_ids"], out[0]["labels"])
     assert len(runs) == 1 and tokenizer.decode(runs[0]) == "A date: March 5, 2021.<|im_end|>"
     assert report.rows_out == 1
+
+
+def test_a_converted_conversational_prompt_still_trains_only_the_completion(tmp_path):
+    """Built into messages, the prompt's own assistant turn is kept as context (OpenAI's weight 0), not learned:
+    the converted row trains exactly the tokens the prompt/completion row does."""
+    original = [{"prompt": CONVERSATION[:3], "completion": CONVERSATION[3:]}]
+    write_jsonl(tmp_path / "pc.jsonl", original)
+    build(BuildConfig(sources=[Source(path=str(tmp_path / "pc.jsonl"))], out=str(tmp_path / "out"), dedupe=False))
+    converted = load_rows(str(tmp_path / "out"))
+    assert [m.get("weight") for m in converted[0]["messages"]] == [None, 0, None, None]
+    tokenizer = make_tokenizer("chatml")
+    direct, _ = prepare_dataset(datasets.Dataset.from_list(original), tokenizer, 512, "drop", "mem")
+    built, _ = prepare_dataset(converted, tokenizer, 512, "drop", "mem")
+    assert built[0]["input_ids"] == direct[0]["input_ids"] and built[0]["labels"] == direct[0]["labels"]
+    runs = _labelled_runs(built[0]["input_ids"], built[0]["labels"])
+    assert [tokenizer.decode(run) for run in runs] == ["A date: March 5, 2021.<|im_end|>"]
+
+
+@pytest.mark.parametrize("style", sorted(TEMPLATES))
+def test_an_answer_of_weight_zero_is_context_not_learned(style):
+    tokenizer = make_tokenizer(style)
+    weighted = [CONVERSATION[0], {**CONVERSATION[1], "weight": 0}, *CONVERSATION[2:]]
+    ((input_ids, labels),) = tokenize_messages(tokenizer, weighted)
+    assert input_ids == tokenize_messages(tokenizer, CONVERSATION)[0][0]  # rendered as it is, weight or not
+    runs = _labelled_runs(input_ids, labels)
+    assert len(runs) == 1 and tokenizer.decode(runs[0][:-1]).strip() == CONVERSATION[3]["content"]
 
 
 def test_plain_prompt_completion_trains_completion_and_eos():

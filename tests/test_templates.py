@@ -150,6 +150,25 @@ def test_the_loss_mask_covers_each_answer_and_nothing_else(name, tools):
     assert sorted(set(seen)) == list(range(len(trained_turns(messages)))), f"untrained turns: {seen}"
 
 
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_an_answer_of_weight_zero_carries_no_loss_and_later_answers_do(name):
+    """OpenAI's weight 0 on a middle answer: it, its end-of-turn token and its header stay context under every
+    strategy (incremental, TRL's generation markers, turn by turn); the answers before and after it are learned."""
+    tokenizer, _ = tokenizer_for(name)
+    messages, _ = conversation(tokenizer, tools=False)
+    messages = [*messages[:-1], {**messages[-1], "weight": 0}, {"role": "user", "content": "USERTHREE asks?"},
+                {"role": "assistant", "content": "ANSWERTHREE here."}]
+    learned = set()
+    for ids, labels in tokenize_messages(tokenizer, messages):
+        text, masked = masked_spans(tokenizer, ids, labels)
+        for word in ("ANSWERONE", "ANSWERTHREE"):
+            learned |= {word for at in _positions(text, word) if at in masked}
+        for start in _positions(text, "USERTWO"):
+            end = text.find("USERTHREE", start)
+            assert not masked & set(range(start, end if end >= 0 else len(text))), f"ANSWERTWO's turn:\n{text}"
+    assert learned == {"ANSWERONE", "ANSWERTHREE"}
+
+
 def _positions(text: str, word: str) -> list[int]:
     return [m.start() for m in re.finditer(re.escape(word), text)]
 

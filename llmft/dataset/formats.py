@@ -106,10 +106,12 @@ def from_openai(row: dict) -> Messages:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise RowError(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        weight = weight_problem(message.get("weight"))
+        weight = weight_problem(message.get("weight"), message["role"])
         if weight:
             raise RowError(f"messages[{i}].weight", weight)
         kept = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+        if message.get("weight") == 0:
+            kept["weight"] = 0  # context only: an answer the conversation goes on from, not learned
         trace = next((message[f] for f in REASONING_FIELDS if message.get(f)), None)
         if trace is not None:
             kept["reasoning_content"] = trace  # one name for the trace, whatever the data called it
@@ -120,10 +122,13 @@ def from_openai(row: dict) -> Messages:
 
 
 def from_prompt_completion(row: dict) -> Messages:
-    """{prompt, completion} as strings, or as message lists (TRL's conversational prompt-completion)."""
+    """{prompt, completion} as strings, or as message lists (TRL's conversational prompt-completion: the prompt's
+    own assistant turns become context only, weight 0, so only the completion is learned, as TRL trains it)."""
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):
-        return from_openai({"messages": prompt + completion})
+        messages = from_openai({"messages": prompt + completion})
+        return [{**m, "weight": 0} if i < len(prompt) and m["role"] == "assistant" else m
+                for i, m in enumerate(messages)]
     return [{"role": "user", "content": text_of(row, "prompt")}, {"role": "assistant", "content": text_of(row, "completion")}]
 
 

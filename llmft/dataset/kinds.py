@@ -17,7 +17,7 @@ from llmft.schema import (MESSAGES, PREFERENCE, TEXT, UNPAIRED, Messages, clean_
 
 MESSAGE = {"role": datasets.Value("string"), "content": datasets.Value("string"), "tool_calls": datasets.Json(),
            "tool_call_id": datasets.Value("string"), "name": datasets.Value("string"),
-           "reasoning_content": datasets.Value("string")}
+           "reasoning_content": datasets.Value("string"), "weight": datasets.Value("int64")}
 COMMON = {"tools": datasets.Json(), "source": datasets.Value("string"), "origin": datasets.Value("string")}
 
 
