@@ -1,5 +1,6 @@
 """Self-chat: Baize's transcript parsing, filters, resumable output, the local and HTTP backends."""
 
+import copy
 import http.server
 import json
 import logging
@@ -8,16 +9,19 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import trl
 
 from llmft.errors import GenerationError
 from llmft.synth.backends import LocalBackend, OpenAIBackend, Sampling
 from llmft.config import ModelConfig, PeftSettings
 from llmft.model import load_model, load_tokenizer
-from llmft.synth.selfchat import (DialogueWriter, SelfChatConfig, generate, parse_transcript, read_seeds, verdict)
+from llmft.synth.selfchat import (DialogueWriter, SelfChatConfig, generate, parse_transcript, read_seeds,
+                                  simulator_view, verdict)
 from tests.conftest import LLMFT
-from tests.helpers import send_json
+from tests.helpers import make_tokenizer, send_json
 
 
 # Baize's structural post-processing ----------------------------------------------------------------------------
@@ -131,6 +135,36 @@ def test_every_mode_writes_one_record_per_seed(tmp_path, tiny_backend, mode):
     assert generate(seeds, tiny_backend, cfg, tmp_path)["generated"] == 0
 
 
+def test_roleplay_runs_on_a_template_that_refuses_system_messages(tmp_path, tiny_backend):
+    """Gemma's template refuses a system role and requires user/assistant alternation: the user simulator's view
+    (instructions in its first user message, roles swapped) renders with it, so both sides get generated."""
+    gemma = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
+    tokenizer = copy.deepcopy(tiny_backend.tokenizer)
+    tokenizer.chat_template = gemma
+    backend = LocalBackend(tiny_backend.model, tokenizer, batch_size=2)
+    seeds = [(f"s{i}", f"What is {i} plus 1?") for i in range(2)]
+    cfg = SelfChatConfig(mode="roleplay", turns_max=2, sampling=Sampling(max_new_tokens=8, temperature=0.0))
+    assert generate(seeds, backend, cfg, tmp_path)["generated"] == 2
+    records = [json.loads(line) for line in (tmp_path / "dialogues.jsonl").read_text().splitlines()]
+    assert all(len(r["messages"]) >= 2 for r in records)
+
+
+def test_the_user_simulators_view_renders_with_every_shipped_template():
+    dialogue = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    view = simulator_view("You are a curious person.", dialogue)
+    assert [m["role"] for m in view] == ["user", "assistant", "user"]
+    assert "You are a curious person." in view[0]["content"] and view[0]["content"].endswith("A1")
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = "<|begin_of_text|>"  # templates that open with it
+    for path in sorted((Path(trl.__file__).parent / "chat_templates").glob("*.jinja")):
+        if any(vision in path.stem for vision in ("vl", "idefics", "llava", "smolvlm")):
+            continue  # image-text templates take content as a list of parts
+        text = tokenizer.apply_chat_template(view, chat_template=path.read_text(), tokenize=False,
+                                             add_generation_prompt=True)
+        assert "A2" in text, path.name
+
+
 # HTTP backend against a real local server ----------------------------------------------------------------------
 
 
@@ -165,8 +199,8 @@ class FakeOpenAI(http.server.BaseHTTPRequestHandler):
         time.sleep(FakeOpenAI.delay)
         if self.path.endswith("/chat/completions"):
             last = body["messages"][-1]["content"]
-            system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
-            text = "Could you say more about that point?" if "curious person" in system else f"An answer to: {last}"
+            simulator = "curious person" in body["messages"][0]["content"]  # the user simulator's instructions
+            text = "Could you say more about that point?" if simulator else f"An answer to: {last}"
             choice = {"message": {"role": "assistant", "content": text}}
         else:
             choice = {"text": " A completion that is long enough."}

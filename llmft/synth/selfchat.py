@@ -7,7 +7,7 @@ Modes:
   alternating  one raw-text generation per turn: the human turn stops at the AI marker, the AI turn sees the
                chat so far and stops at the human marker; up to turns_max rounds (Baize v2)
   roleplay     the model's own chat template on both sides: the AI answers the chat so far; a user simulator
-               (a system prompt, roles swapped) writes the next human message or [END]
+               (its instructions in the first user message, roles swapped) writes the next human message or [END]
 Every dialogue is appended to dialogues.jsonl as soon as it is done (flushed and synced) with the filter verdict,
 so an interrupted run resumes with the seeds it has not finished, losing and repeating none.
 """
@@ -227,10 +227,7 @@ def run_roleplay(seeds: list[str], backend, cfg: SelfChatConfig) -> list[list[di
             dialogues[i].append({"role": "assistant", "content": answer})
         if round_ + 1 == cfg.turns_max:
             break
-        # The simulator sees the assistant's turns as its "user" and writes the human's next line as "assistant".
-        views = [[{"role": "system", "content": cfg.templates["user_simulator"].format(seed=seeds[i])}]
-                 + [{"role": "user" if m["role"] == "assistant" else "assistant", "content": m["content"]}
-                    for m in dialogues[i]] for i in active]
+        views = [simulator_view(cfg.templates["user_simulator"].format(seed=seeds[i]), dialogues[i]) for i in active]
         questions = backend.chat(views, cfg.sampling)
         still = []
         for i, question in zip(active, questions):
@@ -241,6 +238,17 @@ def run_roleplay(seeds: list[str], backend, cfg: SelfChatConfig) -> list[list[di
         if not active:
             break
     return dialogues
+
+
+def simulator_view(instructions: str, dialogue: list[dict]) -> list[dict]:
+    """The chat the user simulator answers, roles swapped: the assistant's answers are its "user" turns and the
+    human's lines its own. Its instructions and the opening exchange form the first user message, so the view starts
+    on the user, alternates and has no system message: templates that refuse a system role or require alternation
+    (Gemma, Mistral) render it."""
+    opening = (f"{instructions}\n\nYour first message to the assistant was:\n{dialogue[0]['content']}\n\n"
+               f"The assistant answered:\n{dialogue[1]['content']}")
+    return [{"role": "user", "content": opening}] + [
+        {"role": "user" if m["role"] == "assistant" else "assistant", "content": m["content"]} for m in dialogue[2:]]
 
 
 MODES = {"transcript": run_transcript, "alternating": run_alternating, "roleplay": run_roleplay}
