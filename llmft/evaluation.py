@@ -358,9 +358,27 @@ class GenerationEvalCallback(TrainerCallback):
 
         return state.is_world_process_zero or sharded_training()
 
+    def measure_base(self, trainer) -> None:
+        """The forgetting check's reference: the model before training, measured before `trainer.train()` (which
+        loads the weights of a checkpoint it resumes from before any callback runs)."""
+        from llmft.model import sharded_training
+
+        if self.texts and self.base_ppl is None and (trainer.is_world_process_zero() or sharded_training()):
+            self._forgetting(trainer.model)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.texts and self.base_ppl is None and self._runs_here(state):
-            self._forgetting(model)
+        """Where the model could not be measured before training (DeepSpeed, FSDP2): a resumed run takes the
+        reference from its earlier evaluations (general ppl / ratio), else measures now and says what it is."""
+        if not self.texts or self.base_ppl is not None or not self._runs_here(state):
+            return
+        earlier = [h for h in state.log_history if h.get("eval_forgetting_ppl_ratio")]
+        if state.global_step and earlier:
+            self.base_ppl = earlier[0]["eval_general_ppl"] / earlier[0]["eval_forgetting_ppl_ratio"]
+            return
+        if state.global_step:
+            log.warning(f"The forgetting check's reference is the model resumed at step {state.global_step}: the "
+                        "model before training could not be measured here and no evaluation before the resume had.")
+        self._forgetting(model)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         new: dict[str, float] = {}

@@ -130,9 +130,16 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
     metrics = Metrics()
     before_gen = None
-    if eval_ds is not None and recipe.eval.baseline and _can_evaluate_before_training(trainer):
-        metrics.before = trainer.evaluate()
-        before_gen = evaluation.last
+    blocker = _before_training_blocker(trainer)
+    if eval_ds is not None and recipe.eval.baseline:
+        if blocker:
+            log.info(f"Skipping the evaluation before training {blocker}. Compare afterwards with: "
+                     "llmft eval RUN_DIR --baseline BASE_MODEL")
+        else:
+            metrics.before = trainer.evaluate()
+            before_gen = evaluation.last
+    if not blocker:
+        evaluation.measure_base(trainer)  # before a resumed checkpoint's weights load (done by the evaluation above)
 
     # Train (from the latest complete checkpoint, when resuming) ----------------------------------------------------
     with cpu_step_levers(trainer):
@@ -334,21 +341,17 @@ def _defer_tracker_ends(trainer):
     return end
 
 
-def _can_evaluate_before_training(trainer) -> bool:
-    """No evaluation before training under DeepSpeed or FSDP2 (see the log lines); `llmft eval` gives the baseline
-    after."""
+def _before_training_blocker(trainer) -> str | None:
+    """Why the model cannot be evaluated before training here (DeepSpeed, FSDP2), or None; `llmft eval` gives the
+    baseline after."""
     state = trainer.accelerator.state
     if getattr(state, "deepspeed_plugin", None) is not None:
-        why = ("under DeepSpeed: transformers refuses it with ZeRO-1/2, and with ZeRO-3 it leaves the engine "
-               "unprepared for training")
-    elif getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) == 2:
-        why = ("under FSDP2: transformers' evaluation would shard the model alone, which accelerate refuses "
-               "(FSDP2 shards a model together with its optimizer)")
-    else:
-        return True
-    log.info(f"Skipping the evaluation before training {why}. Compare afterwards with: "
-             "llmft eval RUN_DIR --baseline BASE_MODEL")
-    return False
+        return ("under DeepSpeed: transformers refuses it with ZeRO-1/2, and with ZeRO-3 it leaves the engine "
+                "unprepared for training")
+    if getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) == 2:
+        return ("under FSDP2: transformers' evaluation would shard the model alone, which accelerate refuses "
+                "(FSDP2 shards a model together with its optimizer)")
+    return None
 
 
 def _end_process_group() -> None:

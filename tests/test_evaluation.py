@@ -1,6 +1,7 @@
 """Evaluation: offline metrics, the in-training hook, the forgetting check, early stopping."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -54,6 +55,52 @@ def test_hook_scores_at_every_evaluation_and_writes_sample_tables(tmp_path, tiny
         assert {"eval_exact_match", "eval_rouge_l", "eval_chrf", "eval_forgetting_ppl_ratio"} <= set(metrics[when])
     assert metrics["before"]["eval_forgetting_ppl_ratio"] == pytest.approx(1.0)
     assert metrics["after"]["eval_forgetting_ppl_ratio"] != pytest.approx(1.0)  # lr 1e-2 moves the model
+
+
+def test_a_resumed_run_measures_forgetting_against_the_model_before_training(tmp_path, tiny_model_dir, train_file):
+    """Without the evaluation before training, the reference perplexity was taken once training began: after a
+    resume, of the checkpoint's weights. A run resumed at step 2 must report the uninterrupted run's ratios."""
+    def run(name, **training):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model_dir, train_file, tmp_path / name,
+                              training={"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2,
+                                        "save_strategy": "steps", "save_steps": 2, "learning_rate": 1e-2, **training},
+                              eval={"num_generate": 0, "forgetting_check": True, "baseline": False})
+        train(load_recipe(recipe))
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        return {h["step"]: h["eval_forgetting_ppl_ratio"] for h in history if "eval_forgetting_ppl_ratio" in h}
+
+    whole = run("whole")
+    resumed = run("resumed", resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert whole[4] != pytest.approx(1.0, abs=1e-3)  # training moved the model
+    assert resumed == pytest.approx(whole, rel=1e-4)
+
+
+def test_a_resumed_run_that_could_not_measure_first_takes_the_reference_from_its_history(tmp_path, caplog,
+                                                                                          tiny_model_dir):
+    """Under DeepSpeed or FSDP2 nothing is measured before training: a resumed run's reference is its earlier
+    evaluations' perplexity over ratio; with none, the resumed model, and a warning says so."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    from llmft.config import ModelConfig, PeftSettings
+    from llmft.evaluation import GenerationEvalCallback
+    from llmft.model import load_model, load_tokenizer
+
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32")
+
+    def hook():
+        return GenerationEvalCallback(load_tokenizer(config), [], SimpleNamespace(forgetting_check=True), tmp_path, {})
+
+    state = TrainerState(global_step=6, log_history=[{"loss": 2.0, "step": 2},
+                                                     {"eval_general_ppl": 30.0, "eval_forgetting_ppl_ratio": 1.5}])
+    resumed = hook()
+    resumed.on_train_begin(None, state, None, model=None)  # no model: nothing may be measured
+    assert resumed.base_ppl == pytest.approx(20.0)
+    measured, model = hook(), load_model(config, PeftSettings(method="full"))
+    with caplog.at_level(logging.WARNING, logger="llmft"):
+        measured.on_train_begin(None, TrainerState(global_step=6, log_history=[]), None, model=model)
+    assert measured.base_ppl > 1 and "the model resumed at step 6" in caplog.text
 
 
 def test_early_stopping_stops_on_a_generation_metric(tmp_path, tiny_model_dir, train_file):
