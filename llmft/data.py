@@ -477,24 +477,32 @@ def held_out_split(rows: datasets.Dataset, fraction: float, seed: int, source: s
     return rows.select([i for i in range(len(rows)) if i not in chosen]), rows.select(held)
 
 
+def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Documents as continued pretraining trains on them: with the tokens their tokenizer adds (BOS where it adds
+    one, as at pretraining and in perplexity), then one end-of-text token; [] for a document with no text."""
+    eos = tokenizer.eos_token_id
+    return [[] if not text.strip() else ids if ids and ids[-1] == eos else ids + [eos]
+            for text, ids in zip(texts, tokenizer(texts)["input_ids"])]
+
+
 def text_blocks(rows: datasets.Dataset, tokenizer, block: int, source: str):
-    """Documents -> blocks of `block` tokens, an end-of-text token after each document. Documents with no token
-    (empty, or only whitespace) are counted as dropped, never silently lost."""
+    """Documents (`document_ids`) -> blocks of `block` tokens. Documents with no text (empty, or only whitespace) are
+    counted as dropped, never silently lost."""
     if validate_rows(rows, source) != TEXT:
         raise DataError(f"{source}: training.stage pretrain trains on raw text: rows with a 'text' column (convert "
                         "files with llmft data convert --format text). For conversations use training.stage: sft.")
     if tokenizer.eos_token_id is None:
         raise DataError(f"{source}: the tokenizer has no end-of-text token to separate documents with.")
     report, stream, starts = TokenizeReport(rows_in=len(rows)), [], []
-    encoded = rows.map(lambda batch: {"ids": tokenizer(batch[TEXT], add_special_tokens=False)["input_ids"]},
+    encoded = rows.map(lambda batch: {"ids": document_ids(tokenizer, batch[TEXT])},
                        batched=True, remove_columns=rows.column_names, desc=f"Tokenizing {source.split('/')[-1]}")
     numbers = rows[ROW] if ROW in rows.column_names else range(1, len(rows) + 1)
-    for ids, text, number in zip(encoded["ids"], rows[TEXT], numbers):
-        if not ids or not text.strip():
+    for ids, number in zip(encoded["ids"], numbers):
+        if not ids:
             report.dropped["document with no text"] += 1
             continue
         starts.append((len(stream), number))
-        stream += ids + [tokenizer.eos_token_id]
+        stream += ids
     report.rows_out = len(starts)
     if not stream:
         raise DataError(f"{source}: no document with any text ({report.rows_in} rows).")

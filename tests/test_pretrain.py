@@ -45,6 +45,26 @@ def test_documents_pack_into_blocks_with_an_end_of_text_token_between_them():
     assert not any(f" {n}" in i.split("(")[1] for i in ids for n in (2, 4))
 
 
+def test_each_document_opens_with_the_bos_its_tokenizer_adds_as_perplexity_measures_it():
+    """Llama and Gemma tokenizers add a BOS: continued pretraining trains each document from it, as the model was
+    pretrained and as the forgetting check and `llmft eval` measure perplexity (blocks used to start without one)."""
+    from datasets import Dataset
+    from tokenizers import processors
+
+    tokenizer = make_tokenizer("llama3")
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                                        special_tokens=[(bos, tokenizer.bos_token_id)])
+    rows = Dataset.from_list([{"text": doc} for doc in DOCS[:2]])
+    blocks, _ = text_blocks(rows, tokenizer, 512, "docs.jsonl")
+    (stream,) = blocks["input_ids"]
+    measured = [tokenizer(doc)["input_ids"] for doc in DOCS[:2]]  # what perplexity() feeds the model
+    assert measured[0][0] == tokenizer.bos_token_id
+    assert stream == measured[0] + [tokenizer.eos_token_id] + measured[1] + [tokenizer.eos_token_id]
+    lengths = report(rows, tokenizer, 512, "drop", "docs.jsonl")["lengths"]
+    assert sum(lengths) == len(stream)  # the data report counts the tokens training trains on
+
+
 def test_text_files_and_jsonl_convert_and_report(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from llmft.data import IGNORE, answer_ids, example_name, fit_example, load_rows, tokenize_row, validate_rows
+from llmft.data import (IGNORE, answer_ids, document_ids, example_name, fit_example, load_rows, tokenize_row,
+                        validate_rows)
 from llmft.errors import ConfigError, DataError
 from llmft.masking import masking_for
 from llmft.schema import PREFERENCE, PROMPT_ONLY, TEXT, UNPAIRED
@@ -172,13 +173,13 @@ def pair_report(rows: datasets.Dataset, kind: str, tokenizer, max_length: int | 
 
 
 def text_report(rows: datasets.Dataset, tokenizer, max_length: int | None, source: str) -> dict[str, Any]:
-    """Raw text for continued pretraining: documents, tokens (an end-of-text token after each), empty documents
+    """Raw text for continued pretraining: documents, tokens as training counts them (`document_ids`), empty documents
     (counted: training drops them), and the blocks of max_length tokens the documents pack into (nothing is cut)."""
     lengths, empty = [], 0
     for text in tqdm(rows[TEXT], desc="Tokenizing", unit="document"):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+        ids = document_ids(tokenizer, [text])[0]
         if ids:
-            lengths.append(len(ids) + 1)
+            lengths.append(len(ids))
         else:
             empty += 1
     tokens = sum(lengths)

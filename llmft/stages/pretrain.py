@@ -1,6 +1,7 @@
 """Continued pretraining: raw text with loss on every token, as the model was pretrained.
 
-Documents are tokenized, each followed by the end-of-text token, concatenated and cut into blocks of
+Documents are tokenized as the model was pretrained (with the BOS its tokenizer adds, as Llama's
+and Gemma's do), each followed by the end-of-text token, concatenated and cut into blocks of
 training.max_length tokens (wrapped packing: a document may continue into the next block, which is how base models
 are pretrained; the last block is kept, shorter). Conversations from data.replay_data join as whole examples with
 their chat loss masks, so some instruction following is rehearsed while the domain text is learned.
