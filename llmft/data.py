@@ -480,9 +480,15 @@ def held_out_split(rows: datasets.Dataset, fraction: float, seed: int, source: s
 def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Documents as continued pretraining trains on them: with the tokens their tokenizer adds (BOS where it adds
     one, as at pretraining and in perplexity), then one end-of-text token; [] for a document with no text."""
-    eos = tokenizer.eos_token_id
-    return [[] if not text.strip() else ids if ids and ids[-1] == eos else ids + [eos]
-            for text, ids in zip(texts, tokenizer(texts)["input_ids"])]
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no end-of-text token to separate documents with.")
+    out = []
+    for text, ids in zip(texts, tokenizer(texts)["input_ids"]):
+        if bos is not None and ids[:2] == [bos, bos]:
+            ids = ids[1:]  # the text opened with the BOS itself
+        out.append([] if not text.strip() else ids if ids and ids[-1] == eos else ids + [eos])
+    return out
 
 
 def text_blocks(rows: datasets.Dataset, tokenizer, block: int, source: str):

@@ -49,7 +49,7 @@ EXTERNAL = "evaluate:"
 
 def prompts_and_references(rows: datasets.Dataset, limit: int) -> list[dict[str, Any]]:
     """The first `limit` held-out rows with an answer to score, as (prompt, reference): the conversation before its
-    last assistant message (or the prompt text), and that message."""
+    last learned assistant message (not one of weight 0; or the prompt text), and that message."""
     kind = kind_of(rows.column_names, "eval data")
     if kind == TEXT:  # raw text asks no question
         return []
@@ -360,15 +360,16 @@ class GenerationEvalCallback(TrainerCallback):
 
     def measure_base(self, trainer) -> None:
         """The forgetting check's reference: the model before training, measured before `trainer.train()` (which
-        loads the weights of a checkpoint it resumes from before any callback runs)."""
+        loads the weights of a checkpoint it resumes from before any callback runs). A sharded model (FSDP, ZeRO-3)
+        is not prepared yet here: `on_train_begin` measures it."""
         from llmft.model import sharded_training
 
-        if self.texts and self.base_ppl is None and (trainer.is_world_process_zero() or sharded_training()):
+        if self.texts and self.base_ppl is None and trainer.is_world_process_zero() and not sharded_training():
             self._forgetting(trainer.model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Where the model could not be measured before training (DeepSpeed, FSDP2): a resumed run takes the
-        reference from its earlier evaluations (general ppl / ratio), else measures now and says what it is."""
+        """Where the model could not be measured before training (sharded or under DeepSpeed): a resumed run takes
+        the reference from its earlier evaluations (general ppl / ratio), else measures now and says what it is."""
         if not self.texts or self.base_ppl is not None or not self._runs_here(state):
             return
         earlier = [h for h in state.log_history if h.get("eval_forgetting_ppl_ratio")]

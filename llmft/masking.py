@@ -181,7 +181,10 @@ def _generation_prompt(tokenizer, template: str, tools=None) -> str:
 
 def examples(tokenizer, masking: Masking, messages: Messages, tools=None, first_trainable: int = 0):
     """([(text, spans)], whether the conversation had to be trained turn by turn though its template is incremental)
-    of one conversation under its template's strategy: one item, or one per assistant turn."""
+    of one conversation under its template's strategy: one item, or one per assistant turn. It ends with its last
+    learned answer: turns after it carry no loss and cannot change the loss before them."""
+    learned = _learned(messages, first_trainable)
+    messages = messages[: learned[-1] + 1] if learned else messages
     if masking.strategy == "generation_markers":
         return [markers(tokenizer, messages, masking.template, tools, first_trainable)], False
     if masking.strategy == "per_turn":
@@ -202,8 +205,8 @@ def prepare(messages: Messages, masking: Masking, reasoning: str, model: str = "
             continue
         trace, content = reasoning_of(message)
         kept = {k: v for k, v in message.items() if k not in REASONING_FIELDS}
-        if reasoning == "drop" or not trace:
-            out.append({**kept, "content": content})
+        if reasoning == "drop" or not trace or (masking.reasoning is None and not trainable(message)):
+            out.append({**kept, "content": content})  # (a context-only answer's trace is not learned: it may go)
         elif masking.reasoning == "field":
             out.append({**kept, "content": content, "reasoning_content": trace})
         elif masking.reasoning == "inline":

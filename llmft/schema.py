@@ -170,7 +170,8 @@ def prompt_and_reference(row: dict[str, Any], kind: str) -> tuple[Messages | str
     if ex.plain_text:
         return row["prompt"], row["completion"]
     last = max(i for i, m in enumerate(ex.messages) if trainable(m))  # a context-only answer is not a reference
-    return ex.messages[:last], reasoning_of(ex.messages[last])[1]
+    prompt = [{k: v for k, v in m.items() if k != "weight"} for m in ex.messages[:last]]  # a training-only field
+    return prompt, reasoning_of(ex.messages[last])[1]
 
 
 # Validation ----------------------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def _message_problems(message: Any, where: str, index: int, strict: bool) -> lis
         return problems  # an assistant turn that only calls tools
     if not isinstance(content, str):
         return problems + [f"{where}.content: must be a string, got {type(content).__name__}."]
-    if not content.strip() and not calls and (role == "assistant" or strict):
+    if not content.strip() and not calls and ((role == "assistant" and message.get("weight") != 0) or strict):
         problems.append(f"{where}.content: empty" + (": an empty answer teaches the model to say nothing."
                                                      if role == "assistant" else "."))
     if strict and role == "system" and index != 0:

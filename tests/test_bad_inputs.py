@@ -123,8 +123,8 @@ def test_no_test_file_is_ignored_by_git():
     """A test file .gitignore matches (in a folder named data/) exists in the working copy and nowhere else."""
     if shutil.which("git") is None or not (CORPUS.parents[1] / ".git").exists():
         pytest.skip("not a git checkout: nothing decides what is committed")
-    files = [str(p.relative_to(CORPUS.parents[1])) for p in CORPUS.parent.rglob("*")
-             if p.is_file() and "__pycache__" not in p.parts]
+    files = [str(p.relative_to(CORPUS.parents[1])) for p in CORPUS.parent.rglob("*") if p.is_file()
+             and not any(part == "__pycache__" or part.startswith(".") for part in p.relative_to(CORPUS.parent).parts)]
     done = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=CORPUS.parents[1],
                           capture_output=True, text=True)
     assert not done.stdout.split(), f"rename these, or they are never committed: {done.stdout}"

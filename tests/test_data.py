@@ -86,6 +86,27 @@ def test_an_answer_of_weight_zero_is_context_not_learned(style):
     assert len(runs) == 1 and tokenizer.decode(runs[0][:-1]).strip() == CONVERSATION[3]["content"]
 
 
+def test_answers_of_weight_zero_after_the_last_learned_one_are_not_rendered():
+    """They carry no loss and cannot change the loss before them: they would only lengthen the example (and get it
+    dropped as overlong)."""
+    tokenizer = make_tokenizer("chatml")
+    trailing = [*CONVERSATION[:2], CONVERSATION[2], {**CONVERSATION[3], "weight": 0}]
+    assert tokenize_messages(tokenizer, trailing) == tokenize_messages(tokenizer, CONVERSATION[:2])
+
+
+def test_weight_is_a_training_field_a_prompt_does_not_carry():
+    from llmft.dataset.clean import exact_key
+    from llmft.schema import MESSAGES, conversation_problems, prompt_and_reference
+
+    weighted = [CONVERSATION[0], {**CONVERSATION[1], "weight": 0}, *CONVERSATION[2:]]
+    prompt, reference = prompt_and_reference({"messages": weighted}, MESSAGES)
+    assert reference == CONVERSATION[3]["content"] and prompt == CONVERSATION[:3]  # sent to models as it is
+    assert exact_key(weighted) != exact_key(CONVERSATION)  # not a duplicate of the row that learns both answers
+    empty_context = [CONVERSATION[0], {"role": "assistant", "content": "", "weight": 0}, *CONVERSATION[2:]]
+    assert conversation_problems(empty_context) == []  # an empty answer kept as context teaches nothing
+    assert conversation_problems(empty_context, strict=True)  # builds still refuse empty messages
+
+
 def test_plain_prompt_completion_trains_completion_and_eos():
     tokenizer = make_tokenizer("llama3")
     ds = datasets.Dataset.from_list([{"prompt": "Question: hello", "completion": " Hi there!"}])
@@ -108,15 +129,14 @@ def test_overlong_examples_are_dropped_or_truncated_and_counted():
     assert max(len(ids) for ids in kept["input_ids"]) == 96
 
 
-def test_truncation_keeps_the_end_that_holds_the_answer_or_drops_the_example():
+def test_truncation_keeps_the_end_that_holds_the_answer():
     tokenizer = make_tokenizer("chatml")
     long = {"role": "user", "content": "word " * 100}
     rows = [{"messages": [long, {"role": "assistant", "content": "Paris"}]},  # the answer is in the last 64 tokens
-            {"messages": [long, {"role": "assistant", "content": "Paris"}, long]}]  # in neither end
+            {"messages": [long, {"role": "assistant", "content": "Paris"}, long]}]  # a turn after it is not rendered
     kept, report = prepare_dataset(datasets.Dataset.from_list(rows), tokenizer, 64, "truncate", "mem")
-    assert report.rows_out == 1 and report.truncated == 1
-    assert report.dropped == {"no trainable token left after truncation": 1}
-    assert tokenizer.decode(kept[0]["input_ids"]).endswith("Paris<|im_end|>\n")
+    assert report.rows_out == 2 and report.truncated == 2 and not report.dropped
+    assert all(tokenizer.decode(ids).endswith("Paris<|im_end|>\n") for ids in kept["input_ids"])
 
 
 @pytest.mark.parametrize("messages, expected", [

@@ -55,7 +55,7 @@ def test_each_document_opens_with_the_bos_its_tokenizer_adds_as_perplexity_measu
     bos = tokenizer.bos_token
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
                                                                         special_tokens=[(bos, tokenizer.bos_token_id)])
-    rows = Dataset.from_list([{"text": doc} for doc in DOCS[:2]])
+    rows = Dataset.from_list([{"text": DOCS[0]}, {"text": bos + DOCS[1]}])  # the second names its BOS itself
     blocks, _ = text_blocks(rows, tokenizer, 512, "docs.jsonl")
     (stream,) = blocks["input_ids"]
     measured = [tokenizer(doc)["input_ids"] for doc in DOCS[:2]]  # what perplexity() feeds the model

@@ -169,6 +169,21 @@ def test_an_answer_of_weight_zero_carries_no_loss_and_later_answers_do(name):
     assert learned == {"ANSWERONE", "ANSWERTHREE"}
 
 
+def test_a_trace_on_an_answer_of_weight_zero_goes_where_the_template_drops_traces():
+    """A template that drops reasoning cannot train a trace, so a learned answer's trace is refused; on an answer
+    kept only as context nothing is learned from it, and it goes."""
+    dropping = [name for name in sorted(TEMPLATES) if TEMPLATES[name] and masking_for(tokenizer_for(name)[0]).reasoning
+                is None]
+    assert dropping, "no shipped template drops reasoning"
+    tokenizer, _ = tokenizer_for(dropping[0])
+    traced = {"role": "assistant", "content": "ANSWERONE here.", "reasoning_content": "REASONONE thinks."}
+    with pytest.raises(DataError, match="drops reasoning traces"):
+        tokenize_messages(tokenizer, [TURNS[0], traced])
+    ((ids, labels),) = tokenize_messages(tokenizer, [TURNS[0], {**traced, "weight": 0}, *TURNS[2:]])
+    text, masked = masked_spans(tokenizer, ids, labels)
+    assert "REASONONE" not in text and any(at in masked for at in _positions(text, "ANSWERTWO"))
+
+
 def _positions(text: str, word: str) -> list[int]:
     return [m.start() for m in re.finditer(re.escape(word), text)]
 

@@ -55,7 +55,7 @@ def conversation_text(messages: Messages) -> str:
 def exact_key(messages: Messages) -> str:
     """Equal for conversations that differ only in case and spacing (system prompts ignored)."""
     canon = [(m.get("role"), " ".join((m.get("content") or "").lower().split()), m.get("tool_calls"))
-             for m in messages if m.get("role") != "system"]
+             + ((0,) if m.get("weight") == 0 else ()) for m in messages if m.get("role") != "system"]
     return hashlib.sha1(json.dumps(canon, sort_keys=True).encode()).hexdigest()
 
 

@@ -192,7 +192,7 @@ def format_text_table(r: dict[str, Any]) -> str:
     spread = r["document_tokens"]
     rows = [("documents", f"{r['documents']:,} of {r['rows']:,} rows"),
             ("empty documents (dropped in training)", f"{r['empty_documents']:,}"),
-            ("tokens (with an end-of-text token per document)", f"{r['tokens']:,}"),
+            ("tokens (as trained: with BOS where added, end-of-text)", f"{r['tokens']:,}"),
             ("document tokens", f"mean {spread['mean']:.1f}, p50 {spread['p50']}, p90 {spread['p90']}, "
                                 f"max {spread['max']}" if spread else "-"),
             (f"blocks of max_length ({r['max_length']})", f"{r['blocks']:,} (documents packed; no token cut)"

@@ -50,7 +50,7 @@ def prepare(rows: datasets.Dataset, tokenizer, recipe, source: str, split: str =
     kind = validate_rows(rows, source)
     if kind not in (MESSAGES, PROMPT_COMPLETION, PROMPT_ONLY):
         raise DataError(f"{source}: holds {kind} rows; grpo trains on prompts with a reference answer: "
-                        "conversations (the last assistant message is the reference), prompt/completion rows, or "
+                        "conversations (the last learned assistant message is the reference), prompt/completion rows, or "
                         "prompt-only rows with a reference (or answer) column.")
     needs = [spec for spec in recipe.training.rewards if spec.startswith("exact_match")]
     limit = recipe.training.max_length
