@@ -272,6 +272,18 @@ def test_the_report_of_pairs_flags_a_length_bias(tmp_path):
     assert not report(balanced, tokenizer, 64, "drop", "balanced")["length_bias"]
 
 
+def test_the_report_of_pairs_names_the_row_a_template_cannot_render(tmp_path):
+    from datasets import Dataset
+
+    from llmft.dataset.report import report
+
+    tokenizer, _ = tokenizer_for("gemma")  # refuses a system message
+    rows = pair_rows(3)
+    rows[1] = {**rows[1], "prompt": [{"role": "system", "content": "Be brief."}, *rows[1]["prompt"]]}
+    with pytest.raises(DataError, match=r"pairs: row 2: the chat template of .* refused this conversation"):
+        report(Dataset.from_list(rows), tokenizer, 64, "drop", "pairs")
+
+
 @pytest.mark.parametrize("stage,extra", [("orpo", {}), ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0})],
                          ids=["orpo", "simpo"])
 def test_reference_free_stages_orpo_and_simpo_train(tmp_path, tiny_model_dir, pairs_file, stage, extra):
