@@ -162,6 +162,47 @@ def test_eval_command_on_a_run_dir_with_baseline_and_on_a_plain_model(tmp_path, 
     assert json.loads((tmp_path / "base_eval" / "eval_results.json").read_text())["baseline"] is None
 
 
+@pytest.mark.slow
+def test_baseline_base_loads_the_revision_the_run_trained_from(tmp_path, tiny_model_dir, train_file, quiet_env):
+    """A Hub model at two revisions, served from a local Hugging Face cache (its refs/ name each snapshot) with the
+    Hub offline: the run trains from revision v1, and `--baseline base` must evaluate v1, not main."""
+    import shutil
+    import subprocess
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import LLMFT
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshots = {"main": repo / "snapshots" / ("a" * 40), "v1": repo / "snapshots" / ("b" * 40)}
+    for ref, folder in snapshots.items():
+        shutil.copytree(tiny_model_dir, folder)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(folder.name)
+    model = AutoModelForCausalLM.from_pretrained(snapshots["v1"])
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3.0)  # another revision: other weights
+    model.save_pretrained(snapshots["v1"])
+    env = {**quiet_env, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", "acme/tiny", train_file, out, model={"revision": "v1"},
+                          training={"max_steps": 1}, eval={"num_generate": 0})
+
+    def llmft(*argv):
+        result = subprocess.run([LLMFT, *argv], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    def baseline_loss(baseline, folder):
+        llmft("eval", str(out), "--baseline", baseline, "--num-generate", "0", "--out", str(tmp_path / folder))
+        return json.loads((tmp_path / folder / "eval_results.json").read_text())["baseline"]["eval_loss"]
+
+    llmft("train", str(recipe))
+    base = baseline_loss("base", "base")
+    assert base == pytest.approx(baseline_loss(str(snapshots["v1"]), "v1"), rel=1e-6)
+    assert base != pytest.approx(baseline_loss(str(snapshots["main"]), "main"), rel=1e-3)
+
+
 def test_eval_command_errors_are_clear(tmp_path):
     import subprocess
 
