@@ -110,14 +110,18 @@ def normalise(text: str) -> str:
 def extract(text: str, extractor: str) -> str:
     if extractor == "none":
         return text
-    if extractor == "gsm8k" and "####" in text:
-        return text.split("####")[-1].strip().replace(",", "")
+    if extractor == "gsm8k" and "####" in text:  # the number after the last ####, whatever follows it
+        after = text.split("####")[-1]
+        number = NUMBER.search(after)
+        return number.group(0).replace(",", "").rstrip(".") if number else after.strip()
     if extractor in ("gsm8k", "last_number"):
         numbers = NUMBER.findall(text)
         return numbers[-1].replace(",", "").rstrip(".") if numbers else ""
     if extractor.startswith("regex:"):
         match = re.search(extractor[len("regex:"):], text)
-        return (match.group(1) if match and match.groups() else match.group(0) if match else "")
+        if not match:
+            return ""
+        return next((group for group in match.groups() if group is not None), "") if match.groups() else match.group(0)
     raise ValueError(f"unknown answer extractor '{extractor}': use none, gsm8k, last_number or regex:PATTERN")
 
 

@@ -150,10 +150,13 @@ def reasoning_of(message: dict[str, Any]) -> tuple[str | None, str]:
 
 def without_reasoning(text: str) -> str:
     """A generated or reference answer without its reasoning: what answer metrics compare. The block may have lost
-    its opening <think> (pre-filled by the generation prompt, or decoded away as a special token)."""
+    its opening <think> (pre-filled by the generation prompt, or decoded away as a special token). A block never
+    closed (cut off by the length limit) holds no answer: nothing of it is one."""
     match = THINK.match(text)
     if match:
         return text[match.end():]
+    if text.lstrip().startswith("<think>") and "</think>" not in text:
+        return ""
     close = text.find("</think>")
     return text[close + len("</think>"):].lstrip() if close >= 0 and "<think>" not in text[:close] else text
 

@@ -18,6 +18,11 @@ from tests.helpers import FIRST_CHAR_METRIC, chat_rows, write_jsonl, write_recip
     ("She has 3 apples and 5 pears, 8 in all.", "last_number", "8"),
     ("Answer: (B) because", "regex:\\(([A-D])\\)", "B"),
     ("no number here", "gsm8k", ""),
+    ("#### 72 clips", "gsm8k", "72"),  # the number after ####, not the words that follow it
+    ("#### 72\n\nI hope this helps!", "gsm8k", "72"),
+    ("#### 1,234.", "gsm8k", "1234"),
+    ("so 5", "regex:ANSWER=(\\d+)|(\\d+)$", "5"),  # the first group that matched
+    ("nothing", "regex:ANSWER=(\\d+)|(\\d+)$", ""),
 ])
 def test_answer_extractors(text, extractor, expected):
     assert extract(text, extractor) == expected

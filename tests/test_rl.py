@@ -49,6 +49,11 @@ def test_exact_match_reward_reads_answers_with_the_eval_extractors():
     assert strict(prompts=[""], completions=thought, reference=[GSM8K_ANSWER]) == [1.0]
     assert build_reward("exact_match")(prompts=[""], completions=_completion("<think>\nSum.\n</think>\n\n4"),
                                        reference=["4"]) == [1.0]
+    # A trace cut off by the length limit holds no answer, whatever number it reached
+    cut = _completion("<think>\nNatalia sold 48 + 24 = 72")
+    assert reward(prompts=[""], completions=cut, reference=[GSM8K_ANSWER]) == [0.0]
+    assert reward(prompts=[""], completions=_completion("#### 72 clips. Hope this helps!"),
+                  reference=[GSM8K_ANSWER]) == [1.0]
 
 
 def test_format_and_length_rewards():
