@@ -658,13 +658,14 @@ def build_parser(sections: dict[str, type] = SECTIONS) -> OptionParser:
     return parser
 
 
-def _read_sections(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
-    """The YAML file's sections, checking every section and key name against the recipe's stage."""
+def _read_sections(path: Path, problems: list[str], stage: str | None = None) -> dict[str, dict[str, Any]]:
+    """The YAML file's sections, checking every section and key name against the stage the run will have (`stage`
+    from the command line, else the file's)."""
     raw = read_yaml_mapping(path, "recipe")
     if not raw:
         raise ConfigError([f"{path}: the recipe is empty. A recipe needs at least data.train_data; see recipes/ "
                            "for examples."])
-    known = sections_for(_yaml_stage(raw))
+    known = sections_for(stage or _yaml_stage(raw))
     sections = {}
     for name, values in raw.items():
         if name not in known:
@@ -788,7 +789,7 @@ def load_recipe(path: str | os.PathLike, argv: list[str] | None = None) -> Recip
     problems: list[str] = []
     if not path.is_file():
         raise ConfigError([f"recipe file not found: {path} (recipes live under recipes/<model>/<method>/)."])
-    sections = _read_sections(path, problems)
+    sections = _read_sections(path, problems, _cli_stage(list(argv or [])))
     stage = _cli_stage(list(argv or [])) or (sections.get("training") or {}).get("stage") or "sft"
     known = sections_for(stage if isinstance(stage, str) else "sft")
     cli = _normalise_cli(list(argv or []), problems, known)

@@ -165,3 +165,16 @@ def test_trl_settings_that_accept_more_than_their_type_hints_still_load(tmp_path
         load_recipe(recipe({"save_strategy": False}))
     with pytest.raises(ConfigError, match="training.warmup_steps: 'many' is not"):
         load_recipe(recipe({"warmup_steps": "many"}))
+
+
+def test_the_recipe_is_checked_against_the_stage_the_command_line_gives(tmp_path):
+    """`--stage grpo` on an SFT recipe: its SFT-only keys are named (they were dropped silently), and GRPO keys in
+    the file are accepted (they were called another stage's)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "data": {"train_data": "t.jsonl"},
+                                    "training": {"packing": True}}))
+    with pytest.raises(ConfigError, match=r"unknown key 'training.packing'\. It is a setting of training.stage sft"):
+        load_recipe(path, ["--stage", "grpo", "--num_generations", "2", "--rewards", "format"])
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "data": {"train_data": "t.jsonl"},
+                                    "training": {"num_generations": 2, "rewards": ["format"]}}))
+    assert load_recipe(path, ["--stage", "grpo"]).training.num_generations == 2
