@@ -290,18 +290,14 @@ class TuningConfig:
                 problems.append(f"tuning.freeze_patterns: '{pattern}' is not a regular expression ({err}).")
         if self.freeze_layers < 0:
             problems.append(f"tuning.freeze_layers: {self.freeze_layers} must be >= 0.")
-        if self.unfreeze_every is not None and self.unfreeze_every <= 0:
-            problems.append(f"tuning.unfreeze_every: {self.unfreeze_every} must be > 0 (or unset for no schedule).")
+        problems += range_problems("tuning", self, {"unfreeze_every": POSITIVE, "head_lr_multiplier": POSITIVE,
+                                                    "l2sp_alpha": NON_NEGATIVE, "layer_lr_decay": POSITIVE})
         if self.unfreeze_by not in UNFREEZE_BY:
             problems.append(f"tuning.unfreeze_by: '{self.unfreeze_by}' is not one of {', '.join(UNFREEZE_BY)}.")
         if self.unfreeze_initial_layers < 0 or self.unfreeze_layers_per_stage < 1:
             problems.append("tuning.unfreeze_initial_layers must be >= 0 and unfreeze_layers_per_stage >= 1.")
-        if not 0.0 < self.layer_lr_decay <= 1.0:
+        if math.isfinite(self.layer_lr_decay) and self.layer_lr_decay > 1.0:
             problems.append(f"tuning.layer_lr_decay: {self.layer_lr_decay} must be in (0, 1].")
-        if self.head_lr_multiplier <= 0:
-            problems.append(f"tuning.head_lr_multiplier: {self.head_lr_multiplier} must be > 0.")
-        if self.l2sp_alpha < 0:
-            problems.append(f"tuning.l2sp_alpha: {self.l2sp_alpha} must be >= 0.")
         _raise_if(problems)
 
     @property

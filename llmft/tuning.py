@@ -190,7 +190,7 @@ class GradualUnfreezing(TrainerCallback):
 
     def _target(self, state) -> int:
         cfg = self.cfg
-        progress = state.global_step if cfg.unfreeze_by == "steps" else math.floor(state.epoch or 0)
+        progress = state.global_step if cfg.unfreeze_by == "steps" else (state.epoch or 0)  # 0.5 epochs: each half
         return min(len(self.stages), cfg.unfreeze_initial_layers + int(progress // cfg.unfreeze_every)
                    * cfg.unfreeze_layers_per_stage)
 

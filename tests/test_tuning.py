@@ -108,6 +108,25 @@ def test_gradual_unfreezing_adds_blocks_top_down_and_the_optimizer_picks_them_up
     assert {g["lr"] for g in groups} == {1e-2}
 
 
+def test_unfreezing_every_half_epoch_unfreezes_a_stage_at_each_half(deep_model):
+    from transformers import TrainerState
+
+    from llmft.config import TuningConfig
+    from llmft.tuning import GradualUnfreezing
+
+    model = load_model(ModelConfig(name_or_path=str(deep_model), dtype="float32"), PeftSettings(method="full"))
+    schedule = GradualUnfreezing(model, TuningConfig(unfreeze_every=0.5, unfreeze_by="epochs"))
+    assert [schedule._target(TrainerState(epoch=e)) for e in (0.0, 0.4, 0.5, 1.0, 1.5, 9.0)] == [1, 1, 2, 3, 4, 4]
+
+
+def test_tuning_settings_must_be_finite():
+    from llmft.config import TuningConfig
+
+    for setting in ("unfreeze_every", "head_lr_multiplier", "l2sp_alpha", "layer_lr_decay"):
+        with pytest.raises(ConfigError, match=f"tuning.{setting}: nan is not a finite number"):
+            TuningConfig(**{setting: math.nan})
+
+
 def test_gradual_unfreezing_is_refused_with_several_processes(tmp_path, deep_model, train_file):
     from llmft.tuning import check_launch
 
