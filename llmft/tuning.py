@@ -135,10 +135,48 @@ def build_optimizer(trainer, cfg: TuningConfig) -> tuple[torch.optim.Optimizer, 
     args, model = trainer.args, trainer.model
     groups = param_groups(model, cfg, args.learning_rate, args.weight_decay,
                           set(trainer.get_decay_parameter_names(model)))
-    optimizer_cls, kwargs = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_cls, kwargs = optimizer_choice(trainer)
+    if _builds_own_groups(optimizer_cls, kwargs):
+        raise ConfigError(f"training.optim: {_name(args.optim)} builds its own parameter groups (GaLore, APOLLO, "
+                          "LOMO, Muon and the like), which tuning's layer_lr_decay, head_lr_multiplier and gradual "
+                          "unfreezing replace: use one or the other.")
     kwargs = {k: v for k, v in kwargs.items() if k not in ("lr", "weight_decay")}
     optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "numel"} for g in groups], **kwargs)
+    if "bitsandbytes" in str(optimizer_cls) and kwargs.get("optim_bits") == 8:
+        _embeddings_in_32_bits(model)
     return optimizer, describe_groups(groups)
+
+
+def optimizer_choice(trainer) -> tuple[type, dict[str, Any]]:
+    """The optimizer class and settings the run will use (training.optim, or the class llmft gave the Trainer); what
+    it lacks (a package, GaLore's target modules) as a ConfigError, before training starts."""
+    if trainer.optimizer_cls_and_kwargs:
+        return trainer.optimizer_cls_and_kwargs
+    try:
+        return trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"training.optim: {_name(trainer.args.optim)}: {err}") from err
+
+
+def _name(optim) -> str:
+    return getattr(optim, "value", optim)  # TrainingArguments keeps an OptimizerNames member
+
+
+def _builds_own_groups(optimizer_cls, kwargs: dict[str, Any]) -> bool:
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    return is_optimizer_factory(optimizer_cls) or bool({"params", "model", "optimizer_dict"} & set(kwargs))
+
+
+def _embeddings_in_32_bits(model: torch.nn.Module) -> None:
+    """What the Trainer does for its own 8-bit bitsandbytes optimizer: embedding states stay 32-bit (8-bit ones
+    destabilise training)."""
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
 def log_groups(described: list[dict[str, Any]]) -> None:

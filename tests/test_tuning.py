@@ -154,6 +154,35 @@ def test_layer_wise_learning_rates_per_block_and_head(tmp_path, deep_model, trai
     assert probe.rates["block 0"] / probe.rates["block 3"] == pytest.approx(1 / 8)
 
 
+def test_layer_wise_rates_with_an_8_bit_optimizer_keep_embedding_states_in_32_bits(tmp_path, deep_model, train_file):
+    """As the Trainer does for its own optimizer: 8-bit Adam states destabilise embeddings."""
+    recipe, _ = _recipe(tmp_path, deep_model, train_file, ["--optim", "adamw_bnb_8bit", "--max_steps", "1"],
+                        peft=FULL, tuning={"layer_lr_decay": 0.9})
+    probe = StepWeights()
+    train(recipe, callbacks=[probe])
+    optimizer = getattr(probe.optimizer, "optimizer", probe.optimizer)
+    embedding = optimizer.state[probe.model.get_input_embeddings().weight]  # 8-bit by size (12,800 > 4,096 values)
+    assert embedding["state1"].dtype == torch.float32
+
+
+def test_an_optimizer_that_cannot_load_is_a_config_error(tmp_path, deep_model, train_file):
+    """GaLore and LOMO live in packages of their own, which a run without them names (was a traceback)."""
+    for tuning in ({}, {"layer_lr_decay": 0.9}):
+        recipe, _ = _recipe(tmp_path / str(len(tuning)), deep_model, train_file, ["--optim", "lomo"], peft=FULL,
+                            tuning=tuning)
+        with pytest.raises(ConfigError, match="training.optim: lomo: You need to install `lomo_optim`"):
+            train(recipe)
+
+
+def test_tuning_groups_are_refused_for_an_optimizer_that_builds_its_own():
+    """transformers hands GaLore/APOLLO/LOMO their parameters itself (params, model or optimizer_dict)."""
+    from llmft.tuning import _builds_own_groups
+
+    assert _builds_own_groups(torch.optim.AdamW, {"optimizer_dict": {}})
+    assert _builds_own_groups(torch.optim.AdamW, {"params": [], "lr": 1e-3})
+    assert not _builds_own_groups(torch.optim.AdamW, {"lr": 1e-3, "betas": (0.9, 0.999)})
+
+
 def test_layer_wise_learning_rates_apply_to_lora_adapters_by_block(tmp_path, deep_model, train_file):
     recipe, out = _recipe(tmp_path, deep_model, train_file, tuning={"layer_lr_decay": 0.5})
     train(recipe)
