@@ -16,11 +16,14 @@ apply to this example" and passes through.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,10 +114,14 @@ def _python(arg: str) -> Callable:
             path = Path(module_name)
             if not path.is_file():
                 raise ValueError(f"{path}: no such file.")
-            loader = importlib.util.spec_from_file_location(path.stem, path)
+            unique = f"_llmft_reward_{path.stem}"  # never a module of the same name (a reward file called json.py)
+            loader = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(loader)
+            sys.modules[unique] = module  # dataclasses and pickling look their module up there
             loader.loader.exec_module(module)
         else:
+            if str(Path.cwd()) not in sys.path:  # as `python -m` finds it; installed packages still come first
+                sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
     except ValueError:
         raise
@@ -130,7 +137,8 @@ def _checked(function: Callable, spec: str) -> Callable:
     def reward(prompts, completions, **kwargs):
         ids = kwargs.get("example_id") or [f"completion {i + 1}" for i in range(len(completions))]
         try:
-            values = list(function(prompts=prompts, completions=completions, **kwargs))
+            values = function(prompts=prompts, completions=completions, **kwargs)
+            values = list(asyncio.run(values) if inspect.isawaitable(values) else values)  # an async reward too
         except Exception as err:
             raise RewardError(f"reward '{spec}' raised {type(err).__name__}: {err} "
                               f"(on a batch holding {_first(ids)}{_failing(function, prompts, completions, kwargs)})."

@@ -111,6 +111,24 @@ def test_a_broken_reward_names_itself_and_the_example(tmp_path):
         build_reward(f"python:{module}:short")(**batch)
 
 
+def test_reward_modules_load_as_python_would_run_them(tmp_path, monkeypatch):
+    """A .py file with dataclasses under postponed annotations (they look their module up in sys.modules), a dotted
+    module in the current folder (the console script does not put it on the path), and an async reward."""
+    (tmp_path / "typed.py").write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n"
+                                       "@dataclass\nclass Score:\n    value: float\n"
+                                       "def score(prompts, completions, **_):\n"
+                                       "    return [Score(1.0).value for _ in completions]\n")
+    (tmp_path / "json.py").write_text("def f(prompts, completions, **_):\n    return [0.0] * len(completions)\n")
+    (tmp_path / "local_rewards.py").write_text("async def graded(prompts, completions, **_):\n"
+                                               "    return [0.5] * len(completions)\n")
+    batch = {"prompts": ["", ""], "completions": ["a", "b"]}
+    assert build_reward(f"python:{tmp_path / 'typed.py'}:score")(**batch) == [1.0, 1.0]
+    assert build_reward(f"python:{tmp_path / 'json.py'}:f")(**batch) == [0.0, 0.0] and json.dumps([1]) == "[1]"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert build_reward("python:local_rewards:graded")(**batch) == [0.5, 0.5]
+
+
 def _grpo_recipe(tmp_path, model_dir, name="run", rows=12, **training):
     data = []
     for i in range(rows):
