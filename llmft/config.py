@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,8 +457,12 @@ class LlmftTraining:
                           "stays good) or skip (drop that step's update, count it)."},
     )
 
+    def stage_problems(self) -> list[str]:
+        """The stage's own checks, reported with the common ones (a stage's config overrides this)."""
+        return []
+
     def __post_init__(self):
-        problems = []
+        problems = self.stage_problems()
         if self.stage not in STAGES:
             problems.append(f"training.stage: '{self.stage}' is not one of {', '.join(STAGES)}.")
         if self.on_nonfinite not in ON_NONFINITE:
@@ -551,10 +556,14 @@ class GRPOTrainingConfig(LlmftTraining, GRPOConfig):
                           "(docs/rl.md); weights in reward_weights."},
     )
 
-    def __post_init__(self):
+    def stage_problems(self) -> list[str]:
         from llmft.rewards import spec_problems
 
         problems = [p for spec in self.rewards for p in spec_problems(spec)]
+        problems += range_problems("training", self, GRPO_BOUNDS)
+        if self.num_generations is not None and self.num_generations < 2:
+            problems.append(f"training.num_generations: {self.num_generations} must be >= 2: GRPO's advantages "
+                            "compare the completions of one prompt.")
         if not self.rewards:
             problems.append("training.rewards: name at least one reward (e.g. exact_match:gsm8k).")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
@@ -570,7 +579,9 @@ class GRPOTrainingConfig(LlmftTraining, GRPOConfig):
         if self.global_batch_size is not None:
             problems.append("training.global_batch_size: not for grpo, whose batch is counted in completions; set "
                             "per_device_train_batch_size (a multiple of num_generations) and gradient_accumulation_steps.")
-        _raise_if(problems)
+        return problems
+
+    def __post_init__(self):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if self.generation_batch_size is not None and self.steps_per_generation is not None and \
                 self.generation_batch_size == self.per_device_train_batch_size * world * self.steps_per_generation:
@@ -578,6 +589,11 @@ class GRPOTrainingConfig(LlmftTraining, GRPOConfig):
             # refuses both set, so derive the steps again from the generation batch.
             self.steps_per_generation = None
         super().__post_init__()
+
+
+GRPO_BOUNDS = {"num_generations_eval": POSITIVE, "steps_per_generation": POSITIVE, "generation_batch_size": POSITIVE,
+               "temperature": POSITIVE, "max_completion_length": POSITIVE, "num_iterations": POSITIVE,
+               "top_p": POSITIVE, "beta": NON_NEGATIVE, "epsilon": NON_NEGATIVE}
 
 
 TRAINING_CLASSES = {"sft": TrainingConfig, "pretrain": PretrainTrainingConfig, "dpo": DPOTrainingConfig,
@@ -692,8 +708,17 @@ def _checked_types(section: str, cls: type) -> dict[str, Any]:
     kinds = field_types([cls])
     if section != "training":
         return kinds
-    own = field_names(LlmftTraining)
-    return {key: kind for key, kind in kinds.items() if key in own or without_none(kind) in (int, float, bool)}
+    own = {name for owner in cls.__mro__ if owner.__module__ == __name__ for name in vars(owner).get(
+        "__annotations__", {})}  # llmft's settings, the common ones and a stage's own (grpo's rewards)
+    return {key: kind for key, kind in kinds.items() if key in own or _numeric(without_none(kind))}
+
+
+def _numeric(kind: Any) -> bool:
+    """A number, a switch, or a list of numbers (grpo's reward_weights)."""
+    if typing.get_origin(kind) is list:
+        args = typing.get_args(kind)
+        return bool(args) and all(arg in (int, float) for arg in args)
+    return kind in (int, float, bool)
 
 
 RENAMED_KEYS = {("eval", "generation_batch_size"): "generate_batch_size"}  # old recipes (and runs' recipe.yaml)

@@ -114,6 +114,8 @@ def _describe(kind: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(kind))
     if typing.get_origin(kind) is list:
         args = typing.get_args(kind)
+        if args and args[0] in (int, float):
+            return "a list of numbers"
         return "a list of strings (or one string)" if args and args[0] is str else "a list"
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
@@ -144,7 +146,7 @@ def build(classes: Iterable[type], values: Any, problems: list[str]) -> list[Any
         except ConfigError as err:
             problems.extend(err.problems)
             built.append(None)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, ArithmeticError) as err:  # the checks of TRL's and the Trainer's own configs
             problems.append(f"{getattr(cls, '_argument_group_name', cls.__name__)}: {err}")
             built.append(None)
     return built

@@ -95,6 +95,28 @@ def test_reward_settings_are_checked_when_the_recipe_loads(tmp_path, tiny_model_
         assert expected in message, message
 
 
+def test_grpo_settings_are_checked_all_at_once_with_the_common_ones(tmp_path, tiny_model_dir):
+    """Out-of-range generation settings crashed inside TRL or generate() with tracebacks; wrongly typed rewards and
+    weights reached the reward code; the common checks waited until the GRPO ones passed."""
+    rows = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, rows, tmp_path / "run", training={
+        "stage": "grpo", "rewards": ["format", 3], "reward_weights": ["heavy"], "num_generations": 1,
+        "steps_per_generation": 0, "temperature": 0.0, "max_completion_length": 0, "learning_rate": -1})
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    message = str(err.value)
+    for expected in ("training.rewards: ['format', 3] is not a list of strings",
+                     "training.reward_weights: ['heavy'] is not a list of numbers",
+                     "training.num_generations: 1 must be >= 2", "training.steps_per_generation: 0 must be > 0",
+                     "training.temperature: 0.0 must be > 0", "training.max_completion_length: 0 must be > 0",
+                     "training.learning_rate: -1 must be >= 0"):
+        assert expected in message, message
+    with pytest.raises(ConfigError, match="training.num_generations: 0 must be >= 2"):  # was ZeroDivisionError
+        load_recipe(recipe, ["--rewards", "format", "--reward_weights", "1", "--num_generations", "0",
+                             "--steps_per_generation", "1", "--temperature", "1", "--max_completion_length", "8",
+                             "--learning_rate", "1e-5"])
+
+
 def test_a_broken_reward_names_itself_and_the_example(tmp_path):
     module = tmp_path / "my_rewards.py"
     module.write_text("def picky(prompts, completions, reference, **_):\n"
