@@ -9,6 +9,7 @@ anywhere are errors that name the closest valid key, and every problem found is 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -708,8 +709,8 @@ def _checked_types(section: str, cls: type) -> dict[str, Any]:
     kinds = field_types([cls])
     if section != "training":
         return kinds
-    own = {name for owner in cls.__mro__ if owner.__module__ == __name__ for name in vars(owner).get(
-        "__annotations__", {})}  # llmft's settings, the common ones and a stage's own (grpo's rewards)
+    own = {name for owner in cls.__mro__ if owner.__module__ == __name__
+           for name in inspect.get_annotations(owner)}  # llmft's settings, the common ones and a stage's own (grpo's)
     return {key: kind for key, kind in kinds.items() if key in own or _numeric(without_none(kind))}
 
 

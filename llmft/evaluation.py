@@ -40,6 +40,8 @@ from llmft.schema import (PREFERENCE, PROMPT_ONLY, TEXT, UNPAIRED, clean_tools, 
 
 log = logging.getLogger(__name__)
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+# A number opening the text after ####, not the start of a fraction, time, date, exponent or percentage ("1/2")
+ANSWER_NUMBER = re.compile(r"\s*\$?\s*(-?\d[\d,]*\.?\d*)(?![\d/:%eE]|-\d)")
 GSM8K_STRICT = r"regex:#### (\-?[0-9\.\,]+)"  # lm-evaluation-harness's strict-match: the answer after ####
 EXTERNAL = "evaluate:"
 
@@ -110,10 +112,10 @@ def normalise(text: str) -> str:
 def extract(text: str, extractor: str) -> str:
     if extractor == "none":
         return text
-    if extractor == "gsm8k" and "####" in text:  # the number after the last ####, whatever follows it
-        after = text.split("####")[-1]
-        number = NUMBER.search(after)
-        return number.group(0).replace(",", "").rstrip(".") if number else after.strip()
+    if extractor == "gsm8k" and "####" in text:  # the number after the last ####, whatever words follow it
+        after = text.split("####")[-1].replace("\u2212", "-")
+        number = ANSWER_NUMBER.match(after)
+        return number.group(1).replace(",", "").rstrip(".") if number else after.strip().replace(",", "")
     if extractor in ("gsm8k", "last_number"):
         numbers = NUMBER.findall(text)
         return numbers[-1].replace(",", "").rstrip(".") if numbers else ""

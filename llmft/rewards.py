@@ -16,7 +16,7 @@ apply to this example" and passes through.
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -114,13 +114,19 @@ def _python(arg: str) -> Callable:
             path = Path(module_name)
             if not path.is_file():
                 raise ValueError(f"{path}: no such file.")
-            unique = f"_llmft_reward_{path.stem}"  # never a module of the same name (a reward file called json.py)
+            # A name of its own: never a module of the same name (a reward file called json.py), nor another folder's
+            # file of the same name.
+            unique = f"_llmft_reward_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
             loader = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(loader)
             sys.modules[unique] = module  # dataclasses and pickling look their module up there
-            loader.loader.exec_module(module)
+            try:
+                loader.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(unique, None)
+                raise
         else:
-            if str(Path.cwd()) not in sys.path:  # as `python -m` finds it; installed packages still come first
+            if str(Path.cwd()) not in sys.path:  # the current folder, after installed packages (never shadowing them)
                 sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
     except ValueError:
@@ -134,15 +140,14 @@ def _python(arg: str) -> Callable:
 
 
 def _checked(function: Callable, spec: str) -> Callable:
-    def reward(prompts, completions, **kwargs):
-        ids = kwargs.get("example_id") or [f"completion {i + 1}" for i in range(len(completions))]
-        try:
-            values = function(prompts=prompts, completions=completions, **kwargs)
-            values = list(asyncio.run(values) if inspect.isawaitable(values) else values)  # an async reward too
-        except Exception as err:
-            raise RewardError(f"reward '{spec}' raised {type(err).__name__}: {err} "
-                              f"(on a batch holding {_first(ids)}{_failing(function, prompts, completions, kwargs)})."
-                              " Fix the reward function or that example.") from err
+    """The reward, its failures and its values checked and named; async where the function is (TRL awaits async
+    rewards together, on its own event loop)."""
+    def raised(err, ids, failing: str) -> RewardError:
+        return RewardError(f"reward '{spec}' raised {type(err).__name__}: {err} (on a batch holding {_first(ids)}"
+                           f"{failing}). Fix the reward function or that example.")
+
+    def checked(values, completions, ids) -> list:
+        values = list(values)
         if len(values) != len(completions):
             raise RewardError(f"reward '{spec}' returned {len(values)} values for {len(completions)} completions "
                               f"(a batch holding {_first(ids)}): it must return one per completion.")
@@ -152,8 +157,36 @@ def _checked(function: Callable, spec: str) -> Callable:
                                   "numbers (or None where the reward does not apply).")
         return values
 
+    if inspect.iscoroutinefunction(function):
+        async def reward(prompts, completions, **kwargs):
+            ids = _ids(completions, kwargs)
+            try:
+                values = await function(prompts=prompts, completions=completions, **kwargs)
+            except Exception as err:
+                failing = ""
+                for i, one in _one_at_a_time(prompts, completions, kwargs):
+                    try:
+                        await function(**one)
+                    except Exception:
+                        failing = f"; it fails on {ids[i]}"
+                        break
+                raise raised(err, ids, failing) from err
+            return checked(values, completions, ids)
+    else:
+        def reward(prompts, completions, **kwargs):
+            ids = _ids(completions, kwargs)
+            try:
+                values = function(prompts=prompts, completions=completions, **kwargs)
+            except Exception as err:
+                raise raised(err, ids, _failing(function, prompts, completions, kwargs, ids)) from err
+            return checked(values, completions, ids)
+
     reward.__name__ = reward_name(spec)
     return reward
+
+
+def _ids(completions, kwargs) -> list[str]:
+    return kwargs.get("example_id") or [f"completion {i + 1}" for i in range(len(completions))]
 
 
 def reward_name(spec: str) -> str:
@@ -171,15 +204,21 @@ def _first(ids: list[str]) -> str:
     return ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
 
 
-def _failing(function, prompts, completions, kwargs) -> str:
-    """The first example the reward raises on alone, so the error can name it."""
+def _one_at_a_time(prompts, completions, kwargs):
+    """(index, the reward's arguments for that completion alone) for each completion of a batch."""
     columns = {k: v for k, v in kwargs.items() if isinstance(v, list) and len(v) == len(completions)}
     for i in range(len(completions)):
-        one = {**kwargs, **{k: v[i: i + 1] for k, v in columns.items()}}
+        yield i, {**kwargs, **{k: v[i: i + 1] for k, v in columns.items()}, "prompts": prompts[i: i + 1],
+                  "completions": completions[i: i + 1]}
+
+
+def _failing(function, prompts, completions, kwargs, ids) -> str:
+    """The first example the reward raises on alone, so the error can name it."""
+    for i, one in _one_at_a_time(prompts, completions, kwargs):
         try:
-            function(prompts=prompts[i: i + 1], completions=completions[i: i + 1], **one)
+            function(**one)
         except Exception:
-            return f"; it fails on {kwargs.get('example_id', [f'completion {i + 1}'] * len(completions))[i]}"
+            return f"; it fails on {ids[i]}"
     return ""
 
 

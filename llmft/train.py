@@ -127,7 +127,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         if trainer.is_world_process_zero():
             tuning.log_groups(groups)
     else:
-        tuning.optimizer_choice(trainer)  # an optimizer whose package is missing: said now, not mid-launch
+        tuning.check_optimizer(trainer)  # an optimizer whose package is missing: said now, not mid-launch
 
     # Evaluate before training: loss, and the generation metrics and forgetting check of the eval hook -----------
     metrics = Metrics()

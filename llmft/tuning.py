@@ -162,6 +162,14 @@ def _name(optim) -> str:
     return getattr(optim, "value", optim)  # TrainingArguments keeps an OptimizerNames member
 
 
+def check_optimizer(trainer) -> None:
+    """training.optim loads (its package installed, its settings given), said before training starts. Left to the
+    Trainer: layer-wise GaLore/APOLLO (resolving them hooks an optimizer onto every weight, and the Trainer resolves
+    them again), and DeepSpeed (its config's optimizer may be the one used)."""
+    if not trainer.is_deepspeed_enabled and "layerwise" not in _name(trainer.args.optim):
+        optimizer_choice(trainer)
+
+
 def _builds_own_groups(optimizer_cls, kwargs: dict[str, Any]) -> bool:
     from transformers.trainer_optimizer import is_optimizer_factory
 
@@ -229,8 +237,8 @@ class GradualUnfreezing(TrainerCallback):
     def _target(self, state) -> int:
         cfg = self.cfg
         progress = state.global_step if cfg.unfreeze_by == "steps" else (state.epoch or 0)  # 0.5 epochs: each half
-        return min(len(self.stages), cfg.unfreeze_initial_layers + int(progress // cfg.unfreeze_every)
-                   * cfg.unfreeze_layers_per_stage)
+        stage = math.floor(progress / cfg.unfreeze_every + 1e-9)  # 0.3 // 0.1 is 2.0 in floats: 0.3 / 0.1 + eps is 3
+        return min(len(self.stages), cfg.unfreeze_initial_layers + stage * cfg.unfreeze_layers_per_stage)
 
     def _apply(self, state) -> None:
         target = self._target(state)

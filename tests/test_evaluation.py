@@ -21,6 +21,9 @@ from tests.helpers import FIRST_CHAR_METRIC, chat_rows, write_jsonl, write_recip
     ("#### 72 clips", "gsm8k", "72"),  # the number after ####, not the words that follow it
     ("#### 72\n\nI hope this helps!", "gsm8k", "72"),
     ("#### 1,234.", "gsm8k", "1234"),
+    ("#### 1/2", "gsm8k", "1/2"),  # a fraction is not its numerator
+    ("#### 2023-01-05", "gsm8k", "2023-01-05"),
+    ("#### \u22125 degrees", "gsm8k", "-5"),  # a typeset minus
     ("so 5", "regex:ANSWER=(\\d+)|(\\d+)$", "5"),  # the first group that matched
     ("nothing", "regex:ANSWER=(\\d+)|(\\d+)$", ""),
 ])

@@ -1,6 +1,8 @@
 """GRPO with verifiable rewards: the rewards on real answer formats, their errors, and training runs on a tiny model
 (rewards logged, run directory complete, resume after a kill, SIGTERM, the non-finite guard)."""
 
+import asyncio
+import inspect
 import json
 import math
 import signal
@@ -142,13 +144,24 @@ def test_reward_modules_load_as_python_would_run_them(tmp_path, monkeypatch):
                                        "    return [Score(1.0).value for _ in completions]\n")
     (tmp_path / "json.py").write_text("def f(prompts, completions, **_):\n    return [0.0] * len(completions)\n")
     (tmp_path / "local_rewards.py").write_text("async def graded(prompts, completions, **_):\n"
-                                               "    return [0.5] * len(completions)\n")
+                                               "    return [0.5] * len(completions)\n"
+                                               "async def picky(prompts, completions, **_):\n"
+                                               "    return [1 / (c != 'b') for c in completions]\n")
     batch = {"prompts": ["", ""], "completions": ["a", "b"]}
     assert build_reward(f"python:{tmp_path / 'typed.py'}:score")(**batch) == [1.0, 1.0]
     assert build_reward(f"python:{tmp_path / 'json.py'}:f")(**batch) == [0.0, 0.0] and json.dumps([1]) == "[1]"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    assert build_reward("python:local_rewards:graded")(**batch) == [0.5, 0.5]
+    graded = build_reward("python:local_rewards:graded")
+    assert inspect.iscoroutinefunction(graded)  # TRL awaits async rewards together on its own event loop
+    assert asyncio.run(graded(**batch)) == [0.5, 0.5]
+    with pytest.raises(RewardError, match=r"raised ZeroDivisionError.*it fails on completion 2"):
+        asyncio.run(build_reward("python:local_rewards:picky")(**batch))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "typed.py").write_text("def score(prompts, completions, **_):\n    return [2.0] * len(completions)\n")
+    assert build_reward(f"python:{other / 'typed.py'}:score")(**batch) == [2.0, 2.0]  # not the first typed.py
+    assert build_reward(f"python:{tmp_path / 'typed.py'}:score")(**batch) == [1.0, 1.0]
 
 
 def _grpo_recipe(tmp_path, model_dir, name="run", rows=12, **training):

@@ -117,6 +117,8 @@ def test_unfreezing_every_half_epoch_unfreezes_a_stage_at_each_half(deep_model):
     model = load_model(ModelConfig(name_or_path=str(deep_model), dtype="float32"), PeftSettings(method="full"))
     schedule = GradualUnfreezing(model, TuningConfig(unfreeze_every=0.5, unfreeze_by="epochs"))
     assert [schedule._target(TrainerState(epoch=e)) for e in (0.0, 0.4, 0.5, 1.0, 1.5, 9.0)] == [1, 1, 2, 3, 4, 4]
+    tenths = GradualUnfreezing(model, TuningConfig(unfreeze_every=0.1, unfreeze_by="epochs"))
+    assert tenths._target(TrainerState(epoch=0.3)) == 4  # 0.3 // 0.1 is 2.0 in floating point
 
 
 def test_tuning_settings_must_be_finite():
