@@ -67,6 +67,7 @@ def resume_point(out: Path, setting: str | bool | None, overwrite: bool) -> str 
                               f"Point it at an {out}/checkpoint-N directory, or use auto.")
         if not is_complete(path):
             log.warning("%s has no completion marker (%s): it may be half-written.", path, MARKER)
+        _warn_if_weights_only(path)
         return str(path)
     found = checkpoints(out)
     complete = [p for p in found if is_complete(p)]
@@ -77,7 +78,16 @@ def resume_point(out: Path, setting: str | bool | None, overwrite: bool) -> str 
         return None
     log.info("Resuming from %s (resume_from_checkpoint: auto; pass --resume_from_checkpoint no to start over "
              "with --overwrite_output_dir true).", complete[-1])
+    _warn_if_weights_only(complete[-1])
     return str(complete[-1])
+
+
+def _warn_if_weights_only(checkpoint: Path) -> None:
+    """A checkpoint saved with save_only_model holds no optimizer, scheduler or random state: training resumes
+    from its weights with those started afresh, so not to the result of an uninterrupted run."""
+    if not (checkpoint / "optimizer.pt").exists() and not any(checkpoint.glob("global_step*")):
+        log.warning("%s holds the weights only (training.save_only_model): the run resumes with a fresh optimizer, "
+                    "schedule and random state, so it will not match an uninterrupted run.", checkpoint)
 
 
 def _is_distributed() -> bool:

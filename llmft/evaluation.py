@@ -768,7 +768,10 @@ def evaluate_command(options: EvalOptions, settings: GenerationEval, judge_optio
         _free_gpu_memory()
         own_base = options.baseline == "base" and run is not None
         base_name = run.recipe.model.name_or_path if own_base else options.baseline
-        base_model, base_tokenizer, _ = load_for_eval(base_name, run.recipe.model.revision if own_base else None)
+        from llmft.model import base_source
+
+        base_model, base_tokenizer, _ = load_for_eval(base_source(run.info.base_model) if own_base else base_name,
+                                                      run.recipe.model.revision if own_base else None)
         baseline, base_answers, base_logps = evaluate_model(base_model, base_tokenizer, rows, items, options,
                                                             settings, loaded)
         if logps is not None:  # DPO's implicit reward of the run against the baseline as reference

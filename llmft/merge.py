@@ -214,12 +214,10 @@ def _refuse_unsupported(config: dict, run: Path) -> None:
 def base_folder(run: Run) -> Path:
     """A local folder with the base's safetensors: a folder as it is, a run directory merged as a base, a Hub id
     downloaded (weights and configs only)."""
-    from llmft.model import resolve_model_path, run_as_base
+    from llmft.model import base_source, weights_path
 
     base = run.info.base_model
-    path = Path(resolve_model_path(base.name_or_path))
-    if (path / "run.json").exists():
-        path = Path(run_as_base(path))
+    path = Path(weights_path(base_source(base)))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download

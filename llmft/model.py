@@ -87,7 +87,20 @@ def resolve_model_path(name_or_path: str) -> str:
     if local and not path.exists():
         raise ModelError(f"{name_or_path}: no such model folder. Give a path to a model folder (with config.json), "
                          f"a Hub id (org/name), or '{EMBEDDED_MODEL}'.")
-    return str(path) if path.exists() else name_or_path
+    return str(path.resolve()) if path.exists() else name_or_path  # absolute: later stages run from other folders
+
+
+def weights_path(name_or_path: str) -> str:
+    """Where a model's weights load from: `resolve_model_path`, and for a run directory its full model or its adapter
+    merged into its base (`run_as_base`). Recorded in run.json, so the adapter's base can be checked and found."""
+    path = resolve_model_path(name_or_path)
+    return run_as_base(Path(path)) if (Path(path) / "run.json").exists() else path
+
+
+def base_source(base) -> str:
+    """Where a run's base model (`run_dir.BaseModelRecord`) loads from: the absolute path training recorded, while
+    it exists (a relative name depends on the folder training ran in), else the name the recipe gave."""
+    return base.resolved if base.resolved and Path(base.resolved).is_dir() else base.name_or_path
 
 
 def load_tokenizer(cfg: ModelConfig, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -141,9 +154,7 @@ def load_model(model_cfg: ModelConfig, peft_cfg: PeftSettings, trust_remote_code
     """The base model (quantised for qlora), wrapped with a fresh LoRA adapter when the method is lora or qlora.
     `head` sequence_classification gives a one-score head (a reward model) on the same base. The base may be a
     run directory: a DPO run on top of an SFT run starts from the SFT run's weights (`run_as_base`)."""
-    path = resolve_model_path(model_cfg.name_or_path)
-    if (Path(path) / "run.json").exists():
-        path = run_as_base(Path(path))
+    path = weights_path(model_cfg.name_or_path)
     dtype = weights_dtype(model_cfg, peft_cfg)
     quantised = {}
     if peft_cfg.method == "qlora":
@@ -347,7 +358,7 @@ def load_run_model(run, dtype: str = "float32") -> PreTrainedModel:
     from peft import PeftModel
 
     base = run.info.base_model
-    base_cfg = ModelConfig(name_or_path=base.name_or_path, revision=base.revision, dtype=dtype)
+    base_cfg = ModelConfig(name_or_path=base_source(base), revision=base.revision, dtype=dtype)
     return PeftModel.from_pretrained(load_model(base_cfg, full, head=head), str(run.path))
 
 

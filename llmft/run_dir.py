@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -41,6 +42,8 @@ import yaml
 
 from llmft.errors import RunDirError
 from llmft.schema import file_fingerprint
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # llmft.config imports TRL (seconds): a missing or half-written run is reported before that
     from llmft.config import Recipe
@@ -296,6 +299,18 @@ def check_writable(out: Path, overwrite: bool) -> None:
     except OSError as err:  # a file where a folder should be, no permission, read-only disk
         raise RunDirError(f"cannot make the output folder {out}: {err.strerror or err}. Choose another "
                           "--output_dir.") from err
+
+
+def clear_finished_run(out: Path) -> None:
+    """Overwriting a finished run removes everything it holds first: a file the new run does not write (a LoRA
+    adapter where a full fine-tune follows, an earlier eval_results.json) would otherwise be read as the new run's."""
+    import shutil
+
+    if not (out / RUN_FILE).exists():
+        return
+    for entry in out.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    log.info("Overwriting the finished run in %s: its files were removed.", out)
 
 
 def save_rows(out: Path, relative: str, rows) -> tuple[str, str]:

@@ -20,13 +20,13 @@ from transformers import TrainerCallback, set_seed
 from llmft import report, run_dir, tuning
 from llmft.checkpoint import CheckpointMarker, NonFiniteGuard, Preemption, resume_point
 from llmft.config import Recipe, bf16_full_training, tracker_problems
-from llmft.data import load_splits
+from llmft.data import built_splits, load_splits
 from llmft.errors import ConfigError, LaunchError, Preempted
 from llmft.evaluation import (GenerationEvalCallback, PairEvalCallback, PerplexityCallback, eval_items,
                               held_out_pairs, load_metrics, samples)
 from llmft.hardware import tune_allocator
 from llmft.masking import masking_for
-from llmft.model import load_model, load_tokenizer, resolve_model_path, restore_adapter_dtype, weights_dtype
+from llmft.model import load_model, load_tokenizer, restore_adapter_dtype, weights_dtype, weights_path
 from llmft.progress import LiveProgress
 from llmft.run_dir import BaseModelRecord, DataRecord, Launch, Metrics, RunInfo
 from llmft.schema import MESSAGES, TEXT, file_fingerprint
@@ -49,7 +49,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     args = trainer_args(recipe.training, launch, stage.counts_tokens)  # a copy: the recipe is never changed
     out = Path(args.output_dir)
     run_dir.check_writable(out, args.overwrite_output_dir)
-    with args.main_process_first(desc="finding a checkpoint"):  # rank 0 may remove an overwritten run's ones
+    with args.main_process_first(desc="finding a checkpoint"):  # rank 0 may remove an overwritten run's files
+        if args.overwrite_output_dir:
+            run_dir.clear_finished_run(out)
         resume = resume_point(out, args.resume_from_checkpoint, args.overwrite_output_dir)
     set_seed(args.seed)
 
@@ -60,6 +62,10 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
     data = recipe.data
     train_rows, eval_rows = load_splits(data.train_data, data.eval_data, data.eval_fraction, args.seed,
                                         data.max_train_examples, data.max_eval_examples)
+    if eval_rows is None and args.eval_strategy != "no":
+        raise ConfigError([f"training.eval_strategy: {args.eval_strategy.value} evaluates during training, but "
+                           "there is no held-out data: set data.eval_fraction or data.eval_data, or eval_strategy: no."],
+                          source=recipe.source)
     with args.main_process_first(desc="tokenizing"):
         train_ds, train_report = stage.prepare(train_rows, tokenizer, recipe, data.train_data)
         eval_ds, eval_report = (None, None) if eval_rows is None else stage.prepare(
@@ -106,6 +112,9 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         if isinstance(callback, (GenerationEvalCallback, PairEvalCallback)):
             callback.trainer = trainer  # they log through it
     guard.attach(trainer)
+    if trainer.is_deepspeed_enabled and trainer.is_world_process_zero():
+        log.info("training.on_nonfinite does not apply under DeepSpeed: the engine holds the gradients and steps "
+                 "itself, skipping steps that overflow (its log says OVERFLOW).")
     progress.attach(trainer)
     _pin_tensorboard_dir(trainer, out)
     end_tracker_runs = _defer_tracker_ends(trainer)
@@ -167,7 +176,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
             saved, saved_sha = run_dir.save_rows(out, run_dir.EVAL_SPLIT, eval_rows)
             eval_record = DataRecord(**file_fingerprint(data.eval_data or data.train_data),
                                      tokenized=eval_report.to_dict(), saved=saved, saved_sha256=saved_sha,
-                                     split="eval_data" if data.eval_data else f"eval_fraction {data.eval_fraction}")
+                                     split=_eval_split(data))
         few_shot_record = None
         if shots is not None:
             saved, saved_sha = run_dir.save_rows(out, run_dir.FEW_SHOT_SPLIT, shots)
@@ -178,7 +187,7 @@ def train(recipe: Recipe, callbacks: list[TrainerCallback] | None = None) -> Pat
         info = RunInfo(
             stage=stage.name,
             base_model=BaseModelRecord(recipe.model.name_or_path, recipe.model.revision,
-                                       resolve_model_path(recipe.model.name_or_path), recipe.model.init),
+                                       weights_path(recipe.model.name_or_path), recipe.model.init),
             data={"train": DataRecord(**file_fingerprint(data.train_data), tokenized=train_report.to_dict()),
                   "eval": eval_record, "few_shot": few_shot_record,
                   **({"replay": DataRecord(**file_fingerprint(data.replay_data))} if data.replay_data else {})},
@@ -341,6 +350,14 @@ def _defer_tracker_ends(trainer):
         ends.clear()
 
     return end
+
+
+def _eval_split(data) -> str:
+    """Where the held-out rows came from, in load_splits' order."""
+    if data.eval_data:
+        return "eval_data"
+    built = built_splits(data.train_data)
+    return "test/ split of the built dataset" if built and built[1] is not None else f"eval_fraction {data.eval_fraction}"
 
 
 def _before_training_blocker(trainer) -> str | None:

@@ -2,6 +2,7 @@
 half-written checkpoints are never resumed from."""
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -103,6 +104,19 @@ def test_auto_resume_picks_the_latest_complete_checkpoint_never_a_half_written_o
     # Starting over removes the old run's checkpoints, so a later `auto` cannot resume into them.
     assert resume_point(out, "auto", overwrite=True) is None
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_resuming_a_weights_only_checkpoint_says_it_will_not_be_exact(tmp_path, caplog):
+    out = tmp_path / "run"
+    weights_only = _checkpoint(out, 4, complete=True)  # training.save_only_model: no optimizer.pt
+    with caplog.at_level(logging.WARNING, logger="llmft"):
+        assert resume_point(out, "auto", overwrite=False) == str(weights_only)
+    assert "holds the weights only" in caplog.text
+    caplog.clear()
+    (weights_only / "optimizer.pt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="llmft"):
+        resume_point(out, "auto", overwrite=False)
+    assert "weights only" not in caplog.text
 
 
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_with_a_resume_hint(tmp_path, tiny_model_dir,

@@ -129,3 +129,54 @@ def test_a_damaged_run_directory_is_named_file_by_file(trained, tmp_path, capfd,
             assert code == 0, err
             continue
         assert code in (1, 2) and expected in err and "Traceback" not in err, (command, err)
+
+
+def test_overwriting_a_finished_run_leaves_nothing_of_it(tmp_path, tiny_model_dir):
+    """A LoRA run overwritten by a full fine-tune kept its adapter files, and merge, check and eval loaded them."""
+    rows = write_jsonl(tmp_path / "train.jsonl", chat_rows(6))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, rows, out, training={"max_steps": 1})
+    train(load_recipe(recipe))
+    (out / "eval_results.json").write_text("{}")  # as `llmft eval` leaves it
+    assert (out / "adapter_model.safetensors").exists()
+    train(load_recipe(recipe, ["--method", "full", "--overwrite_output_dir", "true"]))
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "eval_results.json").exists()
+    assert not read_run(out).is_adapter and (out / "model.safetensors").exists()
+
+
+def test_a_run_records_its_base_so_later_stages_find_it_from_any_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """A relative base path was recorded as written, so merge and eval failed from another folder; a LoRA run on a
+    LoRA run's directory failed `llmft check` (its adapter names the merged copy training loaded)."""
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    rows = write_jsonl(tmp_path / "train.jsonl", chat_rows(6))
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(load_recipe(write_recipe(tmp_path / "a.yaml", "./base", rows, first, training={"max_steps": 1})))
+    assert read_run(first).info.base_model.resolved == str((tmp_path / "base").resolve())
+    train(load_recipe(write_recipe(tmp_path / "b.yaml", str(first), rows, second, training={"max_steps": 1})))
+    named = json.loads((second / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert read_run(second).info.base_model.resolved == named  # what `llmft check` compares
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert llmft(["merge", str(first), "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_run_json_names_the_built_datasets_test_split_as_the_eval_rows(tmp_path, tiny_model_dir):
+    from llmft.dataset.build import BuildConfig, Source, build
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(12))
+    build(BuildConfig(sources=[Source(path=str(tmp_path / "train.jsonl"))], out=str(tmp_path / "built"),
+                      test_fraction=0.25, dedupe=False))
+    out = train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "built", tmp_path / "run",
+                                         training={"max_steps": 1})))
+    assert read_run(out).info.data["eval"].split == "test/ split of the built dataset"
+
+
+def test_evaluating_during_training_needs_held_out_data(tmp_path, tiny_model_dir):
+    from llmft.errors import ConfigError
+
+    rows = write_jsonl(tmp_path / "train.jsonl", chat_rows(6))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, rows, tmp_path / "run", data={"eval_fraction": 0},
+                          training={"eval_strategy": "steps", "eval_steps": 1, "max_steps": 1})
+    with pytest.raises(ConfigError, match="training.eval_strategy: steps evaluates during training, but there is no"):
+        train(load_recipe(recipe))
