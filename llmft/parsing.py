@@ -9,6 +9,7 @@ in one `ConfigError`. Light: imports neither torch nor TRL.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -187,6 +188,10 @@ class OptionParser(HfArgumentParser):
         elif _is_str_bool(field.type):
             names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
             parser.add_argument(*names, type=_str_or_bool, default=field.default, help=metadata.get("help"))
+        elif _is_word_or_words(field.type):  # report_to: tensorboard, or report_to: [tensorboard, mlflow]
+            names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
+            parser.add_argument(*names, nargs="+", action=_WordOrWords, default=field.default,
+                                help=metadata.get("help"))
         elif without_none(field.type) is bool and field.default is None:
             # A switch whose absence means "not said" (a default from elsewhere); HfArgumentParser would need a value
             names = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
@@ -201,6 +206,19 @@ class OptionParser(HfArgumentParser):
             parser._actions[-1].nargs = nargs
         else:
             HfArgumentParser._parse_dataclass_field(parser, field)
+
+
+def _is_word_or_words(kind: Any) -> bool:
+    """`str | list[str]` (optionally None): one name, or several."""
+    args = {a for a in typing.get_args(kind) if a is not type(None)}
+    return typing.get_origin(kind) in (typing.Union, types.UnionType) and args == {str, list[str]}
+
+
+class _WordOrWords(argparse.Action):
+    """One value as the word itself, several as a list (HfArgumentParser took only one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
 
 
 def _positional(field: dataclasses.Field, metadata: dict[str, Any]) -> dict[str, Any]:

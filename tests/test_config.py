@@ -178,3 +178,13 @@ def test_the_recipe_is_checked_against_the_stage_the_command_line_gives(tmp_path
     path.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "data": {"train_data": "t.jsonl"},
                                     "training": {"num_generations": 2, "rewards": ["format"]}}))
     assert load_recipe(path, ["--stage", "grpo"]).training.num_generations == 2
+
+
+def test_several_trackers_on_the_command_line(tmp_path):
+    """report_to takes one name or a list in YAML; the command line took one value only ('unexpected value')."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "data": {"train_data": "t.jsonl"}}))
+    assert load_recipe(path, ["--report_to", "tensorboard", "mlflow"]).training.report_to == ["tensorboard", "mlflow"]
+    assert load_recipe(path, ["--report-to", "tensorboard"]).training.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'"):
+        load_recipe(path, ["--report_to", "mlflow", "tensorbord"])
